@@ -1,0 +1,57 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
+export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
+export BATCH_INFER_HOME ?= $(CURDIR)/.data
+export BATCH_INFER_TRITON_ENV ?= $(BATCH_INFER_HOME)/triton-server-env
+
+.PHONY: setup demo test lint unit bench models lock clean
+
+$(VENV)/.installed: pyproject.toml requirements/lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip uv
+	$(UV) pip install -q -p $(PY) -r requirements/lock.txt
+	$(UV) pip install -q -p $(PY) --no-deps -e .
+	touch $@
+
+# The local Triton runtime's own environment (nvidia-pytriton, numpy<2, onnxruntime), apart from ours.
+$(BATCH_INFER_HOME)/.server-env-ready: $(VENV)/.installed airflow_batch_infer/runtimes/server-requirements.txt
+	$(PY) -m airflow_batch_infer.runtimes.local prepare
+	mkdir -p $(BATCH_INFER_HOME) && touch $@
+
+$(AIRFLOW_HOME)/airflow.db: $(VENV)/.installed
+	mkdir -p $(AIRFLOW_HOME)
+	$(VENV)/bin/airflow db migrate > $(AIRFLOW_HOME)/migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/migrate.log; exit 1)
+
+setup: $(VENV)/.installed $(BATCH_INFER_HOME)/.server-env-ready $(AIRFLOW_HOME)/airflow.db
+
+demo: setup
+	$(PY) scripts/run_demo.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(VENV)/bin/pytest -ra
+
+unit: $(VENV)/.installed
+	$(VENV)/bin/pytest -ra tests/unit
+
+bench: setup
+	$(PY) benchmarks/throughput.py
+
+# Rebuild the ONNX models in triton_models/ from their fixed seeds.
+models: $(VENV)/.installed
+	$(PY) scripts/build_models.py
+
+# Refresh the pinned sets after changing pyproject.toml.
+lock: $(VENV)/.installed
+	$(UV) pip compile -q -p $(PY) pyproject.toml --extra dev -o requirements/lock.txt --no-header --annotation-style line
+
+clean:
+	rm -rf $(VENV) $(AIRFLOW_HOME) $(BATCH_INFER_HOME)

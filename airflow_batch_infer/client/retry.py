@@ -1,0 +1,81 @@
+"""Which Triton errors are worth retrying, and the retry policy (tenacity) that the client applies."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+from tritonclient.utils import InferenceServerException
+
+# The server is away, overloaded or slow: the same request may well succeed later.
+TRANSIENT_STATUSES = frozenset(
+    {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED"}
+)
+# The request itself is wrong (a bad row): retrying cannot help; its rows are set aside.
+BAD_INPUT_STATUSES = frozenset({"StatusCode.INVALID_ARGUMENT"})
+
+
+def error_status(error: BaseException) -> str | None:
+    """The gRPC status of a Triton client error (``StatusCode.UNAVAILABLE``, ...), else ``None``."""
+    if isinstance(error, InferenceServerException):
+        return error.status()
+    return None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` is a fault of the moment (server away, overloaded, slow)."""
+    return error_status(error) in TRANSIENT_STATUSES
+
+
+def is_bad_input(error: BaseException) -> bool:
+    """Whether the server refused the request's data (the rows, not the server, are at fault)."""
+    return error_status(error) in BAD_INPUT_STATUSES
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep trying a request that fails with a transient error.
+
+    :param max_attempts: attempts per request, the first included.
+    :param max_delay: give up on a request after this many seconds of retrying.
+    :param initial_wait: first backoff, in seconds; it doubles with jitter.
+    :param max_wait: longest single backoff, in seconds.
+    """
+
+    max_attempts: int = 6
+    max_delay: float = 120.0
+    initial_wait: float = 0.5
+    max_wait: float = 20.0
+
+    def retrying(self, logger: logging.Logger, what: str) -> AsyncRetrying:
+        """A tenacity loop that retries transient errors only and logs each retry with its cause."""
+
+        def log_retry(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            logger.warning(
+                "%s failed (attempt %d of %d): %s; retrying in %.1f s",
+                what,
+                state.attempt_number,
+                self.max_attempts,
+                error,
+                wait,
+            )
+
+        return AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_delay),
+            wait=wait_exponential(multiplier=self.initial_wait, max=self.max_wait)
+            + wait_random(0, self.initial_wait),
+            before_sleep=log_retry,
+            reraise=True,
+        )

@@ -1,0 +1,407 @@
+"""The streaming inference loop: one chunk file in, one output part and one rejects part out.
+
+Record batches are read ahead in a thread, encoded into tensors, and sent as many concurrent gRPC
+requests (``max_in_flight``) so that Triton's dynamic batcher always has work queued. Responses are
+written in row order. Memory holds the requests in flight plus one row group being written, whatever
+the size of the chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tritonclient.grpc.aio as aioclient
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from airflow_batch_infer.client.retry import RetryPolicy, error_status, is_bad_input, is_transient
+from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding, encode_batch
+from airflow_batch_infer.staging import atomic_target
+
+REASON_COLUMN = "reject_reason"
+WRITE_ROWS = 262_144  # rows per output row group: large groups encode and read fast
+
+
+class InferenceError(RuntimeError):
+    """Inference on a chunk cannot go on (server gone past the retry budget, model error)."""
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How a chunk is streamed through the server.
+
+    :param model_name: model to call.
+    :param model_version: version to call; ``""`` lets the server choose.
+    :param request_rows: rows per gRPC request (at most the model's ``max_batch_size``).
+    :param max_in_flight: requests outstanding at once.
+    :param request_timeout: seconds one request may take before it counts as a transient failure.
+    :param retry: retry policy for transient failures.
+    :param progress_interval: seconds between progress lines in the task log.
+    """
+
+    model_name: str
+    model_version: str = ""
+    request_rows: int = 4096
+    max_in_flight: int = 8
+    request_timeout: float | None = 120.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    progress_interval: float = 10.0
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk's inference produced; small enough for XCom.
+
+    :param index: chunk number.
+    :param rows: rows read from the chunk.
+    :param rows_out: rows written to the output part.
+    :param rows_rejected: rows set aside in the rejects part.
+    :param output_path: the output part file.
+    :param rejects_path: the rejects part file.
+    :param seconds: wall time of the chunk.
+    :param requests: gRPC requests that succeeded.
+    :param retries: requests retried after a transient failure.
+    """
+
+    index: int
+    rows: int
+    rows_out: int
+    rows_rejected: int
+    output_path: str
+    rejects_path: str
+    seconds: float
+    requests: int = 0
+    retries: int = 0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rows_per_second"] = round(self.rows_per_second, 1)
+        return data
+
+
+@dataclass
+class _Piece:
+    """The outcome of one request: rows that got outputs, and rows set aside with reasons."""
+
+    kept: pa.RecordBatch
+    outputs: dict[str, np.ndarray]
+    rejected: pa.RecordBatch
+    reasons: list[str]
+
+
+def _output_array(values: np.ndarray, binding: OutputBinding) -> pa.Array:
+    rows = values.shape[0]
+    flat = values.reshape(rows, -1)
+    if binding.datatype == "BYTES":
+        items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat[:, 0]]
+        return pa.array(items, type=pa.string())
+    if flat.shape[1] == 1:
+        return pa.array(flat[:, 0])
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+
+
+class ChunkStreamer:
+    """Streams one chunk through a Triton model and writes its output and rejects parts.
+
+    :param url: gRPC endpoint ``host:port``.
+    :param inputs: checked input bindings.
+    :param outputs: checked output bindings.
+    :param settings: request size, concurrency, timeouts and retries.
+    :param row_id_column: column identifying each row; copied to outputs and rejects.
+    :param passthrough_columns: input columns copied unchanged to the outputs.
+    :param client_factory: makes the asyncio gRPC client (inside the event loop).
+    :param headers: headers sent with every request.
+    :param logger: where progress and retries are logged.
+    """
+
+    def __init__(
+        self,
+        *,
+        inputs: Sequence[InputBinding],
+        outputs: Sequence[OutputBinding],
+        settings: StreamSettings,
+        row_id_column: str,
+        passthrough_columns: Sequence[str] = (),
+        client_factory: Any,
+        headers: dict[str, str] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.settings = settings
+        self.row_id_column = row_id_column
+        self.passthrough_columns = [c for c in passthrough_columns if c != row_id_column]
+        self.client_factory = client_factory
+        self.headers = headers
+        self.log = logger or logging.getLogger(__name__)
+        self.requests = 0
+        self.retries = 0
+
+    @property
+    def input_columns(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for binding in self.inputs:
+            seen.update(dict.fromkeys(binding.columns))
+        return list(seen)
+
+    def run(
+        self, chunk_path: str | Path, output_path: Path, rejects_path: Path, index: int = 0
+    ) -> ChunkResult:
+        """Stream ``chunk_path`` and write both parts atomically (temporary file, then rename).
+
+        :param chunk_path: the chunk's Parquet file.
+        :param output_path: final path of the output part.
+        :param rejects_path: final path of the rejects part.
+        :param index: chunk number, for the log and the result.
+        """
+        return asyncio.run(self._run(Path(chunk_path), output_path, rejects_path, index))
+
+    async def _run(self, chunk_path: Path, output_path: Path, rejects_path: Path, index: int) -> ChunkResult:
+        started = time.monotonic()
+        parquet = pq.ParquetFile(chunk_path)
+        total = parquet.metadata.num_rows
+        needed = [self.row_id_column, *self.passthrough_columns]
+        needed += [c for c in self.input_columns if c not in needed]
+        chunk_schema = parquet.schema_arrow
+        missing = [c for c in needed if c not in chunk_schema.names]
+        if missing:
+            raise InferenceError(f"Chunk {chunk_path} has no column(s) {missing}.")
+        keep_fields = [chunk_schema.field(c) for c in [self.row_id_column, *self.passthrough_columns]]
+        reject_fields = [chunk_schema.field(c) for c in needed]
+        out_schema = pa.schema(keep_fields + [self._output_field(b) for b in self.outputs])
+        rej_schema = pa.schema([reject_fields[0], pa.field(REASON_COLUMN, pa.string()), *reject_fields[1:]])
+
+        out_tmp, rej_tmp = atomic_target(output_path), atomic_target(rejects_path)
+        out_writer = pq.ParquetWriter(out_tmp, out_schema)
+        rej_writer = pq.ParquetWriter(rej_tmp, rej_schema)
+        rows_out = rows_rejected = 0
+        try:
+            async with self.client_factory() as client:
+                rows_out, rows_rejected = await self._stream(
+                    client, parquet, needed, out_writer, rej_writer, out_schema, rej_schema, total, index
+                )
+            out_writer.close()
+            rej_writer.close()
+            os.replace(out_tmp, output_path)
+            os.replace(rej_tmp, rejects_path)
+        finally:
+            for writer in (out_writer, rej_writer):
+                if writer.is_open:
+                    writer.close()
+            for tmp in (out_tmp, rej_tmp):
+                tmp.unlink(missing_ok=True)
+        return ChunkResult(
+            index=index,
+            rows=total,
+            rows_out=rows_out,
+            rows_rejected=rows_rejected,
+            output_path=str(output_path),
+            rejects_path=str(rejects_path),
+            seconds=time.monotonic() - started,
+            requests=self.requests,
+            retries=self.retries,
+        )
+
+    @staticmethod
+    def _output_field(binding: OutputBinding) -> pa.Field:
+        if binding.datatype == "BYTES":
+            return pa.field(binding.column, pa.string())
+        value_type = pa.from_numpy_dtype(np.dtype(TRITON_NUMPY[binding.datatype]))
+        if binding.width == 1:
+            return pa.field(binding.column, value_type)
+        return pa.field(binding.column, pa.list_(value_type, binding.width))
+
+    async def _stream(
+        self,
+        client: aioclient.InferenceServerClient,
+        parquet: pq.ParquetFile,
+        columns: list[str],
+        out_writer: pq.ParquetWriter,
+        rej_writer: pq.ParquetWriter,
+        out_schema: pa.Schema,
+        rej_schema: pa.Schema,
+        total: int,
+        index: int,
+    ) -> tuple[int, int]:
+        settings = self.settings
+        batches = parquet.iter_batches(batch_size=settings.request_rows, columns=columns)
+        window = asyncio.Semaphore(settings.max_in_flight)
+        ordered: asyncio.Queue[asyncio.Task[_Piece] | None] = asyncio.Queue(maxsize=settings.max_in_flight)
+
+        async def produce() -> None:
+            read = asyncio.create_task(asyncio.to_thread(next, batches, None))
+            while True:
+                batch = await read
+                if batch is None:
+                    break
+                read = asyncio.create_task(asyncio.to_thread(next, batches, None))
+                await window.acquire()
+                task = asyncio.create_task(self._infer_batch(client, batch))
+                task.add_done_callback(lambda _t: window.release())
+                await ordered.put(task)
+            await ordered.put(None)
+
+        producer = asyncio.create_task(produce())
+        rows_out = rows_rejected = 0
+        pending_out: list[pa.RecordBatch] = []
+        pending_rej: list[pa.RecordBatch] = []
+        started = last_log = time.monotonic()
+        try:
+            while True:
+                task = await ordered.get()
+                if task is None:
+                    break
+                piece = await task
+                if piece.kept.num_rows:
+                    arrays = list(piece.kept.columns)
+                    arrays += [_output_array(piece.outputs[b.tensor], b) for b in self.outputs]
+                    pending_out.append(pa.RecordBatch.from_arrays(arrays, schema=out_schema))
+                    rows_out += piece.kept.num_rows
+                if piece.rejected.num_rows:
+                    arrays = [piece.rejected.column(0), pa.array(piece.reasons, type=pa.string())]
+                    arrays += [piece.rejected.column(i) for i in range(1, piece.rejected.num_columns)]
+                    pending_rej.append(pa.RecordBatch.from_arrays(arrays, schema=rej_schema))
+                    rows_rejected += piece.rejected.num_rows
+                if sum(b.num_rows for b in pending_out) >= WRITE_ROWS:
+                    await asyncio.to_thread(out_writer.write_table, pa.Table.from_batches(pending_out))
+                    pending_out = []
+                now = time.monotonic()
+                if now - last_log >= settings.progress_interval:
+                    last_log = now
+                    self._log_progress(index, rows_out + rows_rejected, total, rows_rejected, now - started)
+            await producer
+        except BaseException:
+            producer.cancel()
+            while not ordered.empty():
+                leftover = ordered.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+            raise
+        if pending_out:
+            out_writer.write_table(pa.Table.from_batches(pending_out))
+        if pending_rej:
+            rej_writer.write_table(pa.Table.from_batches(pending_rej))
+        self._log_progress(index, rows_out + rows_rejected, total, rows_rejected, time.monotonic() - started)
+        return rows_out, rows_rejected
+
+    def _log_progress(self, index: int, done: int, total: int, rejected: int, seconds: float) -> None:
+        rate = done / seconds if seconds > 0 else 0.0
+        share = 100.0 * done / total if total else 100.0
+        self.log.info(
+            "chunk %d: %s/%s rows (%.0f%%), %s rows/s, %s set aside, %d requests, %d retries",
+            index,
+            f"{done:,}",
+            f"{total:,}",
+            share,
+            f"{rate:,.0f}",
+            f"{rejected:,}",
+            self.requests,
+            self.retries,
+        )
+
+    async def _infer_batch(self, client: aioclient.InferenceServerClient, batch: pa.RecordBatch) -> _Piece:
+        tensors, good, reasons = encode_batch(batch, self.inputs)
+        id_and_pass = batch.select([self.row_id_column, *self.passthrough_columns])
+        if good.all():
+            kept_idx = np.arange(batch.num_rows)
+            rejected = batch.slice(0, 0)
+            reject_reasons: list[str] = []
+        else:
+            kept_idx = np.flatnonzero(good)
+            bad_idx = np.flatnonzero(~good)
+            rejected = batch.take(pa.array(bad_idx))
+            reject_reasons = [reasons[i] or "invalid row" for i in bad_idx]
+            tensors = {name: values[kept_idx] for name, values in tensors.items()}
+        outputs, failed = await self._infer_rows(client, tensors, np.arange(len(kept_idx)))
+        if failed:
+            failed_pos = np.array(sorted(failed), dtype=np.int64)
+            keep_mask = np.ones(len(kept_idx), dtype=bool)
+            keep_mask[failed_pos] = False
+            extra = batch.take(pa.array(kept_idx[failed_pos]))
+            rejected = pa.concat_batches([rejected, extra]) if rejected.num_rows else extra
+            reject_reasons += [failed[int(p)] for p in failed_pos]
+            outputs = {name: values[keep_mask] for name, values in outputs.items()}
+            kept_idx = kept_idx[keep_mask]
+        kept = id_and_pass if len(kept_idx) == batch.num_rows else id_and_pass.take(pa.array(kept_idx))
+        return _Piece(kept=kept, outputs=outputs, rejected=rejected, reasons=reject_reasons)
+
+    async def _infer_rows(
+        self, client: aioclient.InferenceServerClient, tensors: dict[str, np.ndarray], positions: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """Infer ``positions`` of ``tensors``; a request refused as bad input is split until the bad rows
+        are found. Returns outputs for the rows that succeeded (in order) and, for the others, the reason.
+        """
+        if len(positions) == 0:
+            return self._no_outputs(), {}
+        everything = len(positions) == len(next(iter(tensors.values())))
+        rows = tensors if everything else {name: values[positions] for name, values in tensors.items()}
+        try:
+            return await self._request(client, rows), {}
+        except InferenceServerException as error:
+            if not is_bad_input(error):
+                raise
+            if len(positions) == 1:
+                return self._no_outputs(), {int(positions[0]): f"refused by the server: {error.message()}"}
+        half = len(positions) // 2
+        left_out, left_failed = await self._infer_rows(client, tensors, positions[:half])
+        right_out, right_failed = await self._infer_rows(client, tensors, positions[half:])
+        merged = {name: np.concatenate([left_out[name], right_out[name]]) for name in left_out}
+        return merged, {**left_failed, **right_failed}
+
+    def _no_outputs(self) -> dict[str, np.ndarray]:
+        return {
+            b.tensor: np.empty((0, max(b.width, 1)), dtype=np.dtype(TRITON_NUMPY[b.datatype]))
+            for b in self.outputs
+        }
+
+    async def _request(
+        self, client: aioclient.InferenceServerClient, tensors: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        settings = self.settings
+        infer_inputs = []
+        for binding in self.inputs:
+            values = tensors[binding.tensor]
+            item = InferInput(binding.tensor, list(values.shape), binding.datatype)
+            item.set_data_from_numpy(values)
+            infer_inputs.append(item)
+        requested = [InferRequestedOutput(b.tensor) for b in self.outputs]
+        what = f"request of {len(next(iter(tensors.values()))):,} rows to model {settings.model_name!r}"
+        try:
+            async for attempt in settings.retry.retrying(self.log, what):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self.retries += 1
+                    result = await client.infer(
+                        settings.model_name,
+                        infer_inputs,
+                        model_version=settings.model_version,
+                        outputs=requested,
+                        client_timeout=settings.request_timeout,
+                        headers=self.headers,
+                    )
+        except InferenceServerException as error:
+            if is_transient(error):
+                raise InferenceError(
+                    f"The Triton server did not answer a {what} after {settings.retry.max_attempts} attempts "
+                    f"({error_status(error)}: {error.message()}). Check that the server is running and "
+                    "reachable; Airflow retries the task, which rewrites this chunk's outputs."
+                ) from error
+            if is_bad_input(error):
+                raise
+            raise InferenceError(f"Model {settings.model_name!r} failed a {what}: {error}") from error
+        self.requests += 1
+        return {b.tensor: result.as_numpy(b.tensor) for b in self.outputs}

@@ -1,0 +1,276 @@
+"""Column → tensor mapping: checked against the model's metadata, then applied to Arrow record batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Triton datatype → numpy dtype (BYTES travels as numpy object arrays).
+TRITON_NUMPY = {
+    "BOOL": np.bool_,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
+FLOAT_TENSORS = {"FP16", "FP32", "FP64"}
+INT_TENSORS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+
+
+class ContractError(ValueError):
+    """The declared column → tensor mapping does not fit the data or the model served."""
+
+
+@dataclass(frozen=True)
+class InputBinding:
+    """One model input fed from one or more columns.
+
+    :param tensor: input tensor name.
+    :param datatype: Triton datatype of the tensor (``FP32``, ``BYTES``, ...).
+    :param columns: source columns; several scalar columns are stacked side by side.
+    :param width: elements per row (the tensor's shape without the batch dimension, flattened).
+    :param list_column: whether the single source column is a list column holding ``width`` values a row.
+    """
+
+    tensor: str
+    datatype: str
+    columns: tuple[str, ...]
+    width: int
+    list_column: bool = False
+
+
+@dataclass(frozen=True)
+class OutputBinding:
+    """One model output written to one column.
+
+    :param tensor: output tensor name.
+    :param datatype: Triton datatype of the tensor.
+    :param column: output column name.
+    :param width: elements per row; 1 gives a scalar column, more a fixed-size list column.
+    """
+
+    tensor: str
+    datatype: str
+    column: str
+    width: int
+
+
+def _compatible(arrow_type: pa.DataType, datatype: str) -> bool:
+    if datatype in FLOAT_TENSORS:
+        return pa.types.is_floating(arrow_type) or pa.types.is_integer(arrow_type)
+    if datatype in INT_TENSORS:
+        return pa.types.is_integer(arrow_type)
+    if datatype == "BOOL":
+        return pa.types.is_boolean(arrow_type)
+    if datatype == "BYTES":
+        return (
+            pa.types.is_string(arrow_type)
+            or pa.types.is_large_string(arrow_type)
+            or pa.types.is_binary(arrow_type)
+        )
+    return False
+
+
+def _is_list(arrow_type: pa.DataType) -> bool:
+    return (
+        pa.types.is_list(arrow_type)
+        or pa.types.is_large_list(arrow_type)
+        or pa.types.is_fixed_size_list(arrow_type)
+    )
+
+
+def _row_width(shape: Sequence[int], max_batch_size: int) -> int | None:
+    """Elements per row from a metadata shape (which includes the batch dim when batching); None if -1."""
+    dims = list(shape)[1:] if max_batch_size > 0 else list(shape)
+    width = 1
+    for dim in dims:
+        if int(dim) < 0:
+            return None
+        width *= int(dim)
+    return width
+
+
+def bind_inputs(
+    inputs: Mapping[str, str | Sequence[str]],
+    schema: pa.Schema,
+    metadata: Mapping[str, Any],
+    max_batch_size: int,
+) -> list[InputBinding]:
+    """Check the mapping ``tensor → column(s)`` against the data's schema and the model's metadata.
+
+    :param inputs: for each input tensor, a column name, or a list of scalar columns to stack.
+    :param schema: Arrow schema of the staged chunk.
+    :param metadata: the server's model metadata (``inputs`` with name, datatype, shape).
+    :param max_batch_size: the model's ``max_batch_size`` (0: the model does not batch).
+    :raises ContractError: naming the column, the tensor and both types.
+    """
+    model = metadata.get("name", "the model")
+    declared = {t["name"]: t for t in metadata.get("inputs", [])}
+    if max_batch_size <= 0:
+        raise ContractError(
+            f"Model {model!r} has max_batch_size 0: batch inference needs a model that batches "
+            "(set max_batch_size in its config.pbtxt)."
+        )
+    missing_tensors = sorted(set(declared) - set(inputs))
+    if missing_tensors:
+        raise ContractError(
+            f"Model {model!r} needs input tensor(s) {missing_tensors} but the mapping gives none; "
+            f"the model declares {sorted(declared)}."
+        )
+    bindings = []
+    for tensor, source in inputs.items():
+        if tensor not in declared:
+            raise ContractError(
+                f"Model {model!r} has no input tensor {tensor!r}; its inputs are {sorted(declared)}."
+            )
+        spec = declared[tensor]
+        datatype = spec["datatype"]
+        width = _row_width(spec["shape"], max_batch_size)
+        columns = (source,) if isinstance(source, str) else tuple(source)
+        for column in columns:
+            if column not in schema.names:
+                raise ContractError(
+                    f"Column {column!r} (for input tensor {tensor!r}) is not in the data; "
+                    f"columns present: {schema.names}."
+                )
+        if len(columns) == 1 and _is_list(schema.field(columns[0]).type):
+            field = schema.field(columns[0])
+            value_type = field.type.value_type
+            if not _compatible(value_type, datatype):
+                raise ContractError(
+                    f"Column {field.name!r} holds lists of {value_type} but input tensor {tensor!r} of "
+                    f"model {model!r} is {datatype}."
+                )
+            list_size = getattr(field.type, "list_size", None)
+            if width is None:
+                raise ContractError(
+                    f"Input tensor {tensor!r} of model {model!r} has a variable shape {spec['shape']}: "
+                    "list columns need a fixed width."
+                )
+            if list_size is not None and list_size != width:
+                raise ContractError(
+                    f"Column {field.name!r} holds {list_size} values a row but input tensor {tensor!r} of "
+                    f"model {model!r} takes {width} (shape {spec['shape']})."
+                )
+            bindings.append(InputBinding(tensor, datatype, columns, width, list_column=True))
+            continue
+        for column in columns:
+            arrow_type = schema.field(column).type
+            if not _compatible(arrow_type, datatype):
+                raise ContractError(
+                    f"Column {column!r} is {arrow_type} but input tensor {tensor!r} of model {model!r} "
+                    f"is {datatype}: cast the column, or map another one."
+                )
+        if width is not None and width != len(columns):
+            raise ContractError(
+                f"Input tensor {tensor!r} of model {model!r} takes {width} values a row "
+                f"(shape {spec['shape']}) but {len(columns)} column(s) are mapped to it: {list(columns)}."
+            )
+        bindings.append(InputBinding(tensor, datatype, columns, len(columns)))
+    return bindings
+
+
+def bind_outputs(
+    outputs: Mapping[str, str] | None, metadata: Mapping[str, Any], max_batch_size: int
+) -> list[OutputBinding]:
+    """Check the mapping ``tensor → output column`` against the model's metadata.
+
+    :param outputs: output tensor → column name; ``None`` keeps every output under its own name.
+    :param metadata: the server's model metadata.
+    :param max_batch_size: the model's ``max_batch_size``.
+    """
+    model = metadata.get("name", "the model")
+    declared = {t["name"]: t for t in metadata.get("outputs", [])}
+    mapping = dict(outputs) if outputs else {name: name for name in declared}
+    bindings = []
+    for tensor, column in mapping.items():
+        if tensor not in declared:
+            raise ContractError(
+                f"Model {model!r} has no output tensor {tensor!r}; its outputs are {sorted(declared)}."
+            )
+        spec = declared[tensor]
+        width = _row_width(spec["shape"], max_batch_size)
+        bindings.append(OutputBinding(tensor, spec["datatype"], column, width if width is not None else -1))
+    return bindings
+
+
+def _column_values(column: pa.ChunkedArray | pa.Array, dtype: np.dtype) -> np.ndarray:
+    """Column values as ``dtype``; null slots hold an arbitrary value (their rows are set aside)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        column = column.fill_null(0 if not pa.types.is_string(column.type) else "")
+    if dtype == np.object_:
+        return np.asarray(column.to_numpy(zero_copy_only=False), dtype=object)
+    return column.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def encode_batch(
+    batch: pa.RecordBatch, bindings: Sequence[InputBinding]
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[str | None]]:
+    """Turn a record batch into input tensors, finding rows that cannot be sent.
+
+    :param batch: rows to encode.
+    :param bindings: checked input bindings.
+    :return: tensors for all rows (``[rows, width]``), a boolean mask of good rows, and for each row the
+        reason it is bad (``None`` when good).
+    """
+    n = batch.num_rows
+    good = np.ones(n, dtype=bool)
+    reasons: list[str | None] = [None] * n
+
+    def reject(mask: np.ndarray, reason: str) -> None:
+        for i in np.flatnonzero(mask & good):
+            reasons[i] = reason
+        good[mask] = False
+
+    tensors: dict[str, np.ndarray] = {}
+    for binding in bindings:
+        dtype = np.dtype(TRITON_NUMPY[binding.datatype])
+        if binding.list_column:
+            column = batch.column(binding.columns[0])
+            if column.null_count:
+                reject(~np.asarray(column.is_valid()), f"null in column {binding.columns[0]!r}")
+            lengths = pc.list_value_length(column).fill_null(binding.width).to_numpy(zero_copy_only=False)
+            wrong = lengths != binding.width
+            if wrong.any():
+                reject(wrong, f"column {binding.columns[0]!r} does not hold {binding.width} values")
+            values = np.zeros((n, binding.width), dtype=dtype)
+            ok_rows = np.flatnonzero(good)
+            if len(ok_rows):
+                flat = pc.list_flatten(column.take(pa.array(ok_rows)))
+                if flat.null_count:
+                    per_row = np.asarray(flat.is_null()).reshape(-1, binding.width).any(axis=1)
+                    inner_null = np.zeros(n, dtype=bool)
+                    inner_null[ok_rows[per_row]] = True
+                    reject(inner_null, f"null inside column {binding.columns[0]!r}")
+                values[ok_rows] = _column_values(flat, dtype).reshape(-1, binding.width)
+        else:
+            values = np.empty((n, binding.width), dtype=dtype)
+            for j, name in enumerate(binding.columns):
+                column = batch.column(name)
+                if column.null_count:
+                    reject(~np.asarray(column.is_valid()), f"null in column {name!r}")
+                values[:, j] = _column_values(column, dtype)
+        if binding.datatype in FLOAT_TENSORS:
+            finite = np.isfinite(values)
+            if not finite.all():
+                bad_cells = ~finite
+                for j in range(values.shape[1]):
+                    col = binding.columns[0] if binding.list_column else binding.columns[j]
+                    reject(bad_cells[:, j], f"NaN or infinite value in column {col!r}")
+        tensors[binding.tensor] = values
+    return tensors, good, reasons

@@ -1,0 +1,72 @@
+"""Provider registration, read by Airflow through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_batch_infer import __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-provider-batch-infer",
+        "name": "Batch inference on Triton",
+        "description": "Offline batch inference on NVIDIA Triton Inference Server.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "NVIDIA Triton Inference Server",
+                "external-doc-url": "https://docs.nvidia.com/deeplearning/triton-inference-server/",
+                "tags": ["software"],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": "NVIDIA Triton Inference Server",
+                "python-modules": [
+                    "airflow_batch_infer.operators.stage",
+                    "airflow_batch_infer.operators.server",
+                    "airflow_batch_infer.operators.infer",
+                    "airflow_batch_infer.operators.persist",
+                ],
+            }
+        ],
+        "hooks": [
+            {
+                "integration-name": "NVIDIA Triton Inference Server",
+                "python-modules": ["airflow_batch_infer.hooks.triton"],
+            }
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_batch_infer.hooks.triton.TritonHook",
+                "hook-name": "Triton Inference Server",
+                "connection-type": "triton",
+                "conn-fields": {
+                    "ssl": {"label": "Use TLS", "schema": {"type": ["boolean", "null"], "default": False}},
+                    "root_certificates": {
+                        "label": "CA certificate file",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "private_key": {"label": "Client key file", "schema": {"type": ["string", "null"]}},
+                    "certificate_chain": {
+                        "label": "Client certificate file",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "headers": {
+                        "label": "Request headers (JSON object)",
+                        "schema": {"type": ["object", "null"]},
+                    },
+                    "max_message_mb": {
+                        "label": "Max gRPC message size (MiB)",
+                        "schema": {"type": ["integer", "null"], "default": 1024},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login", "password"],
+                    "relabeling": {"port": "gRPC port"},
+                    "placeholders": {"host": "triton.example.internal", "port": "8001"},
+                },
+            }
+        ],
+    }

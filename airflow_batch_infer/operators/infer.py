@@ -1,0 +1,174 @@
+"""TritonInferenceOperator: score one staged chunk through Triton; mapped once per chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow.parquet as pq
+from airflow.sdk import BaseOperator
+from tritonclient.utils import InferenceServerException
+
+from airflow_batch_infer.client.retry import RetryPolicy
+from airflow_batch_infer.client.sizing import resolve_sizes
+from airflow_batch_infer.client.streaming import ChunkStreamer, StreamSettings
+from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
+from airflow_batch_infer.hooks.triton import TritonHook
+from airflow_batch_infer.staging import (
+    ChunkDescriptor,
+    Manifest,
+    check_inside,
+    output_part_path,
+    rejects_part_path,
+)
+
+
+class TritonInferenceOperator(BaseOperator):
+    """Stream one chunk through a Triton model and write its output part and rejects part.
+
+    Before any row is sent, the model's metadata is read from the server and the column → tensor
+    mapping is checked (names, datatypes, widths). Rows with a null, NaN or infinite input, or that the
+    server refuses as invalid, go to the rejects part with a reason. A retry of the task rewrites the
+    chunk's parts; nothing else.
+
+    :param chunk: a chunk descriptor from :class:`StageInputsOperator` (the value mapped over).
+    :param model_name: the model to call.
+    :param inputs: input tensor → column, or list of scalar columns stacked into one tensor.
+    :param outputs: output tensor → output column (every output under its own name when ``None``).
+    :param server: the start task's return value (its ``grpc_url`` is used), or a ``host:port``; when
+        ``None`` the ``triton_conn_id`` connection gives the endpoint.
+    :param triton_conn_id: connection of type ``triton`` (TLS, headers; endpoint when ``server`` is None).
+    :param model_version: version to call; ``""`` lets the server choose.
+    :param passthrough_columns: input columns copied to the output next to the row id.
+    :param request_rows: rows per gRPC request (default: from the model's preferred batch sizes).
+    :param max_in_flight: requests outstanding (default: about 2 × max_batch_size × instances rows).
+    :param request_timeout: seconds per request before it counts as a transient failure.
+    :param retry_attempts: attempts per request on transient failures (server away, overloaded).
+    :param progress_interval: seconds between progress lines in the log.
+    """
+
+    template_fields: Sequence[str] = (
+        "chunk",
+        "server",
+        "model_name",
+        "model_version",
+        "request_rows",
+        "max_in_flight",
+    )
+    ui_color = "#d6f5c9"
+
+    def __init__(
+        self,
+        *,
+        chunk: dict[str, Any],
+        model_name: str,
+        inputs: Mapping[str, str | Sequence[str]],
+        outputs: Mapping[str, str] | None = None,
+        server: dict[str, Any] | str | None = None,
+        triton_conn_id: str = TritonHook.default_conn_name,
+        model_version: str = "",
+        passthrough_columns: Sequence[str] = (),
+        request_rows: int | str | None = None,
+        max_in_flight: int | str | None = None,
+        request_timeout: float = 120.0,
+        retry_attempts: int = 6,
+        progress_interval: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.chunk = chunk
+        self.model_name = model_name
+        self.inputs = dict(inputs)
+        self.outputs = dict(outputs) if outputs else None
+        self.server = server
+        self.triton_conn_id = triton_conn_id
+        self.model_version = model_version
+        self.passthrough_columns = list(passthrough_columns)
+        self.request_rows = request_rows
+        self.max_in_flight = max_in_flight
+        self.request_timeout = request_timeout
+        self.retry_attempts = retry_attempts
+        self.progress_interval = progress_interval
+
+    def _url(self) -> str | None:
+        if isinstance(self.server, Mapping):
+            return self.server["grpc_url"]
+        return self.server or None
+
+    def _model_contract(self, hook: TritonHook) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Read the model's metadata and config, with errors that say what to do."""
+        if not hook.is_server_ready():
+            raise RuntimeError(
+                f"The Triton server at {hook.url} is not reachable or not ready. Check the start task's "
+                "log (the server may have exited) or the connection's host and port."
+            )
+        try:
+            metadata = hook.get_model_metadata(self.model_name, self.model_version)
+            config = hook.get_model_config(self.model_name, self.model_version)
+        except InferenceServerException as error:
+            index = hook.get_conn().get_model_repository_index(as_json=True).get("models", [])
+            known = sorted({m["name"] for m in index})
+            raise RuntimeError(
+                f"Model {self.model_name!r} (version {self.model_version or 'latest'}) is not available on "
+                f"the Triton server at {hook.url}: {error.message()}. Models in its repository: {known}."
+            ) from error
+        return metadata, config
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        descriptor = ChunkDescriptor.from_dict(self.chunk)
+        manifest = Manifest.load(descriptor.run_dir)
+        chunk_path = check_inside(descriptor.path, descriptor.run_dir)
+        hook = TritonHook(self.triton_conn_id, url=self._url())
+        try:
+            metadata, config = self._model_contract(hook)
+        finally:
+            hook.close()
+        max_batch = int(config.get("max_batch_size") or 0)
+        inputs = bind_inputs(self.inputs, pq.read_schema(chunk_path), metadata, max_batch)
+        outputs = bind_outputs(self.outputs, metadata, max_batch)
+        request_rows, in_flight = resolve_sizes(config, self.request_rows, self.max_in_flight)
+        settings = StreamSettings(
+            model_name=self.model_name,
+            model_version=self.model_version,
+            request_rows=request_rows,
+            max_in_flight=in_flight,
+            request_timeout=self.request_timeout,
+            retry=RetryPolicy(max_attempts=self.retry_attempts),
+            progress_interval=self.progress_interval,
+        )
+        self.log.info(
+            "Chunk %d: %s rows from %s to model %r at %s, %d rows a request, %d requests in flight",
+            descriptor.index,
+            f"{descriptor.rows:,}",
+            chunk_path,
+            self.model_name,
+            hook.url,
+            request_rows,
+            in_flight,
+        )
+        streamer = ChunkStreamer(
+            inputs=inputs,
+            outputs=outputs,
+            settings=settings,
+            row_id_column=manifest.row_id_column,
+            passthrough_columns=self.passthrough_columns,
+            client_factory=hook.get_async_client,
+            headers=hook.headers,
+            logger=self.log,
+        )
+        result = streamer.run(
+            chunk_path,
+            output_part_path(descriptor.run_dir, descriptor.index),
+            rejects_part_path(descriptor.run_dir, descriptor.index),
+            descriptor.index,
+        )
+        self.log.info(
+            "Chunk %d done: %s rows scored, %s set aside, %.1f s, %s rows/s; outputs in %s",
+            result.index,
+            f"{result.rows_out:,}",
+            f"{result.rows_rejected:,}",
+            result.seconds,
+            f"{result.rows_per_second:,.0f}",
+            result.output_path,
+        )
+        return result.to_dict()

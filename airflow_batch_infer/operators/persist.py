@@ -1,0 +1,124 @@
+"""PersistOutputsOperator: commit every chunk's outputs to the warehouse, replacing the run's partition."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from airflow.sdk import BaseOperator
+
+from airflow_batch_infer.partition import resolve_partition
+from airflow_batch_infer.sinks import get_sink
+from airflow_batch_infer.staging import ChunkDescriptor, Manifest, output_part_path, rejects_part_path
+
+
+class IncompleteRunError(RuntimeError):
+    """Some chunk has no complete output: persisting now would lose rows."""
+
+
+class PersistOutputsOperator(BaseOperator):
+    """Replace the run's partition of the warehouse table with all chunk outputs, in one transaction.
+
+    Before writing, every chunk of the manifest must have its output and rejects parts, and together
+    they must hold exactly the chunk's rows: a run that would lose or double a row fails here instead.
+
+    :param chunks: the stage task's chunk descriptors (``stage.output``).
+    :param table: output table; rows set aside go to ``<table>_rejects``.
+    :param sink: warehouse kind: ``duckdb``.
+    :param sink_options: keyword options of the sink (for DuckDB: ``database``).
+    :param partition: the run's partition key (default: from the run's data interval or logical date).
+    :param partition_column: column holding the partition key.
+    :param results: the infer tasks' results (``infer.output``), used for the throughput summary.
+    :param max_rejected_fraction: fail, writing nothing, when more than this share of rows was set aside.
+    """
+
+    template_fields: Sequence[str] = ("chunks", "table", "sink_options", "partition", "results")
+    ui_color = "#fdf2d0"
+
+    def __init__(
+        self,
+        *,
+        chunks: list[dict[str, Any]],
+        table: str,
+        sink: str = "duckdb",
+        sink_options: dict[str, Any] | None = None,
+        partition: str | None = None,
+        partition_column: str = "batch_partition",
+        results: list[dict[str, Any]] | None = None,
+        max_rejected_fraction: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.chunks = chunks
+        self.table = table
+        self.sink = sink
+        self.sink_options = sink_options or {}
+        self.partition = partition
+        self.partition_column = partition_column
+        self.results = results
+        self.max_rejected_fraction = max_rejected_fraction
+
+    def _collect_parts(self, manifest: Manifest) -> tuple[list[Path], list[Path], int]:
+        """Check every chunk's parts and return them with the number of rows set aside."""
+        outputs, rejects, rejected = [], [], 0
+        problems = []
+        for chunk in manifest.chunks:
+            out, rej = (
+                output_part_path(manifest.run_dir, chunk.index),
+                rejects_part_path(manifest.run_dir, chunk.index),
+            )
+            if not out.exists() or not rej.exists():
+                problems.append(f"chunk {chunk.index} has no output part (its infer task did not finish)")
+                continue
+            n_out, n_rej = pq.read_metadata(out).num_rows, pq.read_metadata(rej).num_rows
+            if n_out + n_rej != chunk.rows:
+                problems.append(
+                    f"chunk {chunk.index} staged {chunk.rows} rows but has {n_out} outputs "
+                    f"+ {n_rej} set aside"
+                )
+            outputs.append(out)
+            rejects.append(rej)
+            rejected += n_rej
+        if problems:
+            raise IncompleteRunError(
+                "Not persisting: " + "; ".join(problems) + ". Clear the failed infer task(s) to rerun them."
+            )
+        return outputs, rejects, rejected
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        if not self.chunks:
+            raise IncompleteRunError("No chunk descriptors: the stage task staged nothing.")
+        run_dir = ChunkDescriptor.from_dict(self.chunks[0]).run_dir
+        manifest = Manifest.load(run_dir)
+        partition = resolve_partition(context, self.partition)
+        outputs, rejects, rejected = self._collect_parts(manifest)
+        share = rejected / manifest.total_rows if manifest.total_rows else 0.0
+        if self.max_rejected_fraction is not None and share > float(self.max_rejected_fraction):
+            raise IncompleteRunError(
+                f"{rejected:,} of {manifest.total_rows:,} rows ({share:.2%}) were set aside, more than "
+                f"max_rejected_fraction={self.max_rejected_fraction}: nothing written. The reasons are in "
+                f"{Path(run_dir) / 'rejects'}."
+            )
+        sink = get_sink(
+            self.sink, table=self.table, partition_column=self.partition_column, **self.sink_options
+        )
+        result = sink.replace_partition(partition, outputs, rejects)
+        summary = result.to_dict() | {"total_rows": manifest.total_rows, "chunks": len(manifest.chunks)}
+        if self.results:
+            seconds = sum(float(r["seconds"]) for r in self.results)
+            summary["infer_rows_per_second_per_task"] = (
+                round(manifest.total_rows / seconds, 1) if seconds else None
+            )
+        self.log.info(
+            "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before",
+            partition,
+            f"{result.rows:,}",
+            result.table,
+            f"{result.rejected:,}",
+            result.rejects_table,
+            result.location,
+            f"{result.replaced:,}",
+        )
+        return summary

@@ -1,0 +1,120 @@
+"""batch_inference(...): the whole pipeline as one TaskGroup, to drop into an existing DAG after its ETL."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import TaskGroup
+
+from airflow_batch_infer.hooks.triton import TritonHook
+from airflow_batch_infer.operators.infer import TritonInferenceOperator
+from airflow_batch_infer.operators.persist import PersistOutputsOperator
+from airflow_batch_infer.operators.server import StartTritonServerOperator, StopTritonServerOperator
+from airflow_batch_infer.operators.stage import StageInputsOperator
+
+
+def batch_inference(
+    *,
+    source: str | list[str],
+    model_name: str,
+    inputs: Mapping[str, str | Sequence[str]],
+    table: str,
+    model_repository: str | Path,
+    outputs: Mapping[str, str] | None = None,
+    group_id: str = "batch_inference",
+    runtime: str = "local",
+    runtime_options: dict[str, Any] | None = None,
+    triton_conn_id: str = TritonHook.default_conn_name,
+    partition: str | None = None,
+    staging_root: str | None = None,
+    chunk_rows: int | str = 250_000,
+    columns: list[str] | None = None,
+    row_id_column: str | None = None,
+    passthrough_columns: Sequence[str] = (),
+    request_rows: int | str | None = None,
+    max_in_flight: int | str | None = None,
+    sink: str = "duckdb",
+    sink_options: dict[str, Any] | None = None,
+    max_rejected_fraction: float | None = None,
+    infer_retries: int = 2,
+    infer_options: dict[str, Any] | None = None,
+) -> TaskGroup:
+    """Build stage + start server (setup) → infer (mapped per chunk) → persist, and stop server (teardown).
+
+    The server stops as soon as every chunk is scored, and also when inference fails. Templated
+    arguments (``source``, ``partition``, ``chunk_rows``, ``request_rows``, ...) may use Jinja, such as
+    ``"{{ params.partition }}"``.
+
+    :param source: Parquet file or folder to score.
+    :param model_name: the Triton model to call.
+    :param inputs: input tensor → column, or list of scalar columns stacked into one tensor.
+    :param table: warehouse table for the outputs (rows set aside go to ``<table>_rejects``).
+    :param model_repository: the Triton model repository.
+    :param outputs: output tensor → output column (all outputs under their own names when ``None``).
+    :param group_id: the TaskGroup's id.
+    :param runtime: where the server runs (``local``).
+    :param runtime_options: keyword options of the runtime.
+    :param triton_conn_id: ``triton`` connection for TLS and headers.
+    :param partition: the run's partition key (default: from the run's dates).
+    :param staging_root: root folder of run snapshots.
+    :param chunk_rows: rows per chunk (one mapped infer task each).
+    :param columns: input columns to stage (all when ``None``).
+    :param row_id_column: the input's own unique row id (a ``row_id`` column is added when ``None``).
+    :param passthrough_columns: input columns copied to the output table.
+    :param request_rows: rows per gRPC request (default from the model config).
+    :param max_in_flight: requests outstanding per task (default from the model config).
+    :param sink: warehouse kind (``duckdb``).
+    :param sink_options: keyword options of the sink.
+    :param max_rejected_fraction: fail the run, writing nothing, when more rows than this were set aside.
+    :param infer_retries: Airflow retries of each infer task (each rewrites only its chunk).
+    :param infer_options: further keyword arguments of :class:`TritonInferenceOperator`.
+    """
+    with TaskGroup(group_id=group_id) as group:
+        stage = StageInputsOperator(
+            task_id="stage",
+            source=source,
+            staging_root=staging_root,
+            chunk_rows=chunk_rows,
+            columns=columns,
+            row_id_column=row_id_column,
+            partition=partition,
+        )
+        start = StartTritonServerOperator(
+            task_id="start_server",
+            model_repository=str(model_repository),
+            models=[model_name],
+            runtime=runtime,
+            runtime_options=runtime_options,
+        )
+        infer = TritonInferenceOperator.partial(
+            task_id="infer",
+            server=start.output,
+            model_name=model_name,
+            inputs=inputs,
+            outputs=outputs,
+            triton_conn_id=triton_conn_id,
+            passthrough_columns=passthrough_columns,
+            request_rows=request_rows,
+            max_in_flight=max_in_flight,
+            retries=infer_retries,
+            map_index_template="chunk {{ task.chunk['index'] }}",
+            **(infer_options or {}),
+        ).expand(chunk=stage.output)
+        persist = PersistOutputsOperator(
+            task_id="persist",
+            chunks=stage.output,
+            results=infer.output,
+            table=table,
+            sink=sink,
+            sink_options=sink_options,
+            partition=partition,
+            max_rejected_fraction=max_rejected_fraction,
+        )
+        stop = StopTritonServerOperator(
+            task_id="stop_server", server=start.output, runtime_options=runtime_options
+        )
+        [stage, start] >> infer >> [persist, stop]
+        stop.as_teardown(setups=start)
+    return group

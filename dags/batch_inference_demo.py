@@ -1,0 +1,63 @@
+"""Score every transaction with the ``risk_scorer`` model on Triton, after each ETL run.
+
+Scheduled on the ETL's Asset; for a manual run or a backfill, trigger it from the UI with Params
+(input path, partition, chunk rows, request rows, requests in flight). Embedded defaults: a local
+``tritonserver`` process, local files under ``$BATCH_INFER_HOME``, and a DuckDB warehouse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import DAG, Param
+from etl_transactions import TRANSACTIONS, TRANSACTIONS_PATH
+
+from airflow_batch_infer.paths import batch_infer_home
+from airflow_batch_infer.task_group import batch_inference
+
+REPOSITORY = Path(__file__).resolve().parent.parent / "triton_models"
+FEATURES = [f"f{i:02d}" for i in range(16)]
+
+with DAG(
+    dag_id="batch_inference_demo",
+    schedule=[TRANSACTIONS],
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["demo", "triton"],
+    params={
+        "input_path": Param(str(TRANSACTIONS_PATH), type="string", description="Parquet file or folder."),
+        "partition": Param(
+            None,
+            type=["null", "string"],
+            description="Partition to (re)write, e.g. 2026-11-21. Empty: the run's date.",
+        ),
+        "table": Param("transaction_scores", type="string", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
+        "chunk_rows": Param(250_000, type="integer", minimum=1, description="Rows per mapped infer task."),
+        "request_rows": Param(
+            None, type=["null", "integer"], minimum=1, description="Rows per gRPC request (default: model's)."
+        ),
+        "max_in_flight": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            description="Requests in flight per task (default: model's).",
+        ),
+    },
+    doc_md=__doc__,
+) as dag:
+    batch_inference(
+        source="{{ params.input_path }}",
+        model_name="risk_scorer",
+        model_repository=REPOSITORY,
+        inputs={"features": FEATURES},
+        outputs={"probability": "risk_score"},
+        passthrough_columns=["transaction_id"],
+        table="{{ params.table }}",
+        partition="{{ params.partition or '' }}",
+        chunk_rows="{{ params.chunk_rows }}",
+        request_rows="{{ params.request_rows or '' }}",
+        max_in_flight="{{ params.max_in_flight or '' }}",
+        sink_options={"database": str(batch_infer_home() / "warehouse.duckdb")},
+    )

@@ -1,0 +1,39 @@
+"""Demo data: card transactions with 16 numeric features, generated from a fixed seed."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FEATURES = [f"f{i:02d}" for i in range(16)]
+
+
+def write_transactions(target: str | Path, rows: int, files: int = 4, seed: int = 7) -> int:
+    """Write ``rows`` transactions as ``files`` Parquet files in ``target`` (replacing earlier ones).
+
+    :param target: output folder.
+    :param rows: rows in all.
+    :param files: number of files.
+    :param seed: random seed; the same seed gives the same rows.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for old in target.glob("*.parquet"):
+        old.unlink()
+    rng = np.random.default_rng(seed)
+    bounds = np.linspace(0, rows, files + 1, dtype=np.int64)
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        n = int(hi - lo)
+        columns = {
+            "transaction_id": pa.array(np.arange(lo, hi, dtype=np.int64) + 10_000_000),
+            "customer_id": pa.array(rng.integers(1, 200_000, n, dtype=np.int64)),
+            "amount": pa.array(np.round(rng.lognormal(3.5, 1.1, n), 2)),
+        }
+        features = rng.standard_normal((n, len(FEATURES)), dtype=np.float32)
+        columns.update({name: pa.array(features[:, j]) for j, name in enumerate(FEATURES)})
+        pq.write_table(pa.table(columns), target / f"part-{i:03d}.parquet", row_group_size=131_072)
+    return rows

@@ -1,0 +1,70 @@
+"""Test environment: a private AIRFLOW_HOME and BATCH_INFER_HOME, a real tritonserver, real Airflow.
+
+The environment is set before Airflow is first imported, so every test (and every subprocess) uses
+the temporary folders, never the user's. The local Triton runtime's server environment is shared with
+`make setup` (``$BATCH_INFER_TRITON_ENV``), so it is built once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO / "triton_models"
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="abi-tests-"))
+
+os.environ.setdefault("BATCH_INFER_TRITON_ENV", str(REPO / ".data" / "triton-server-env"))
+os.environ["BATCH_INFER_HOME"] = str(_SESSION_DIR / "home")
+os.environ["AIRFLOW_HOME"] = str(_SESSION_DIR / "airflow")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
+sys.path.insert(0, str(REPO / "dags"))
+
+
+def tritonserver_pids() -> set[int]:
+    """Pids of every tritonserver process on this machine."""
+    found = subprocess.run(["pgrep", "-x", "tritonserver"], capture_output=True, text=True, check=False)
+    return {int(p) for p in found.stdout.split()}
+
+
+@pytest.fixture(scope="session")
+def model_repository() -> Path:
+    return MODEL_REPOSITORY
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One real local tritonserver serving ``risk_scorer`` for the whole session."""
+    from airflow_batch_infer.runtimes import get_runtime
+
+    runtime = get_runtime("local", work_root=str(tmp_path_factory.mktemp("servers")))
+    info = runtime.start(str(MODEL_REPOSITORY), ["risk_scorer"])
+    try:
+        yield info
+    finally:
+        runtime.stop(info)
+    assert not runtime.is_running(info)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated SQLite metadata database in the session's AIRFLOW_HOME."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    airflow = shutil.which("airflow", path=str(Path(sys.executable).parent)) or "airflow"
+    done = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return home
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)

@@ -1,0 +1,291 @@
+"""The local runtime against a real tritonserver process (no mocks).
+
+Uses the shared server environment (``$BATCH_INFER_HOME/triton-server-env``, built on first use) and a
+temporary ``work_root`` per test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+
+from airflow_batch_infer.runtimes import ServerInfo, ServerStartError, get_runtime
+from airflow_batch_infer.runtimes.local import LocalTritonRuntime, check_server_numpy
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2] / "triton_models"
+RISK_ONNX = REPO / "risk_scorer" / "1" / "model.onnx"
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> LocalTritonRuntime:
+    return LocalTritonRuntime(work_root=str(tmp_path / "servers"), startup_timeout=60, stop_grace_period=10)
+
+
+def _reference(features: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(RISK_ONNX), providers=["CPUExecutionProvider"])
+    return session.run(["probability"], {"features": features})[0]
+
+
+def _servers_under(path: Path) -> list[int]:
+    """Pids of live processes whose command line mentions ``path`` (our servers and their stubs)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmdline and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+def _shm_regions(prefix: str) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"{prefix}*"))
+
+
+def _write_model(repo: Path, name: str, config: str, files: dict[str, str] | None = None) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(textwrap.dedent(config))
+    for rel, text in (files or {}).items():
+        (repo / name / rel).write_text(textwrap.dedent(text))
+
+
+def _infer(client: grpcclient.InferenceServerClient, features: np.ndarray) -> np.ndarray:
+    tensor = grpcclient.InferInput("features", list(features.shape), "FP32")
+    tensor.set_data_from_numpy(features)
+    result = client.infer("risk_scorer", [tensor], outputs=[grpcclient.InferRequestedOutput("probability")])
+    return result.as_numpy("probability")
+
+
+def test_start_infer_stop(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    handle = info.handle
+    server_id, pid = handle["server_id"], handle["pid"]
+    try:
+        assert re.fullmatch(r"abi-[0-9a-f]{12}", server_id)
+        assert info.runtime == "local"
+        assert info.grpc_url == f"127.0.0.1:{handle['grpc_port']}"
+        assert info.http_url == f"http://127.0.0.1:{handle['http_port']}"
+        assert info.metrics_url == f"http://127.0.0.1:{handle['metrics_port']}/metrics"
+        assert runtime.is_running(info)
+
+        client = grpcclient.InferenceServerClient(info.grpc_url)
+        assert client.is_server_ready()
+        assert client.is_model_ready("risk_scorer")
+        assert client.get_server_metadata().name == server_id  # --id is the server's name
+        assert [m.name for m in client.get_model_repository_index().models] == ["risk_scorer"]
+
+        rng = np.random.default_rng(7)
+        features = rng.standard_normal((1000, 16)).astype(np.float32)
+        probability = _infer(client, features)
+        assert probability.dtype == np.float32
+        assert probability.shape == (1000, 1)
+        np.testing.assert_allclose(probability, _reference(features), atol=1e-5)
+
+        # Concurrent requests of different sizes are merged by the dynamic batcher and split back per
+        # request; a bad request among them fails alone.
+        sizes = [1, 7, 64, 300, 5, 128, 33, 2] * 4
+        batches = [rng.standard_normal((n, 16)).astype(np.float32) for n in sizes]
+        results: dict[int, np.ndarray] = {}
+        errors: dict[int, Exception] = {}
+        done = threading.Semaphore(0)
+
+        def callback(index: int):
+            def on_result(result=None, error=None) -> None:
+                if error is not None:
+                    errors[index] = error
+                else:
+                    results[index] = result.as_numpy("probability")
+                done.release()
+
+            return on_result
+
+        bad = np.zeros((4, 15), dtype=np.float32)
+        for i, batch in enumerate([*batches, bad]):
+            tensor = grpcclient.InferInput("features", list(batch.shape), "FP32")
+            tensor.set_data_from_numpy(batch)
+            client.async_infer(
+                "risk_scorer",
+                [tensor],
+                callback=callback(i),
+                outputs=[grpcclient.InferRequestedOutput("probability")],
+            )
+        for _ in range(len(batches) + 1):
+            assert done.acquire(timeout=30)
+        assert set(errors) == {len(batches)}
+        assert (
+            "INVALID_ARGUMENT" in str(errors[len(batches)]) or "expected" in str(errors[len(batches)]).lower()
+        )
+        for i, batch in enumerate(batches):
+            np.testing.assert_allclose(results[i], _reference(batch), atol=1e-5)
+        client.close()
+
+        assert server_id in runtime.log_tail(info, 400)
+        assert _shm_regions(handle["shm_prefix"])  # the Python backend's regions carry our prefix
+    finally:
+        # Teardown as from another worker: a fresh runtime and a JSON round trip of the handle.
+        again = ServerInfo.from_dict(json.loads(json.dumps(info.to_dict())))
+        other = get_runtime("local", work_root=str(tmp_path / "servers"))
+        stopped = other.stop(again)
+
+    assert stopped is True
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert _servers_under(tmp_path) == []
+    assert _shm_regions(handle["shm_prefix"]) == []
+    assert not runtime.is_running(info)
+    assert runtime.stop(info) is False  # idempotent
+    assert Path(handle["log_path"]).exists()  # the log stays for the record
+
+
+def test_model_that_fails_to_load(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _write_model(
+        repo,
+        "broken",
+        """
+        name: "broken"
+        backend: "python"
+        max_batch_size: 8
+        input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+        output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+        """,
+        {
+            "1/model.py": """
+            class TritonPythonModel:
+                def initialize(self, args):
+                    raise RuntimeError("boom: deliberately broken model")
+            """
+        },
+    )
+    with pytest.raises(ServerStartError) as caught:
+        runtime.start(str(repo))
+    message = str(caught.value)
+    assert "boom: deliberately broken model" in message  # the server's own error line
+    assert "failed to load 'broken'" in message
+    server_id = re.search(r"abi-[0-9a-f]{12}", message).group(0)
+    assert _servers_under(tmp_path) == []
+    assert _shm_regions(server_id) == []
+
+
+def test_onnx_model_without_its_file(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    config = (REPO / "risk_scorer" / "config.pbtxt").read_text().replace('"risk_scorer"', '"no_file"')
+    _write_model(repo, "no_file", config)
+    with pytest.raises(ServerStartError, match=r"no_file/1/model\.onnx is missing"):
+        runtime.start(str(repo))
+    assert list((tmp_path / "servers").iterdir()) == []  # nothing launched, nothing left
+
+
+def test_tensorrtllm_model_is_refused_before_launch(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _write_model(
+        repo,
+        "tensorrt_llm",
+        """
+        name: "tensorrt_llm"
+        backend: "tensorrtllm"
+        max_batch_size: 8
+        input [ { name: "input_ids" data_type: TYPE_INT32 dims: [ -1 ] } ]
+        output [ { name: "output_ids" data_type: TYPE_INT32 dims: [ -1, -1 ] } ]
+        """,
+    )
+    with pytest.raises(ServerStartError, match=r"cannot serve model 'tensorrt_llm'.*GPU runtime"):
+        runtime.start(str(repo))
+    assert list((tmp_path / "servers").iterdir()) == []
+
+
+def test_unknown_model_names_what_exists(runtime: LocalTritonRuntime) -> None:
+    with pytest.raises(ServerStartError, match=r"\['nope'\] are not in .*risk_scorer"):
+        runtime.start(str(REPO), ["nope"])
+
+
+def test_materialised_repository_converts_onnx_and_leaves_the_source_alone(tmp_path: Path) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    source_config = REPO / "risk_scorer" / "config.pbtxt"
+    before = source_config.read_bytes()
+    runtime = LocalTritonRuntime(onnx_intra_op_threads=2)
+    target = tmp_path / "models"
+    assert runtime.materialize_repository(REPO, ["risk_scorer"], target) == ["risk_scorer"]
+
+    config = text_format.Parse(
+        (target / "risk_scorer" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    assert config.backend == "python"
+    assert config.platform == ""
+    assert config.max_batch_size == 8192
+    assert [(g.count, g.kind) for g in config.instance_group] == [
+        (2, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    ]
+    assert list(config.dynamic_batching.preferred_batch_size) == [4096, 8192]
+    assert config.parameters["onnx_intra_op_threads"].string_value == "2"
+    assert (target / "risk_scorer" / "1" / "model.py").is_file()
+    assert source_config.read_bytes() == before
+    assert source_config.stat().st_nlink == 1  # never hard-linked: the copy is rewritten
+
+
+def test_numpy2_interpreter_is_refused() -> None:
+    # The project's own interpreter has numpy 2: inputs would silently arrive as zeros in the stub.
+    with pytest.raises(ServerStartError, match=r"numpy 2.*numpy<2"):
+        check_server_numpy(sys.executable)
+    env = LocalTritonRuntime().ensure_server_env()
+    assert check_server_numpy(env.python).startswith("1.")
+
+
+def test_stop_refuses_another_host_and_ignores_a_reused_pid(runtime: LocalTritonRuntime) -> None:
+    elsewhere = ServerInfo(
+        "local", "x:1", "http://x:2", "http://x:3/metrics", {"pid": 1, "hostname": "elsewhere"}
+    )
+    with pytest.raises(RuntimeError, match="own host"):
+        runtime.stop(elsewhere)
+    # Our own pid, but not a server with that id: never signalled.
+    reused = ServerInfo(
+        "local",
+        "127.0.0.1:1",
+        "http://127.0.0.1:2",
+        "http://127.0.0.1:3/metrics",
+        {"pid": os.getpid(), "server_id": "abi-000000000000", "shm_prefix": "abi-000000000000-shm-"},
+    )
+    assert runtime.is_running(reused) is False
+    assert runtime.stop(reused) is False
+
+
+def test_server_env_build_is_safe_when_concurrent(tmp_path: Path) -> None:
+    env = tmp_path / "env"
+    code = (
+        "import sys; from airflow_batch_infer.runtimes.local import LocalTritonRuntime as R; "
+        "print(R(server_env=sys.argv[1]).ensure_server_env().tritonserver)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(env)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert {out.strip() for out, _ in outputs} == {
+        str(env / "triton-runtime" / "bin" / "tritonserver").encode()
+    }
+    assert (env / "triton-runtime" / "backends" / "python" / "triton_python_backend_stub").is_file()
+    marker = (env / ".batch-infer-server-env").read_text()
+    # Idempotent: a second call does not rebuild.
+    mtime = (env / "pyvenv.cfg").stat().st_mtime_ns
+    LocalTritonRuntime(server_env=str(env)).ensure_server_env()
+    assert (env / "pyvenv.cfg").stat().st_mtime_ns == mtime
+    assert (env / ".batch-infer-server-env").read_text() == marker

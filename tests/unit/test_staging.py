@@ -1,0 +1,117 @@
+"""Staging: chunk files, row ids, manifest, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from airflow_batch_infer.staging import (
+    Manifest,
+    StagingError,
+    check_inside,
+    plan_chunk_rows,
+    run_directory,
+    stage_parquet,
+)
+
+
+def write_files(folder: Path, sizes: list[int]) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for i, n in enumerate(sizes):
+        values = np.arange(start, start + n)
+        pq.write_table(pa.table({"key": values, "x": values * 0.5}), folder / f"f{i}.parquet")
+        start += n
+    return start
+
+
+def read_all_chunks(manifest: Manifest) -> pa.Table:
+    return pa.concat_tables(pq.read_table(c.path) for c in manifest.chunks)
+
+
+def test_chunks_hold_every_row_once_with_sequential_ids(tmp_path: Path) -> None:
+    total = write_files(tmp_path / "in", [3000, 4500, 3000])
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=4000)
+
+    assert [c.rows for c in manifest.chunks] == [4000, 4000, 2500]
+    assert manifest.total_rows == total == 10_500
+    table = read_all_chunks(manifest)
+    assert table.column("row_id").to_pylist() == list(range(total))
+    assert sorted(table.column("key").to_pylist()) == list(range(total))
+    assert [c.first_row for c in manifest.chunks] == [0, 4000, 8000]
+    for chunk in manifest.chunks:
+        assert pq.read_metadata(chunk.path).num_rows == chunk.rows
+        assert chunk.bytes == Path(chunk.path).stat().st_size
+    on_disk = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert on_disk["total_rows"] == total
+    assert Manifest.load(tmp_path / "run").chunks == manifest.chunks
+
+
+def test_chunk_count_stays_within_max_map_length(tmp_path: Path) -> None:
+    write_files(tmp_path / "in", [1000])
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=10, max_chunks=7)
+    assert len(manifest.chunks) <= 7
+    assert sum(c.rows for c in manifest.chunks) == 1000
+    assert plan_chunk_rows(1000, 10, 7) == 143
+
+
+def test_column_subset_and_own_row_id(tmp_path: Path) -> None:
+    write_files(tmp_path / "in", [50])
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", columns=["x"], row_id_column="key")
+    table = read_all_chunks(manifest)
+    assert table.column_names == ["key", "x"]
+    assert manifest.row_id_column == "key"
+    assert manifest.chunks[0].first_row == -1
+
+
+def test_missing_column_is_named(tmp_path: Path) -> None:
+    write_files(tmp_path / "in", [10])
+    with pytest.raises(StagingError, match=r"\['nope'\] are not in the input"):
+        stage_parquet(tmp_path / "in", tmp_path / "run", columns=["x", "nope"])
+    with pytest.raises(StagingError, match="Row id column 'id'"):
+        stage_parquet(tmp_path / "in", tmp_path / "run", row_id_column="id")
+
+
+def test_existing_row_id_column_is_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"row_id": [5, 6], "x": [1.0, 2.0]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(StagingError, match="already has a column 'row_id'"):
+        stage_parquet(tmp_path / "in", tmp_path / "run")
+
+
+def test_hive_partition_folders_become_columns(tmp_path: Path) -> None:
+    for country, n in (("DE", 3), ("FR", 4)):
+        folder = tmp_path / "in" / f"country={country}"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"x": np.ones(n)}), folder / "part.parquet")
+    table = read_all_chunks(stage_parquet(tmp_path / "in", tmp_path / "run"))
+    assert sorted(table.column("country").to_pylist()) == ["DE"] * 3 + ["FR"] * 4
+
+
+def test_restaging_replaces_the_snapshot(tmp_path: Path) -> None:
+    write_files(tmp_path / "in", [100])
+    stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=10)
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=50)
+    assert len(list((tmp_path / "run" / "chunks").glob("*.parquet"))) == len(manifest.chunks) == 2
+
+
+def test_not_parquet_and_missing_input(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "data.parquet").write_text("id,x\n1,2\n")
+    with pytest.raises(StagingError, match="Cannot read"):
+        stage_parquet(tmp_path / "in", tmp_path / "run")
+    with pytest.raises(StagingError, match="does not exist"):
+        stage_parquet(tmp_path / "absent", tmp_path / "run")
+
+
+def test_paths_outside_the_run_are_refused(tmp_path: Path) -> None:
+    run = run_directory(tmp_path, "dag", "2026-11-21", "manual__2026-11-21T00:00:00+00:00")
+    assert run.parts[-1] == "manual__2026-11-21T00_00_00_00_00"
+    assert check_inside(run / "chunks" / "c.parquet", run) == (run / "chunks" / "c.parquet").resolve()
+    with pytest.raises(StagingError, match="outside the staging folder"):
+        check_inside(run / ".." / ".." / "other" / "c.parquet", run)

@@ -1,0 +1,98 @@
+"""Column → tensor mapping: the contract check's messages and the encoding of record batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from airflow_batch_infer.client.sizing import resolve_sizes
+from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs, encode_batch
+
+METADATA = {
+    "name": "scorer",
+    "inputs": [{"name": "features", "datatype": "FP32", "shape": ["-1", "3"]}],
+    "outputs": [{"name": "probability", "datatype": "FP32", "shape": ["-1", "1"]}],
+}
+SCHEMA = pa.schema([("a", pa.float64()), ("b", pa.int64()), ("c", pa.float32()), ("s", pa.string())])
+
+
+def test_scalar_columns_stack_into_one_tensor() -> None:
+    [binding] = bind_inputs({"features": ["a", "b", "c"]}, SCHEMA, METADATA, 1024)
+    assert (binding.tensor, binding.width, binding.columns) == ("features", 3, ("a", "b", "c"))
+    [out] = bind_outputs({"probability": "score"}, METADATA, 1024)
+    assert (out.column, out.width) == ("score", 1)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"features": ["a", "b", "s"]}, "Column 's' is string but input tensor 'features' of model 'scorer' is FP32"),
+        ({"features": ["a", "b"]}, r"takes 3 values a row \(shape \['-1', '3'\]\) but 2 column\(s\)"),
+        ({"features": ["a", "b", "zz"]}, "Column 'zz' \\(for input tensor 'features'\\) is not in the data"),
+        ({"feats": ["a", "b", "c"]}, "needs input tensor\\(s\\) \\['features'\\]"),
+    ],
+)
+def test_mismatches_name_column_tensor_and_types(inputs: dict, message: str) -> None:
+    with pytest.raises(ContractError, match=message):
+        bind_inputs(inputs, SCHEMA, METADATA, 1024)
+
+
+def test_unknown_tensors_and_unbatched_models_are_refused() -> None:
+    with pytest.raises(ContractError, match="no input tensor 'extra'"):
+        bind_inputs({"features": ["a", "b", "c"], "extra": "a"}, SCHEMA, METADATA, 1024)
+    with pytest.raises(ContractError, match="no output tensor 'logits'"):
+        bind_outputs({"logits": "x"}, METADATA, 1024)
+    with pytest.raises(ContractError, match="max_batch_size 0"):
+        bind_inputs({"features": ["a", "b", "c"]}, SCHEMA, METADATA, 0)
+
+
+def test_list_column_width_is_checked() -> None:
+    schema = pa.schema([("v", pa.list_(pa.float32(), 4))])
+    with pytest.raises(ContractError, match="Column 'v' holds 4 values a row but input tensor 'features'"):
+        bind_inputs({"features": "v"}, schema, METADATA, 8)
+
+
+def test_encoding_sets_aside_nulls_nan_and_infinities() -> None:
+    batch = pa.record_batch(
+        {
+            "a": pa.array([1.0, None, 3.0, float("nan"), 5.0]),
+            "b": pa.array([1, 2, 3, 4, 5]),
+            "c": pa.array([0.5, 0.5, float("inf"), 0.5, 0.5], pa.float32()),
+        }
+    )
+    bindings = bind_inputs({"features": ["a", "b", "c"]}, batch.schema, METADATA, 1024)
+    tensors, good, reasons = encode_batch(batch, bindings)
+    assert good.tolist() == [True, False, False, False, True]
+    assert reasons == [
+        None,
+        "null in column 'a'",
+        "NaN or infinite value in column 'c'",
+        "NaN or infinite value in column 'a'",
+        None,
+    ]
+    assert tensors["features"].dtype == np.float32
+    np.testing.assert_array_equal(tensors["features"][[0, 4]], [[1.0, 1.0, 0.5], [5.0, 5.0, 0.5]])
+
+
+def test_list_columns_encode_row_by_row() -> None:
+    batch = pa.record_batch({"v": pa.array([[1, 2, 3], None, [4, 5], [7, 8, 9]], pa.list_(pa.float64()))})
+    bindings = bind_inputs({"features": "v"}, batch.schema, METADATA, 1024)
+    tensors, good, reasons = encode_batch(batch, bindings)
+    assert good.tolist() == [True, False, False, True]
+    assert reasons[1] == "null in column 'v'"
+    assert reasons[2] == "column 'v' does not hold 3 values"
+    np.testing.assert_array_equal(tensors["features"][[0, 3]], [[1, 2, 3], [7, 8, 9]])
+
+
+def test_request_sizes_default_from_the_model_config() -> None:
+    config = {
+        "max_batch_size": 8192,
+        "dynamic_batching": {"preferred_batch_size": [4096, 8192]},
+        "instance_group": [{"count": 2}],
+    }
+    assert resolve_sizes(config, None, "") == (4096, 8)
+    assert resolve_sizes(config, "1024", "3") == (1024, 3)
+    assert resolve_sizes({"max_batch_size": 64}, None, None) == (64, 2)
+    with pytest.raises(ValueError, match="larger than the model's max_batch_size=8192"):
+        resolve_sizes(config, 10_000, None)
