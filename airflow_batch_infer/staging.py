@@ -6,6 +6,7 @@ A run's folder holds::
     chunks/chunk-00000.parquet the input rows, with a row id, ``chunk_rows`` rows each
     outputs/part-00000.parquet one per chunk, written by the infer task
     rejects/part-00000.parquet rows set aside, with a reason
+    summary.json               written by the persist task: what was committed where
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+SUMMARY = "summary.json"  # written by the persist task once the partition is committed
 DEFAULT_ROW_ID_COLUMN = "row_id"
 DEFAULT_MAX_CHUNKS = 1024  # Airflow's [core] max_map_length default
 _SAFE = re.compile(r"[^A-Za-z0-9._=-]+")

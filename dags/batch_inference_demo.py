@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pendulum
 from airflow.sdk import DAG, Param
-from etl_transactions import TRANSACTIONS, TRANSACTIONS_PATH
+from transactions_data import FEATURES, TRANSACTIONS, TRANSACTIONS_PATH
 
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.task_group import batch_inference
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "triton_models"
-FEATURES = [f"f{i:02d}" for i in range(16)]
 
 with DAG(
     dag_id="batch_inference_demo",

@@ -8,13 +8,9 @@ from __future__ import annotations
 import os
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
-from transactions_data import write_transactions  # dags/ is on sys.path when Airflow parses DAGs
+from airflow.sdk import Param, dag, task
+from transactions_data import TRANSACTIONS, TRANSACTIONS_PATH, write_transactions  # dags/ is on sys.path
 
-from airflow_batch_infer.paths import batch_infer_home
-
-TRANSACTIONS_PATH = batch_infer_home() / "etl" / "transactions"
-TRANSACTIONS = Asset(name="transactions_features", uri=f"file://{TRANSACTIONS_PATH}")
 DEMO_ROWS = int(os.environ.get("BATCH_INFER_DEMO_ROWS", "1000000"))
 
 

@@ -1,4 +1,4 @@
-"""Demo data: card transactions with 16 numeric features, generated from a fixed seed."""
+"""Demo data: card transactions with 16 numeric features, generated from a fixed seed, and their Asset."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from airflow.sdk import Asset
+
+from airflow_batch_infer.paths import batch_infer_home
 
 FEATURES = [f"f{i:02d}" for i in range(16)]
+TRANSACTIONS_PATH = batch_infer_home() / "etl" / "transactions"
+# Produced by the etl_transactions DAG; batch_inference_demo is scheduled on it. The URI names the data
+# set, not the folder, so that moving $BATCH_INFER_HOME does not make a new asset.
+TRANSACTIONS = Asset(name="transactions_features", uri="demo://etl/transactions")
 
 
 def write_transactions(target: str | Path, rows: int, files: int = 4, seed: int = 7) -> int:

@@ -11,7 +11,14 @@ from airflow.sdk import BaseOperator
 
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.sinks import get_sink
-from airflow_batch_infer.staging import ChunkDescriptor, Manifest, output_part_path, rejects_part_path
+from airflow_batch_infer.staging import (
+    SUMMARY,
+    ChunkDescriptor,
+    Manifest,
+    output_part_path,
+    rejects_part_path,
+    write_json_atomically,
+)
 
 
 class IncompleteRunError(RuntimeError):
@@ -107,10 +114,12 @@ class PersistOutputsOperator(BaseOperator):
         result = sink.replace_partition(partition, outputs, rejects)
         summary = result.to_dict() | {"total_rows": manifest.total_rows, "chunks": len(manifest.chunks)}
         if self.results:
-            seconds = sum(float(r["seconds"]) for r in self.results)
+            # Index by length: iterating Airflow's lazy XCom sequence probes one item past its end.
+            seconds = sum(float(self.results[i]["seconds"]) for i in range(len(self.results)))
             summary["infer_rows_per_second_per_task"] = (
                 round(manifest.total_rows / seconds, 1) if seconds else None
             )
+        write_json_atomically(Path(run_dir) / SUMMARY, summary)
         self.log.info(
             "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before",
             partition,
