@@ -30,10 +30,21 @@ os.environ.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
 sys.path.insert(0, str(REPO / "dags"))
 
 
-def tritonserver_pids() -> set[int]:
-    """Pids of every tritonserver process on this machine."""
-    found = subprocess.run(["pgrep", "-x", "tritonserver"], capture_output=True, text=True, check=False)
-    return {int(p) for p in found.stdout.split()}
+def processes_mentioning(path: str | Path) -> list[int]:
+    """Pids of live processes whose command line mentions ``path`` (servers started under it, their stubs).
+
+    Tests look for their own servers this way, not for every tritonserver: other servers may be running.
+    """
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmdline and state != "Z":
+            pids.append(int(proc.name))
+    return pids
 
 
 @pytest.fixture(scope="session")

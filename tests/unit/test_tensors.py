@@ -27,7 +27,10 @@ def test_scalar_columns_stack_into_one_tensor() -> None:
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        ({"features": ["a", "b", "s"]}, "Column 's' is string but input tensor 'features' of model 'scorer' is FP32"),
+        (
+            {"features": ["a", "b", "s"]},
+            "Column 's' is string but input tensor 'features' of model 'scorer' is FP32",
+        ),
         ({"features": ["a", "b"]}, r"takes 3 values a row \(shape \['-1', '3'\]\) but 2 column\(s\)"),
         ({"features": ["a", "b", "zz"]}, "Column 'zz' \\(for input tensor 'features'\\) is not in the data"),
         ({"feats": ["a", "b", "c"]}, "needs input tensor\\(s\\) \\['features'\\]"),

@@ -1,0 +1,126 @@
+"""The pipeline run by Airflow itself (``dag.test()``): real tasks, real tritonserver, real DuckDB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pendulum
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from transactions_data import FEATURES, write_transactions
+
+from tests.conftest import MODEL_REPOSITORY, REPO, processes_mentioning
+
+pytestmark = pytest.mark.e2e
+
+LOGICAL_DATE = pendulum.datetime(2026, 11, 21, tz="UTC")
+
+
+@pytest.fixture(scope="module")
+def demo_dag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags["batch_inference_demo"]
+
+
+def register(dag) -> None:
+    """Serialize a DAG that lives outside the DAGs folder, as dag.test() needs."""
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+
+    bag = DagBag(collect_dags=False)
+    bag.bag_dag(dag)
+    sync_bag_to_db(bag, "dags-folder", None)
+
+
+def warehouse() -> Path:
+    from airflow_batch_infer.paths import batch_infer_home
+
+    return batch_infer_home() / "warehouse.duckdb"
+
+
+def partition_counts(table: str) -> dict[str, tuple[int, int]]:
+    with duckdb.connect(str(warehouse()), read_only=True) as con:
+        rows = con.execute(
+            f'SELECT batch_partition, count(*), count(DISTINCT row_id) FROM "{table}" GROUP BY 1 ORDER BY 1'
+        ).fetchall()
+    return {p: (n, distinct) for p, n, distinct in rows}
+
+
+def task_states(dag_run) -> dict[str, list[str]]:
+    states: dict[str, list[str]] = {}
+    for ti in dag_run.get_task_instances():
+        states.setdefault(ti.task_id.split(".")[-1], []).append(str(ti.state))
+    return states
+
+
+def test_every_row_lands_once_and_a_rerun_replaces_its_partition(demo_dag, tmp_path) -> None:
+    rows = 30_000
+    write_transactions(tmp_path / "in", rows, files=3)
+    conf = {"input_path": str(tmp_path / "in"), "chunk_rows": 8_000, "table": "scores_e2e"}
+    first = demo_dag.test(logical_date=LOGICAL_DATE, run_conf=conf)
+    assert first.state == "success", task_states(first)
+    assert task_states(first)["infer"] == ["success"] * 4
+    assert partition_counts("scores_e2e") == {"2026-11-21": (rows, rows)}
+    with duckdb.connect(str(warehouse()), read_only=True) as con:
+        scored = con.execute(
+            "SELECT transaction_id, risk_score FROM scores_e2e ORDER BY transaction_id"
+        ).to_arrow_table()
+        assert con.execute("SELECT count(*) FROM scores_e2e_rejects").fetchone() == (0,)
+    source = pq.read_table(tmp_path / "in").sort_by("transaction_id")
+    assert scored.column("transaction_id").to_pylist() == source.column("transaction_id").to_pylist()
+    assert pc.all(
+        pc.and_(pc.greater(scored.column("risk_score"), 0), pc.less(scored.column("risk_score"), 1))
+    ).as_py()
+
+    again = demo_dag.test(logical_date=LOGICAL_DATE, run_conf=conf)
+    assert again.state == "success", task_states(again)
+    assert partition_counts("scores_e2e") == {"2026-11-21": (rows, rows)}
+
+    other_day = demo_dag.test(logical_date=LOGICAL_DATE, run_conf=conf | {"partition": "2026-11-22"})
+    assert other_day.state == "success", task_states(other_day)
+    assert partition_counts("scores_e2e") == {"2026-11-21": (rows, rows), "2026-11-22": (rows, rows)}
+    assert processes_mentioning(warehouse().parent / "servers") == []
+
+
+def test_a_failing_infer_task_still_stops_the_server(airflow_db, tmp_path) -> None:
+    from airflow.sdk import DAG
+
+    from airflow_batch_infer.task_group import batch_inference
+
+    write_transactions(tmp_path / "in", 9_000, files=1)
+    table = pq.read_table(tmp_path / "in")
+    index = table.schema.get_field_index("f05")
+    broken = table.set_column(index, "f05", pc.cast(table.column("f05"), pa.string()))
+    (tmp_path / "broken").mkdir()
+    pq.write_table(broken, tmp_path / "broken" / "part.parquet")
+
+    with DAG(dag_id="e2e_failing_infer", schedule=None, start_date=LOGICAL_DATE) as dag:
+        batch_inference(
+            source=str(tmp_path / "broken"),
+            model_name="risk_scorer",
+            model_repository=MODEL_REPOSITORY,
+            inputs={"features": FEATURES},
+            table="never_written",
+            chunk_rows=3_000,
+            infer_retries=0,
+            staging_root=str(tmp_path / "staging"),
+            runtime_options={"work_root": str(tmp_path / "servers")},
+            sink_options={"database": str(tmp_path / "w.duckdb")},
+        )
+    register(dag)
+
+    run = dag.test(logical_date=LOGICAL_DATE)
+
+    states = task_states(run)
+    assert run.state == "failed"
+    assert states["infer"] == ["failed"] * 3
+    assert states["persist"] == ["upstream_failed"]
+    assert states["start_server"] == ["success"]
+    assert states["stop_server"] == ["success"]
+    assert processes_mentioning(tmp_path / "servers") == []
+    assert not (tmp_path / "w.duckdb").exists()

@@ -1,0 +1,194 @@
+"""The streaming client and the infer operator against a real tritonserver over real gRPC."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transactions_data import FEATURES, write_transactions
+
+from airflow_batch_infer.client.retry import RetryPolicy
+from airflow_batch_infer.client.sizing import resolve_sizes
+from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, InferenceError, StreamSettings
+from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
+from airflow_batch_infer.hooks.triton import TritonHook
+from airflow_batch_infer.operators.infer import TritonInferenceOperator
+from airflow_batch_infer.staging import Manifest, output_part_path, rejects_part_path, stage_parquet
+
+pytestmark = pytest.mark.integration
+
+MODEL = "risk_scorer"
+# Same ONNX graph, same onnxruntime kernels on both sides; batches of different sizes may round the
+# last bit of a float32 differently.
+ATOL = 1e-6
+
+
+def reference_scores(model_repository: Path, features: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(model_repository / MODEL / "1" / "model.onnx"))
+    return session.run(["probability"], {"features": features})[0][:, 0]
+
+
+def stage(tmp_path: Path, rows: int, chunk_rows: int | None = None) -> Manifest:
+    write_transactions(tmp_path / "in", rows, files=2)
+    return stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=chunk_rows or rows)
+
+
+def streamer(url: str, chunk_path: str, **settings: object) -> ChunkStreamer:
+    hook = TritonHook(url=url)
+    metadata, config = hook.get_model_metadata(MODEL), hook.get_model_config(MODEL)
+    inputs = bind_inputs(
+        {"features": FEATURES}, pq.read_schema(chunk_path), metadata, config["max_batch_size"]
+    )
+    outputs = bind_outputs({"probability": "risk_score"}, metadata, config["max_batch_size"])
+    rows, in_flight = resolve_sizes(
+        config, settings.pop("request_rows", None), settings.pop("max_in_flight", None)
+    )
+    return ChunkStreamer(
+        inputs=inputs,
+        outputs=outputs,
+        settings=StreamSettings(MODEL, request_rows=rows, max_in_flight=in_flight, **settings),
+        row_id_column="row_id",
+        passthrough_columns=["transaction_id"],
+        client_factory=hook.get_async_client,
+    )
+
+
+def run_chunk(s: ChunkStreamer, manifest: Manifest, index: int = 0):
+    chunk = manifest.chunks[index]
+    return s.run(
+        chunk.path, output_part_path(manifest.run_dir, index), rejects_part_path(manifest.run_dir, index)
+    )
+
+
+def test_outputs_equal_the_model_run_directly(triton_server, tmp_path, model_repository) -> None:
+    manifest = stage(tmp_path, 60_000)
+    result = run_chunk(streamer(triton_server.grpc_url, manifest.chunks[0].path), manifest)
+
+    assert (result.rows, result.rows_out, result.rows_rejected) == (60_000, 60_000, 0)
+    outputs = pq.read_table(result.output_path)
+    assert outputs.column_names == ["row_id", "transaction_id", "risk_score"]
+    assert outputs.column("row_id").to_pylist() == list(range(60_000))
+    chunk = pq.read_table(manifest.chunks[0].path)
+    assert outputs.column("transaction_id").equals(chunk.column("transaction_id"))
+    features = np.column_stack([chunk.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
+    expected = reference_scores(model_repository, features)
+    np.testing.assert_allclose(outputs.column("risk_score").to_numpy(), expected, rtol=0, atol=ATOL)
+    assert pq.read_metadata(result.rejects_path).num_rows == 0
+
+
+def test_the_server_batches_concurrent_requests(triton_server, tmp_path) -> None:
+    manifest = stage(tmp_path, 40_000)
+    hook = TritonHook(url=triton_server.grpc_url)
+
+    def counters() -> tuple[int, int]:
+        stats = hook.get_inference_statistics(MODEL)["model_stats"][0]
+        return int(stats["inference_stats"]["success"]["count"]), int(stats["execution_count"])
+
+    requests_before, executions_before = counters()
+    result = run_chunk(
+        streamer(triton_server.grpc_url, manifest.chunks[0].path, request_rows=250, max_in_flight=32),
+        manifest,
+    )
+    requests_after, executions_after = counters()
+
+    assert result.requests == requests_after - requests_before == 160
+    assert executions_after - executions_before < result.requests
+
+
+def test_bad_rows_are_set_aside_with_a_reason_and_the_rest_scored(
+    triton_server, tmp_path, model_repository
+) -> None:
+    rows = 5_000
+    write_transactions(tmp_path / "in", rows, files=1)
+    table = pq.read_table(tmp_path / "in")
+    f03 = table.column("f03").to_numpy().copy()
+    f07 = table.column("f07").to_pylist()
+    f03[[10, 4000]] = [np.nan, np.inf]
+    f07[20] = None
+    table = table.set_column(table.schema.get_field_index("f03"), "f03", pa.array(f03))
+    table = table.set_column(table.schema.get_field_index("f07"), "f07", pa.array(f07, pa.float32()))
+    (tmp_path / "bad").mkdir()
+    pq.write_table(table, tmp_path / "bad" / "part.parquet")
+    manifest = stage_parquet(tmp_path / "bad", tmp_path / "run", chunk_rows=rows)
+
+    result = run_chunk(streamer(triton_server.grpc_url, manifest.chunks[0].path, request_rows=1000), manifest)
+
+    assert (result.rows_out, result.rows_rejected) == (rows - 3, 3)
+    rejects = pq.read_table(result.rejects_path).to_pydict()
+    assert dict(zip(rejects["row_id"], rejects[REASON_COLUMN], strict=True)) == {
+        10: "NaN or infinite value in column 'f03'",
+        20: "null in column 'f07'",
+        4000: "NaN or infinite value in column 'f03'",
+    }
+    assert rejects["transaction_id"] == [10_000_010, 10_000_020, 10_004_000]
+    outputs = pq.read_table(result.output_path)
+    ids = outputs.column("row_id").to_numpy()
+    assert sorted(set(ids) | {10, 20, 4000}) == list(range(rows))
+    features = np.column_stack([table.column(f).to_numpy(zero_copy_only=False) for f in FEATURES])[ids]
+    expected = reference_scores(model_repository, features.astype(np.float32))
+    np.testing.assert_allclose(outputs.column("risk_score").to_numpy(), expected, rtol=0, atol=ATOL)
+
+
+def test_an_unreachable_server_fails_after_retries_and_leaves_no_part(triton_server, tmp_path) -> None:
+    manifest = stage(tmp_path, 2_000)
+    s = streamer(
+        triton_server.grpc_url, manifest.chunks[0].path, retry=RetryPolicy(max_attempts=3, initial_wait=0.05)
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    s.client_factory = TritonHook(url=f"127.0.0.1:{closed_port}").get_async_client
+
+    with pytest.raises(InferenceError, match=r"did not answer .* after 3 attempts .*StatusCode.UNAVAILABLE"):
+        run_chunk(s, manifest)
+    assert not list((Path(manifest.run_dir) / "outputs").iterdir())
+    assert not list((Path(manifest.run_dir) / "rejects").iterdir())
+
+
+def test_the_mapping_is_checked_against_the_served_model(triton_server, tmp_path) -> None:
+    manifest = stage(tmp_path, 100)
+    chunk = manifest.chunks[0].to_dict()
+    operator = TritonInferenceOperator(
+        task_id="infer",
+        chunk=chunk,
+        server=triton_server.to_dict(),
+        model_name=MODEL,
+        inputs={"features": FEATURES[:15]},
+    )
+    with pytest.raises(
+        ContractError, match=r"'features' of model 'risk_scorer' takes 16 values a row .* but 15"
+    ):
+        operator.execute({})
+
+    unknown = TritonInferenceOperator(
+        task_id="infer",
+        chunk=chunk,
+        server=triton_server.to_dict(),
+        model_name="fraud_v9",
+        inputs={"x": "f00"},
+    )
+    with pytest.raises(
+        RuntimeError, match=r"'fraud_v9' .* is not available .* Models in its repository: \[.*'risk_scorer'"
+    ):
+        unknown.execute({})
+
+
+def test_the_operator_scores_its_chunk(triton_server, tmp_path) -> None:
+    manifest = stage(tmp_path, 30_000, chunk_rows=10_000)
+    operator = TritonInferenceOperator(
+        task_id="infer",
+        chunk=manifest.chunks[1].to_dict(),
+        server=triton_server.to_dict(),
+        model_name=MODEL,
+        inputs={"features": FEATURES},
+        outputs={"probability": "risk_score"},
+    )
+    result = operator.execute({})
+    assert (result["index"], result["rows_out"], result["rows_rejected"]) == (1, 10_000, 0)
+    ids = pq.read_table(result["output_path"]).column("row_id").to_pylist()
+    assert ids == list(range(10_000, 20_000))
