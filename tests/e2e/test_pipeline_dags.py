@@ -67,7 +67,7 @@ def test_every_row_lands_once_and_a_rerun_replaces_its_partition(demo_dag, tmp_p
     assert task_states(first)["infer"] == ["success"] * 4
     assert partition_counts("scores_e2e") == {"2026-11-21": (rows, rows)}
     with duckdb.connect(str(warehouse()), read_only=True) as con:
-        scored = con.execute(
+        scored = con.sql(
             "SELECT transaction_id, risk_score FROM scores_e2e ORDER BY transaction_id"
         ).to_arrow_table()
         assert con.execute("SELECT count(*) FROM scores_e2e_rejects").fetchone() == (0,)
