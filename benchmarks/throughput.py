@@ -437,12 +437,14 @@ def drive(args: argparse.Namespace) -> None:
         sizes = {m: resolve_sizes(hook.get_model_config(m), None, None) for m in (MODEL, HEAVY_MODEL)}
         hook.close()
         log(f"default sizes (request rows, in flight): {sizes}")
-        report = run_all(bench, args, chunk, chunks_rss, sizes, batches, concurrencies, repeats, naive256_rows)
+        report = run_all(
+            bench, args, chunk, chunks_rss, sizes, batches, concurrencies, repeats, naive256_rows
+        )
     finally:
         runtime.stop(info)
         shutil.rmtree(work, ignore_errors=True)
     report["wall_s"] = time.monotonic() - wall_started
-    print_report(report, args)
+    print_report(report)
 
 
 def run_all(
@@ -463,26 +465,26 @@ def run_all(
     pa_batches = sorted({*batches, request_rows})
     pa_conc = sorted({*concurrencies, in_flight})
     pa_runs = bench.sweep(MODEL, pa_batches, pa_conc)
+    report["pa_runs"] = pa_runs
     report["pa_best"] = max(pa_runs, key=lambda r: r.rows_per_s)
     # (4) perf_analyzer's CPU at ours's request size and in-flight count.
     report["pa_cpu"] = next(r for r in pa_runs if (r.batch, r.concurrency) == (request_rows, in_flight))
 
-    # (2) ours, best of `repeats` fresh processes.
-    ours = [bench.worker("ours", chunk, MODEL) for _ in range(repeats)]
-    for r in ours:
-        log(f"ours {MODEL}: {r['rows_per_s']:,.0f} rows/s, {r['cpu_run_s']:.2f} s CPU, {r['peak_rss_mb']:.0f} MB")
-    report["ours"] = best(ours)
-
-    # (3) naive baselines, same number of repeats.
-    if not args.skip_naive4096:
-        naive = [bench.worker("naive", chunk, MODEL, "--batch", "4096") for _ in range(repeats)]
-        report["naive4096"] = best(naive)
-        log(f"naive 4096: {report['naive4096']['rows_per_s']:,.0f} rows/s")
-    if not args.skip_naive256:
-        limit = ["--limit", str(naive256_rows)] if naive256_rows < report["rows"] else []
-        naive = [bench.worker("naive", chunk, MODEL, "--batch", "256", *limit) for _ in range(repeats)]
-        report["naive256"] = best(naive)
-        log(f"naive 256: {report['naive256']['rows_per_s']:,.0f} rows/s")
+    # (2) ours and (3) the naive baselines, best of `repeats` fresh processes each, interleaved so that
+    # a busy spell on the shared machine does not fall on one of them only.
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "naive4096": [], "naive256": []}
+    limit256 = ["--limit", str(naive256_rows)] if naive256_rows < report["rows"] else []
+    for _ in range(repeats):
+        runs["ours"].append(bench.worker("ours", chunk, MODEL))
+        if not args.skip_naive4096:
+            runs["naive4096"].append(bench.worker("naive", chunk, MODEL, "--batch", "4096"))
+        if not args.skip_naive256:
+            runs["naive256"].append(bench.worker("naive", chunk, MODEL, "--batch", "256", *limit256))
+    for name, results in runs.items():
+        for r in results:
+            log(f"{name} {MODEL}: {r['rows_per_s']:,.0f} rows/s, {r['cpu_run_s']:.2f} s CPU")
+        if results:
+            report[name] = best(results)
 
     # (5) memory: fresh processes on a small and a large chunk.
     for n, path in chunks_rss.items():
@@ -493,7 +495,9 @@ def run_all(
     # (6) the heavy model: ceiling and ours.
     if not args.skip_heavy:
         heavy_rows, heavy_in_flight = sizes[HEAVY_MODEL]
-        heavy_runs = bench.sweep(HEAVY_MODEL, sorted({*batches, heavy_rows}), sorted({*concurrencies, heavy_in_flight}))
+        heavy_runs = bench.sweep(
+            HEAVY_MODEL, sorted({*batches, heavy_rows}), sorted({*concurrencies, heavy_in_flight})
+        )
         report["heavy_pa_best"] = max(heavy_runs, key=lambda r: r.rows_per_s)
         heavy_chunk = chunk_for(args.heavy_rows) if args.heavy_rows else chunk
         report["heavy_ours"] = best([bench.worker("ours", heavy_chunk, HEAVY_MODEL) for _ in range(repeats)])
@@ -508,58 +512,56 @@ def chunk_rows(path: Path) -> int:
 
 
 def ratio(a: float | None, b: float | None) -> str:
+    """``a / b`` with two decimals; ``nan`` when either is missing."""
     return f"{a / b:.2f}" if a is not None and b else "nan"
 
 
-def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+def print_report(report: dict[str, Any]) -> None:
     """Absolute figures for the record, then the ratio lines."""
     ours, pa_best, pa_cpu = report["ours"], report["pa_best"], report["pa_cpu"]
     naive256, naive4096 = report.get("naive256"), report.get("naive4096")
     cpu_ours = ours["cpu_run_s"] / ours["rows"] * 1e6
-    cpu_pa = pa_cpu.cpu_s / pa_cpu.rows_served * 1e6 if pa_cpu.rows_served else None
+    cpu_pa = pa_cpu.cpu_s / pa_cpu.rows_served * 1e6 if pa_cpu.rows_served else float("nan")
     avg_batch = ours["server_rows"] / ours["server_execs"] if ours["server_execs"] else 0.0
+    sweep = ", ".join(f"b{r.batch}/c{r.concurrency} {r.rows_per_s / 1e6:.2f}M" for r in report["pa_runs"])
     lines = [
-        f"chunk: {report['rows']:,} rows; total wall {report['wall_s']:.0f} s",
-        f"ceiling {MODEL}: perf_analyzer {pa_best.rows_per_s:,.0f} rows/s "
-        f"(-b {pa_best.batch}, concurrency {pa_best.concurrency})",
-        f"ours {MODEL}: {ours['rows_per_s']:,.0f} rows/s ({ours['rows']:,} rows in {ours['seconds']:.2f} s, "
-        f"{ours['request_rows']} rows a request, {ours['max_in_flight']} in flight, {ours['requests']} requests)",
+        f"total wall {report['wall_s']:.0f} s; main chunk {report['rows']:,} rows",
+        f"perf_analyzer {MODEL} sweep (rows/s): {sweep}",
+        f"ceiling {MODEL}: {pa_best.rows_per_s:,.0f} rows/s (-b {pa_best.batch}, c {pa_best.concurrency})",
+        f"ours {MODEL}: {ours['rows_per_s']:,.0f} rows/s ({ours['rows']:,} rows in {ours['seconds']:.2f} s; "
+        f"{ours['request_rows']} rows a request, {ours['max_in_flight']} in flight)",
     ]
     for name, r in (("naive4096", naive4096), ("naive256", naive256)):
         if r:
-            lines.append(f"{name}: {r['rows_per_s']:,.0f} rows/s ({r['rows']:,} rows in {r['seconds']:.2f} s)")
+            lines.append(
+                f"{name}: {r['rows_per_s']:,.0f} rows/s ({r['rows']:,} rows in {r['seconds']:.2f} s)"
+            )
     lines += [
-        f"client CPU per million rows: ours {cpu_ours:.3f} s (run only; whole process "
-        f"{ours['process_cpu_s']:.2f} s for the chunk), perf_analyzer "
-        f"{cpu_pa if cpu_pa is not None else float('nan'):.3f} s "
-        f"(-b {pa_cpu.batch}, concurrency {pa_cpu.concurrency}: {pa_cpu.cpu_s:.2f} s for "
-        f"{pa_cpu.rows_served:,} rows served)",
-        f"server batch during ours: {ours['server_rows']:,} rows in {ours['server_execs']:,} executions",
+        f"client CPU s per million rows: ours {cpu_ours:.3f} (during run(); whole process "
+        f"{ours['process_cpu_s']:.2f} s), perf_analyzer {cpu_pa:.3f} (-b {pa_cpu.batch}, c "
+        f"{pa_cpu.concurrency}: {pa_cpu.cpu_s:.2f} s, {pa_cpu.rows_served:,} rows served)",
+        f"server during ours: {ours['server_rows']:,} rows in {ours['server_execs']:,} executions",
     ]
-    rss = sorted((int(k[4:]), v) for k, v in report.items() if k.startswith("rss_"))
-    for n, r in rss:
-        lines.append(f"ours peak RSS on {n:,} rows: {r['peak_rss_mb']:.0f} MB ({r['rows_per_s']:,.0f} rows/s)")
-    if "heavy_ours" in report:
-        h, hp = report["heavy_ours"], report["heavy_pa_best"]
+    rss = sorted((int(k[4:]), v["peak_rss_mb"]) for k, v in report.items() if k.startswith("rss_"))
+    lines += [f"ours peak RSS (VmHWM) on {n:,} rows: {mb:.0f} MB" for n, mb in rss]
+    heavy, heavy_pa = report.get("heavy_ours"), report.get("heavy_pa_best")
+    if heavy and heavy_pa:
         lines.append(
-            f"ceiling {HEAVY_MODEL}: perf_analyzer {hp.rows_per_s:,.0f} rows/s (-b {hp.batch}, concurrency "
-            f"{hp.concurrency}); ours {h['rows_per_s']:,.0f} rows/s ({h['rows']:,} rows in {h['seconds']:.2f} s)"
+            f"{HEAVY_MODEL}: ceiling {heavy_pa.rows_per_s:,.0f} rows/s (-b {heavy_pa.batch}, c "
+            f"{heavy_pa.concurrency}); ours {heavy['rows_per_s']:,.0f} rows/s ({heavy['rows']:,} rows)"
         )
-    print("\n".join(lines))
-
-    rss_small = rss[0][1]["peak_rss_mb"] if len(rss) == 2 else None
-    rss_large = rss[-1][1]["peak_rss_mb"] if len(rss) == 2 else None
-    heavy = report.get("heavy_ours")
-    print(f"ours/ceiling={ratio(ours['rows_per_s'], pa_best.rows_per_s)}")
-    print(f"ours/naive256={ratio(ours['rows_per_s'], naive256 and naive256['rows_per_s'])}")
-    print(f"ours/naive4096={ratio(ours['rows_per_s'], naive4096 and naive4096['rows_per_s'])}")
-    print(f"cpu_ours/cpu_pa={ratio(cpu_ours, cpu_pa)}")
-    print(f"rss_10m/1m={ratio(rss_large, rss_small)}")
-    print(f"rss_10m_mb={rss_large:.0f}" if rss_large is not None else "rss_10m_mb=nan")
-    heavy_ceiling = report["heavy_pa_best"].rows_per_s if heavy else None
-    print(f"heavy_ours/ceiling={ratio(heavy and heavy['rows_per_s'], heavy_ceiling)}")
-    print(f"server_avg_batch={avg_batch:.0f}")
-    sys.stdout.flush()
+    rss_small, rss_large = (rss[0][1], rss[-1][1]) if len(rss) == 2 else (None, None)
+    lines += [
+        f"ours/ceiling={ratio(ours['rows_per_s'], pa_best.rows_per_s)}",
+        f"ours/naive256={ratio(ours['rows_per_s'], naive256 and naive256['rows_per_s'])}",
+        f"ours/naive4096={ratio(ours['rows_per_s'], naive4096 and naive4096['rows_per_s'])}",
+        f"cpu_ours/cpu_pa={ratio(cpu_ours, cpu_pa)}",
+        f"rss_10m/1m={ratio(rss_large, rss_small)}",
+        f"rss_10m_mb={rss_large:.0f}" if rss_large is not None else "rss_10m_mb=nan",
+        f"heavy_ours/ceiling={ratio(heavy and heavy['rows_per_s'], heavy_pa and heavy_pa.rows_per_s)}",
+        f"server_avg_batch={avg_batch:.0f}",
+    ]
+    print("\n".join(lines), flush=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -15,6 +18,8 @@ from tenacity import (
     wait_random,
 )
 from tritonclient.utils import InferenceServerException
+
+T = TypeVar("T")
 
 # The server is away, overloaded or slow: the same request may well succeed later.
 TRANSIENT_STATUSES = frozenset(
@@ -47,7 +52,7 @@ class RetryPolicy:
 
     :param max_attempts: attempts per request, the first included.
     :param max_delay: give up on a request after this many seconds of retrying.
-    :param initial_wait: first backoff, in seconds; it doubles with jitter.
+    :param initial_wait: first backoff, in seconds; it doubles, with jitter.
     :param max_wait: longest single backoff, in seconds.
     """
 
@@ -56,26 +61,58 @@ class RetryPolicy:
     initial_wait: float = 0.5
     max_wait: float = 20.0
 
-    def retrying(self, logger: logging.Logger, what: str) -> AsyncRetrying:
-        """A tenacity loop that retries transient errors only and logs each retry with its cause."""
+    async def call(
+        self,
+        request: Callable[[], Awaitable[T]],
+        logger: logging.Logger,
+        what: str,
+        on_retry: Callable[[], None] | None = None,
+    ) -> T:
+        """Await ``request()``, retrying transient errors with backoff; other errors pass through at once.
 
-        def log_retry(state: RetryCallState) -> None:
+        The first attempt runs outside tenacity, so that the requests that succeed (nearly all of them)
+        pay nothing for the retry machinery.
+
+        :param request: makes and awaits one attempt.
+        :param logger: where each retry is logged, with its cause.
+        :param what: the request, as the log should name it.
+        :param on_retry: called before each retry (to count them).
+        """
+        try:
+            return await request()
+        except InferenceServerException as error:
+            if not is_transient(error) or self.max_attempts <= 1:
+                raise
+            self._log_retry(logger, what, 1, error, self.initial_wait)
+        if on_retry:
+            on_retry()
+        await asyncio.sleep(self.initial_wait)
+
+        def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
-            logger.warning(
-                "%s failed (attempt %d of %d): %s; retrying in %.1f s",
-                what,
-                state.attempt_number,
-                self.max_attempts,
-                error,
-                wait,
-            )
+            self._log_retry(logger, what, state.attempt_number + 1, error, wait)
+            if on_retry:
+                on_retry()
 
-        return AsyncRetrying(
+        retrying = AsyncRetrying(
             retry=retry_if_exception(is_transient),
-            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_delay),
-            wait=wait_exponential(multiplier=self.initial_wait, max=self.max_wait)
+            stop=stop_after_attempt(self.max_attempts - 1) | stop_after_delay(self.max_delay),
+            wait=wait_exponential(multiplier=self.initial_wait * 2, max=self.max_wait)
             + wait_random(0, self.initial_wait),
-            before_sleep=log_retry,
+            before_sleep=before_sleep,
             reraise=True,
+        )
+        return await retrying(request)
+
+    def _log_retry(
+        self, logger: logging.Logger, what: str, attempt: int, error: BaseException | None, wait: float
+    ) -> None:
+        logger.warning(
+            "%s failed (attempt %d of %d): %s; retrying in %.1f s",
+            what,
+            attempt,
+            self.max_attempts,
+            error,
+            wait,
         )

@@ -17,14 +17,15 @@ def instance_count(config: Mapping[str, Any]) -> int:
 
 
 def default_request_rows(config: Mapping[str, Any]) -> int:
-    """Rows per request: the smallest preferred batch size, else ``max_batch_size``.
+    """Rows per request: the largest preferred batch size, else ``max_batch_size``.
 
-    Requests of a preferred size let the dynamic batcher form full batches from few requests, while
-    several of them stay in flight.
+    Each request then is a batch the model runs well as it is, and the fixed cost of a request (on the
+    client and in the server) is paid as few times as possible; the requests kept in flight keep every
+    instance busy.
     """
     max_batch = int(config.get("max_batch_size") or 0)
     preferred = [int(s) for s in (config.get("dynamic_batching") or {}).get("preferred_batch_size", [])]
-    rows = min(preferred) if preferred else max_batch
+    rows = max(preferred) if preferred else max_batch
     return max(1, min(rows, max_batch) if max_batch else rows)
 
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.client.retry import RetryPolicy, error_status, is_bad_input, is_transient
 from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding, encode_batch
-from airflow_batch_infer.staging import atomic_target
+from airflow_batch_infer.staging import atomic_target, open_parquet, parquet_writer
 
 REASON_COLUMN = "reject_reason"
 WRITE_ROWS = 262_144  # rows per output row group: large groups encode and read fast
@@ -172,7 +172,7 @@ class ChunkStreamer:
 
     async def _run(self, chunk_path: Path, output_path: Path, rejects_path: Path, index: int) -> ChunkResult:
         started = time.monotonic()
-        parquet = pq.ParquetFile(chunk_path)
+        parquet = open_parquet(chunk_path)
         total = parquet.metadata.num_rows
         needed = [self.row_id_column, *self.passthrough_columns]
         needed += [c for c in self.input_columns if c not in needed]
@@ -186,8 +186,8 @@ class ChunkStreamer:
         rej_schema = pa.schema([reject_fields[0], pa.field(REASON_COLUMN, pa.string()), *reject_fields[1:]])
 
         out_tmp, rej_tmp = atomic_target(output_path), atomic_target(rejects_path)
-        out_writer = pq.ParquetWriter(out_tmp, out_schema)
-        rej_writer = pq.ParquetWriter(rej_tmp, rej_schema)
+        out_writer = parquet_writer(out_tmp, out_schema)
+        rej_writer = parquet_writer(rej_tmp, rej_schema)
         rows_out = rows_rejected = 0
         try:
             async with self.client_factory() as client:
@@ -238,7 +238,8 @@ class ChunkStreamer:
         index: int,
     ) -> tuple[int, int]:
         settings = self.settings
-        batches = parquet.iter_batches(batch_size=settings.request_rows, columns=columns)
+        # One decoding thread: the server needs the other cores more than the reader does.
+        batches = parquet.iter_batches(batch_size=settings.request_rows, columns=columns, use_threads=True)
         window = asyncio.Semaphore(settings.max_in_flight)
         ordered: asyncio.Queue[asyncio.Task[_Piece] | None] = asyncio.Queue(maxsize=settings.max_in_flight)
 
@@ -380,19 +381,22 @@ class ChunkStreamer:
             infer_inputs.append(item)
         requested = [InferRequestedOutput(b.tensor) for b in self.outputs]
         what = f"request of {len(next(iter(tensors.values()))):,} rows to model {settings.model_name!r}"
+
+        def request() -> Awaitable[Any]:
+            return client.infer(
+                settings.model_name,
+                infer_inputs,
+                model_version=settings.model_version,
+                outputs=requested,
+                client_timeout=settings.request_timeout,
+                headers=self.headers,
+            )
+
+        def count_retry() -> None:
+            self.retries += 1
+
         try:
-            async for attempt in settings.retry.retrying(self.log, what):
-                with attempt:
-                    if attempt.retry_state.attempt_number > 1:
-                        self.retries += 1
-                    result = await client.infer(
-                        settings.model_name,
-                        infer_inputs,
-                        model_version=settings.model_version,
-                        outputs=requested,
-                        client_timeout=settings.request_timeout,
-                        headers=self.headers,
-                    )
+            result = await settings.retry.call(request, self.log, what, count_retry)
         except InferenceServerException as error:
             if is_transient(error):
                 raise InferenceError(

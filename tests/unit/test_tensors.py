@@ -94,7 +94,7 @@ def test_request_sizes_default_from_the_model_config() -> None:
         "dynamic_batching": {"preferred_batch_size": [4096, 8192]},
         "instance_group": [{"count": 2}],
     }
-    assert resolve_sizes(config, None, "") == (4096, 8)
+    assert resolve_sizes(config, None, "") == (8192, 4)
     assert resolve_sizes(config, "1024", "3") == (1024, 3)
     assert resolve_sizes({"max_batch_size": 64}, None, None) == (64, 2)
     with pytest.raises(ValueError, match="larger than the model's max_batch_size=8192"):
