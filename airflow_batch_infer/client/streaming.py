@@ -9,10 +9,11 @@ the size of the chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.client.retry import RetryPolicy, error_status, is_bad_input, is_transient
+from airflow_batch_infer.client.shared_memory import (
+    SharedMemoryPool,
+    Slot,
+    server_is_local,
+    supports_shared_memory,
+)
 from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding, encode_batch
 from airflow_batch_infer.staging import atomic_target, open_parquet, parquet_writer
 
@@ -47,6 +54,8 @@ class StreamSettings:
     :param request_timeout: seconds one request may take before it counts as a transient failure.
     :param retry: retry policy for transient failures.
     :param progress_interval: seconds between progress lines in the task log.
+    :param shared_memory: pass tensors through Triton system shared memory: ``"auto"`` when the server
+        is on this host (falling back to gRPC if it cannot map the regions), ``"on"`` or ``"off"``.
     """
 
     model_name: str
@@ -56,6 +65,11 @@ class StreamSettings:
     request_timeout: float | None = 120.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress_interval: float = 10.0
+    shared_memory: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.shared_memory not in ("auto", "on", "off"):
+            raise ValueError(f"shared_memory must be 'auto', 'on' or 'off', not {self.shared_memory!r}.")
 
 
 @dataclass
@@ -71,6 +85,7 @@ class ChunkResult:
     :param seconds: wall time of the chunk.
     :param requests: gRPC requests that succeeded.
     :param retries: requests retried after a transient failure.
+    :param shared_memory: whether tensors went through system shared memory.
     """
 
     index: int
@@ -82,6 +97,7 @@ class ChunkResult:
     seconds: float
     requests: int = 0
     retries: int = 0
+    shared_memory: bool = False
 
     @property
     def rows_per_second(self) -> float:
@@ -117,13 +133,13 @@ def _output_array(values: np.ndarray, binding: OutputBinding) -> pa.Array:
 class ChunkStreamer:
     """Streams one chunk through a Triton model and writes its output and rejects parts.
 
-    :param url: gRPC endpoint ``host:port``.
     :param inputs: checked input bindings.
     :param outputs: checked output bindings.
     :param settings: request size, concurrency, timeouts and retries.
     :param row_id_column: column identifying each row; copied to outputs and rejects.
     :param passthrough_columns: input columns copied unchanged to the outputs.
     :param client_factory: makes the asyncio gRPC client (inside the event loop).
+    :param url: the server's ``host:port``, to tell whether shared memory can be used.
     :param headers: headers sent with every request.
     :param logger: where progress and retries are logged.
     """
@@ -137,6 +153,7 @@ class ChunkStreamer:
         row_id_column: str,
         passthrough_columns: Sequence[str] = (),
         client_factory: Any,
+        url: str | None = None,
         headers: dict[str, str] | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -146,10 +163,14 @@ class ChunkStreamer:
         self.row_id_column = row_id_column
         self.passthrough_columns = [c for c in passthrough_columns if c != row_id_column]
         self.client_factory = client_factory
+        self.url = url
         self.headers = headers
         self.log = logger or logging.getLogger(__name__)
         self.requests = 0
         self.retries = 0
+        self._client: aioclient.InferenceServerClient | None = None
+        self._pool: SharedMemoryPool | None = None
+        self._pool_used = False
 
     @property
     def input_columns(self) -> list[str]:
@@ -190,20 +211,25 @@ class ChunkStreamer:
         rej_writer = parquet_writer(rej_tmp, rej_schema)
         rows_out = rows_rejected = 0
         try:
-            async with self.client_factory() as client:
+            async with self.client_factory() as client, contextlib.AsyncExitStack() as stack:
+                self._client = client
+                self._pool = await self._open_pool(client, stack)
+                self._pool_used = self._pool is not None
                 rows_out, rows_rejected = await self._stream(
-                    client, parquet, needed, out_writer, rej_writer, out_schema, rej_schema, total, index
+                    parquet, needed, out_writer, rej_writer, out_schema, rej_schema, total, index
                 )
             out_writer.close()
             rej_writer.close()
             os.replace(out_tmp, output_path)
             os.replace(rej_tmp, rejects_path)
         finally:
+            self._client = self._pool = None
             for writer in (out_writer, rej_writer):
                 if writer.is_open:
                     writer.close()
             for tmp in (out_tmp, rej_tmp):
                 tmp.unlink(missing_ok=True)
+        shared_memory = self._pool_used
         return ChunkResult(
             index=index,
             rows=total,
@@ -214,7 +240,43 @@ class ChunkStreamer:
             seconds=time.monotonic() - started,
             requests=self.requests,
             retries=self.retries,
+            shared_memory=shared_memory,
         )
+
+    async def _open_pool(
+        self, client: aioclient.InferenceServerClient, stack: contextlib.AsyncExitStack
+    ) -> SharedMemoryPool | None:
+        """Shared memory slots for the requests in flight, when asked for and possible; else ``None``."""
+        mode = self.settings.shared_memory
+        if mode == "off" or not supports_shared_memory(self.inputs, self.outputs):
+            if mode == "on":
+                raise InferenceError(
+                    "shared_memory='on' needs fixed-size tensors; this model has BYTES ones."
+                )
+            return None
+        if mode == "auto" and not (self.url and server_is_local(self.url)):
+            return None
+        pool = SharedMemoryPool(
+            client,
+            self.inputs,
+            self.outputs,
+            self.settings.request_rows,
+            self.settings.max_in_flight,
+            self.headers,
+        )
+        try:
+            return await stack.enter_async_context(pool)
+        except (InferenceServerException, OSError) as error:
+            if mode == "on":
+                raise InferenceError(
+                    f"Cannot use system shared memory with the server at {self.url}: {error}"
+                ) from error
+            self.log.warning(
+                "Could not set up system shared memory with the server at %s (%s); sending tensors by gRPC.",
+                self.url,
+                error,
+            )
+            return None
 
     @staticmethod
     def _output_field(binding: OutputBinding) -> pa.Field:
@@ -227,7 +289,6 @@ class ChunkStreamer:
 
     async def _stream(
         self,
-        client: aioclient.InferenceServerClient,
         parquet: pq.ParquetFile,
         columns: list[str],
         out_writer: pq.ParquetWriter,
@@ -237,9 +298,9 @@ class ChunkStreamer:
         total: int,
         index: int,
     ) -> tuple[int, int]:
+        """Read ahead, keep ``max_in_flight`` requests outstanding, write completed pieces in row order."""
         settings = self.settings
-        # One decoding thread: the server needs the other cores more than the reader does.
-        batches = parquet.iter_batches(batch_size=settings.request_rows, columns=columns, use_threads=True)
+        batches = parquet.iter_batches(batch_size=settings.request_rows, columns=columns)
         window = asyncio.Semaphore(settings.max_in_flight)
         ordered: asyncio.Queue[asyncio.Task[_Piece] | None] = asyncio.Queue(maxsize=settings.max_in_flight)
 
@@ -251,39 +312,32 @@ class ChunkStreamer:
                     break
                 read = asyncio.create_task(asyncio.to_thread(next, batches, None))
                 await window.acquire()
-                task = asyncio.create_task(self._infer_batch(client, batch))
+                task = asyncio.create_task(self._infer_batch(batch))
                 task.add_done_callback(lambda _t: window.release())
                 await ordered.put(task)
             await ordered.put(None)
 
+        out = _PartBuffer(out_writer, out_schema)
+        rej = _PartBuffer(rej_writer, rej_schema)
         producer = asyncio.create_task(produce())
-        rows_out = rows_rejected = 0
-        pending_out: list[pa.RecordBatch] = []
-        pending_rej: list[pa.RecordBatch] = []
         started = last_log = time.monotonic()
         try:
-            while True:
-                task = await ordered.get()
-                if task is None:
-                    break
+            while (task := await ordered.get()) is not None:
                 piece = await task
                 if piece.kept.num_rows:
-                    arrays = list(piece.kept.columns)
-                    arrays += [_output_array(piece.outputs[b.tensor], b) for b in self.outputs]
-                    pending_out.append(pa.RecordBatch.from_arrays(arrays, schema=out_schema))
-                    rows_out += piece.kept.num_rows
+                    arrays = [
+                        *piece.kept.columns,
+                        *(_output_array(piece.outputs[b.tensor], b) for b in self.outputs),
+                    ]
+                    await out.add(pa.RecordBatch.from_arrays(arrays, schema=out_schema))
                 if piece.rejected.num_rows:
-                    arrays = [piece.rejected.column(0), pa.array(piece.reasons, type=pa.string())]
-                    arrays += [piece.rejected.column(i) for i in range(1, piece.rejected.num_columns)]
-                    pending_rej.append(pa.RecordBatch.from_arrays(arrays, schema=rej_schema))
-                    rows_rejected += piece.rejected.num_rows
-                if sum(b.num_rows for b in pending_out) >= WRITE_ROWS:
-                    await asyncio.to_thread(out_writer.write_table, pa.Table.from_batches(pending_out))
-                    pending_out = []
+                    columns_ = piece.rejected.columns
+                    arrays = [columns_[0], pa.array(piece.reasons, type=pa.string()), *columns_[1:]]
+                    await rej.add(pa.RecordBatch.from_arrays(arrays, schema=rej_schema))
                 now = time.monotonic()
                 if now - last_log >= settings.progress_interval:
                     last_log = now
-                    self._log_progress(index, rows_out + rows_rejected, total, rows_rejected, now - started)
+                    self._log_progress(index, out.rows + rej.rows, total, rej.rows, now - started)
             await producer
         except BaseException:
             producer.cancel()
@@ -292,12 +346,10 @@ class ChunkStreamer:
                 if leftover is not None:
                     leftover.cancel()
             raise
-        if pending_out:
-            out_writer.write_table(pa.Table.from_batches(pending_out))
-        if pending_rej:
-            rej_writer.write_table(pa.Table.from_batches(pending_rej))
-        self._log_progress(index, rows_out + rows_rejected, total, rows_rejected, time.monotonic() - started)
-        return rows_out, rows_rejected
+        await out.flush()
+        await rej.flush()
+        self._log_progress(index, out.rows + rej.rows, total, rej.rows, time.monotonic() - started)
+        return out.rows, rej.rows
 
     def _log_progress(self, index: int, done: int, total: int, rejected: int, seconds: float) -> None:
         rate = done / seconds if seconds > 0 else 0.0
@@ -314,7 +366,8 @@ class ChunkStreamer:
             self.retries,
         )
 
-    async def _infer_batch(self, client: aioclient.InferenceServerClient, batch: pa.RecordBatch) -> _Piece:
+    async def _infer_batch(self, batch: pa.RecordBatch) -> _Piece:
+        """Encode one record batch, send its good rows, and sort every row into kept or rejected."""
         tensors, good, reasons = encode_batch(batch, self.inputs)
         id_and_pass = batch.select([self.row_id_column, *self.passthrough_columns])
         if good.all():
@@ -327,7 +380,12 @@ class ChunkStreamer:
             rejected = batch.take(pa.array(bad_idx))
             reject_reasons = [reasons[i] or "invalid row" for i in bad_idx]
             tensors = {name: values[kept_idx] for name, values in tensors.items()}
-        outputs, failed = await self._infer_rows(client, tensors, np.arange(len(kept_idx)))
+        slot = await self._pool.acquire() if self._pool else None
+        try:
+            outputs, failed = await self._infer_rows(tensors, np.arange(len(kept_idx)), slot)
+        finally:
+            if slot is not None:
+                self._pool.release(slot)
         if failed:
             failed_pos = np.array(sorted(failed), dtype=np.int64)
             keep_mask = np.ones(len(kept_idx), dtype=bool)
@@ -341,7 +399,7 @@ class ChunkStreamer:
         return _Piece(kept=kept, outputs=outputs, rejected=rejected, reasons=reject_reasons)
 
     async def _infer_rows(
-        self, client: aioclient.InferenceServerClient, tensors: dict[str, np.ndarray], positions: np.ndarray
+        self, tensors: dict[str, np.ndarray], positions: np.ndarray, slot: Slot | None
     ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """Infer ``positions`` of ``tensors``; a request refused as bad input is split until the bad rows
         are found. Returns outputs for the rows that succeeded (in order) and, for the others, the reason.
@@ -351,15 +409,15 @@ class ChunkStreamer:
         everything = len(positions) == len(next(iter(tensors.values())))
         rows = tensors if everything else {name: values[positions] for name, values in tensors.items()}
         try:
-            return await self._request(client, rows), {}
+            return await self._request(rows, slot), {}
         except InferenceServerException as error:
             if not is_bad_input(error):
                 raise
             if len(positions) == 1:
                 return self._no_outputs(), {int(positions[0]): f"refused by the server: {error.message()}"}
         half = len(positions) // 2
-        left_out, left_failed = await self._infer_rows(client, tensors, positions[:half])
-        right_out, right_failed = await self._infer_rows(client, tensors, positions[half:])
+        left_out, left_failed = await self._infer_rows(tensors, positions[:half], slot)
+        right_out, right_failed = await self._infer_rows(tensors, positions[half:], slot)
         merged = {name: np.concatenate([left_out[name], right_out[name]]) for name in left_out}
         return merged, {**left_failed, **right_failed}
 
@@ -369,21 +427,24 @@ class ChunkStreamer:
             for b in self.outputs
         }
 
-    async def _request(
-        self, client: aioclient.InferenceServerClient, tensors: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        settings = self.settings
-        infer_inputs = []
-        for binding in self.inputs:
-            values = tensors[binding.tensor]
-            item = InferInput(binding.tensor, list(values.shape), binding.datatype)
-            item.set_data_from_numpy(values)
-            infer_inputs.append(item)
-        requested = [InferRequestedOutput(b.tensor) for b in self.outputs]
-        what = f"request of {len(next(iter(tensors.values()))):,} rows to model {settings.model_name!r}"
+    async def _request(self, tensors: dict[str, np.ndarray], slot: Slot | None) -> dict[str, np.ndarray]:
+        """One request, retried on transient errors; tensors go in ``slot`` when shared memory is on."""
+        settings, client = self.settings, self._client
+        rows = len(next(iter(tensors.values())))
+        if slot is not None:
+            infer_inputs, requested = self._pool.request(slot, tensors)
+        else:
+            infer_inputs = []
+            for binding in self.inputs:
+                values = tensors[binding.tensor]
+                item = InferInput(binding.tensor, list(values.shape), binding.datatype)
+                item.set_data_from_numpy(values)
+                infer_inputs.append(item)
+            requested = [InferRequestedOutput(b.tensor) for b in self.outputs]
+        what = f"request of {rows:,} rows to model {settings.model_name!r}"
 
-        def request() -> Awaitable[Any]:
-            return client.infer(
+        async def request() -> Any:
+            return await client.infer(
                 settings.model_name,
                 infer_inputs,
                 model_version=settings.model_version,
@@ -408,4 +469,30 @@ class ChunkStreamer:
                 raise
             raise InferenceError(f"Model {settings.model_name!r} failed a {what}: {error}") from error
         self.requests += 1
+        if slot is not None:
+            return self._pool.outputs_of(slot, rows)
         return {b.tensor: result.as_numpy(b.tensor) for b in self.outputs}
+
+
+class _PartBuffer:
+    """Record batches waiting to be written to a part file, flushed in large row groups."""
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema) -> None:
+        self.writer = writer
+        self.schema = schema
+        self.rows = 0
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+
+    async def add(self, batch: pa.RecordBatch) -> None:
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        self.rows += batch.num_rows
+        if self._pending_rows >= WRITE_ROWS:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._pending:
+            table = pa.Table.from_batches(self._pending, schema=self.schema)
+            self._pending, self._pending_rows = [], 0
+            await asyncio.to_thread(self.writer.write_table, table)

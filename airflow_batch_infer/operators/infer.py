@@ -45,6 +45,8 @@ class TritonInferenceOperator(BaseOperator):
     :param request_timeout: seconds per request before it counts as a transient failure.
     :param retry_attempts: attempts per request on transient failures (server away, overloaded).
     :param progress_interval: seconds between progress lines in the log.
+    :param shared_memory: pass tensors through Triton system shared memory: ``auto`` (when the server is
+        on this host), ``on`` or ``off``.
     """
 
     template_fields: Sequence[str] = (
@@ -54,6 +56,7 @@ class TritonInferenceOperator(BaseOperator):
         "model_version",
         "request_rows",
         "max_in_flight",
+        "shared_memory",
     )
     ui_color = "#d6f5c9"
 
@@ -73,6 +76,7 @@ class TritonInferenceOperator(BaseOperator):
         request_timeout: float = 120.0,
         retry_attempts: int = 6,
         progress_interval: float = 10.0,
+        shared_memory: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -89,6 +93,7 @@ class TritonInferenceOperator(BaseOperator):
         self.request_timeout = request_timeout
         self.retry_attempts = retry_attempts
         self.progress_interval = progress_interval
+        self.shared_memory = shared_memory
 
     def _url(self) -> str | None:
         if isinstance(self.server, Mapping):
@@ -135,6 +140,7 @@ class TritonInferenceOperator(BaseOperator):
             request_timeout=self.request_timeout,
             retry=RetryPolicy(max_attempts=self.retry_attempts),
             progress_interval=self.progress_interval,
+            shared_memory=self.shared_memory,
         )
         self.log.info(
             "Chunk %d: %s rows from %s to model %r at %s, %d rows a request, %d requests in flight",
@@ -153,6 +159,7 @@ class TritonInferenceOperator(BaseOperator):
             row_id_column=manifest.row_id_column,
             passthrough_columns=self.passthrough_columns,
             client_factory=hook.get_async_client,
+            url=hook.url,
             headers=hook.headers,
             logger=self.log,
         )
@@ -163,12 +170,13 @@ class TritonInferenceOperator(BaseOperator):
             descriptor.index,
         )
         self.log.info(
-            "Chunk %d done: %s rows scored, %s set aside, %.1f s, %s rows/s; outputs in %s",
+            "Chunk %d done: %s rows scored, %s set aside, %.1f s, %s rows/s (tensors via %s); outputs in %s",
             result.index,
             f"{result.rows_out:,}",
             f"{result.rows_rejected:,}",
             result.seconds,
             f"{result.rows_per_second:,.0f}",
+            "shared memory" if result.shared_memory else "gRPC",
             result.output_path,
         )
         return result.to_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def streamer(url: str, chunk_path: str, **settings: object) -> ChunkStreamer:
         row_id_column="row_id",
         passthrough_columns=["transaction_id"],
         client_factory=hook.get_async_client,
+        url=url,
     )
 
 
@@ -65,11 +67,19 @@ def run_chunk(s: ChunkStreamer, manifest: Manifest, index: int = 0):
     )
 
 
-def test_outputs_equal_the_model_run_directly(triton_server, tmp_path, model_repository) -> None:
+@pytest.mark.parametrize("shared_memory", ["on", "off"])
+def test_outputs_equal_the_model_run_directly(
+    triton_server, tmp_path, model_repository, shared_memory
+) -> None:
     manifest = stage(tmp_path, 60_000)
-    result = run_chunk(streamer(triton_server.grpc_url, manifest.chunks[0].path), manifest)
+    s = streamer(
+        triton_server.grpc_url, manifest.chunks[0].path, shared_memory=shared_memory, request_rows=4096
+    )
+    result = run_chunk(s, manifest)
 
     assert (result.rows, result.rows_out, result.rows_rejected) == (60_000, 60_000, 0)
+    assert result.shared_memory is (shared_memory == "on")
+    assert not list(Path("/dev/shm").glob(f"abi_{os.getpid()}_*")), "shared memory regions left behind"
     outputs = pq.read_table(result.output_path)
     assert outputs.column_names == ["row_id", "transaction_id", "risk_score"]
     assert outputs.column("row_id").to_pylist() == list(range(60_000))

@@ -1,0 +1,186 @@
+"""Triton system shared memory for a server on the same host: tensors skip gRPC serialisation.
+
+Each request in flight owns one slot: an input region and an output region, registered with the
+server once per chunk. The client copies a request's tensors into its slot and sends only references;
+the server writes the outputs into the slot. Regions are unregistered and unlinked when the chunk ends,
+whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc.aio as aioclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding
+
+log = logging.getLogger(__name__)
+
+
+def server_is_local(url: str) -> bool:
+    """Whether ``host:port`` points at this machine (loopback, or one of this host's own names)."""
+    host = url.rsplit(":", 1)[0].strip("[]")
+    if host in {"localhost", socket.gethostname(), socket.getfqdn()}:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def supports_shared_memory(inputs: Sequence[InputBinding], outputs: Sequence[OutputBinding]) -> bool:
+    """Shared memory needs fixed-size tensors: no BYTES, no variable widths."""
+    bindings = [*inputs, *outputs]
+    return all(b.datatype != "BYTES" and b.width > 0 for b in bindings)
+
+
+@dataclass
+class _Region:
+    name: str
+    handle: object
+    byte_size: int
+
+
+@dataclass
+class Slot:
+    """The shared memory of one request in flight: one region for its inputs, one for its outputs."""
+
+    inputs: _Region
+    outputs: _Region
+    input_offsets: dict[str, int] = field(default_factory=dict)
+    output_offsets: dict[str, int] = field(default_factory=dict)
+
+
+class SharedMemoryPool:
+    """Slots of system shared memory registered with the server for the length of one chunk.
+
+    :param client: the asyncio gRPC client (registration goes through it).
+    :param inputs: input bindings (fixed-size datatypes only).
+    :param outputs: output bindings (fixed-size datatypes only).
+    :param rows: most rows one request carries.
+    :param slots: requests in flight at once.
+    :param headers: headers sent with the registration calls.
+    """
+
+    def __init__(
+        self,
+        client: aioclient.InferenceServerClient,
+        inputs: Sequence[InputBinding],
+        outputs: Sequence[OutputBinding],
+        rows: int,
+        slots: int,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.client = client
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.rows = rows
+        self.slot_count = slots
+        self.headers = headers
+        self._free: asyncio.Queue[Slot] = asyncio.Queue()
+        self._regions: list[_Region] = []
+        self._prefix = f"abi_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+    @staticmethod
+    def _row_bytes(binding: InputBinding | OutputBinding) -> int:
+        return binding.width * np.dtype(TRITON_NUMPY[binding.datatype]).itemsize
+
+    async def _region(self, name: str, byte_size: int) -> _Region:
+        handle = shm.create_shared_memory_region(name, f"/{name}", byte_size, create_only=True)
+        region = _Region(name, handle, byte_size)
+        self._regions.append(region)
+        await self.client.register_system_shared_memory(name, f"/{name}", byte_size, headers=self.headers)
+        return region
+
+    async def __aenter__(self) -> SharedMemoryPool:
+        try:
+            for i in range(self.slot_count):
+                slot = Slot(
+                    inputs=await self._region(
+                        f"{self._prefix}_in{i}", sum(self._row_bytes(b) for b in self.inputs) * self.rows
+                    ),
+                    outputs=await self._region(
+                        f"{self._prefix}_out{i}", sum(self._row_bytes(b) for b in self.outputs) * self.rows
+                    ),
+                )
+                offset = 0
+                for b in self.inputs:
+                    slot.input_offsets[b.tensor] = offset
+                    offset += self._row_bytes(b) * self.rows
+                offset = 0
+                for b in self.outputs:
+                    slot.output_offsets[b.tensor] = offset
+                    offset += self._row_bytes(b) * self.rows
+                self._free.put_nowait(slot)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Unregister every region from the server and unlink it here."""
+        for region in self._regions:
+            try:
+                await self.client.unregister_system_shared_memory(region.name, headers=self.headers)
+            except (InferenceServerException, asyncio.CancelledError, OSError) as error:
+                log.warning("Could not unregister shared memory region %s: %s", region.name, error)
+            try:
+                shm.destroy_shared_memory_region(region.handle)
+            except Exception as error:  # a region that cannot be unlinked must not hide the real error
+                log.warning("Could not remove shared memory region %s: %s", region.name, error)
+        self._regions.clear()
+
+    async def acquire(self) -> Slot:
+        return await self._free.get()
+
+    def release(self, slot: Slot) -> None:
+        self._free.put_nowait(slot)
+
+    def request(
+        self, slot: Slot, tensors: dict[str, np.ndarray]
+    ) -> tuple[list[InferInput], list[InferRequestedOutput]]:
+        """Copy ``tensors`` into ``slot`` and return inputs and outputs that point at it."""
+        infer_inputs = []
+        rows = 0
+        for binding in self.inputs:
+            values = np.ascontiguousarray(tensors[binding.tensor])
+            rows = values.shape[0]
+            offset = slot.input_offsets[binding.tensor]
+            shm.set_shared_memory_region(slot.inputs.handle, [values], offset=offset)
+            item = InferInput(binding.tensor, list(values.shape), binding.datatype)
+            item.set_shared_memory(slot.inputs.name, values.nbytes, offset=offset)
+            infer_inputs.append(item)
+        requested = []
+        for binding in self.outputs:
+            item = InferRequestedOutput(binding.tensor)
+            item.set_shared_memory(
+                slot.outputs.name, rows * self._row_bytes(binding), offset=slot.output_offsets[binding.tensor]
+            )
+            requested.append(item)
+        return infer_inputs, requested
+
+    def outputs_of(self, slot: Slot, rows: int) -> dict[str, np.ndarray]:
+        """Copy the outputs of the request that just completed out of ``slot``."""
+        return {
+            b.tensor: shm.get_contents_as_numpy(
+                slot.outputs.handle,
+                np.dtype(TRITON_NUMPY[b.datatype]),
+                [rows, b.width],
+                offset=slot.output_offsets[b.tensor],
+            ).copy()
+            for b in self.outputs
+        }
