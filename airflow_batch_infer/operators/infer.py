@@ -47,6 +47,7 @@ class TritonInferenceOperator(BaseOperator):
     :param progress_interval: seconds between progress lines in the log.
     :param shared_memory: pass tensors through Triton system shared memory: ``auto`` (when the server is
         on this host), ``on`` or ``off``.
+    :param transport: ``stream`` (requests on one bidirectional gRPC stream) or ``unary`` (a call each).
     """
 
     template_fields: Sequence[str] = (
@@ -57,6 +58,7 @@ class TritonInferenceOperator(BaseOperator):
         "request_rows",
         "max_in_flight",
         "shared_memory",
+        "transport",
     )
     ui_color = "#d6f5c9"
 
@@ -77,6 +79,7 @@ class TritonInferenceOperator(BaseOperator):
         retry_attempts: int = 6,
         progress_interval: float = 10.0,
         shared_memory: str = "auto",
+        transport: str = "stream",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -94,6 +97,7 @@ class TritonInferenceOperator(BaseOperator):
         self.retry_attempts = retry_attempts
         self.progress_interval = progress_interval
         self.shared_memory = shared_memory
+        self.transport = transport
 
     def _url(self) -> str | None:
         if isinstance(self.server, Mapping):
@@ -141,6 +145,7 @@ class TritonInferenceOperator(BaseOperator):
             retry=RetryPolicy(max_attempts=self.retry_attempts),
             progress_interval=self.progress_interval,
             shared_memory=self.shared_memory,
+            transport=self.transport,
         )
         self.log.info(
             "Chunk %d: %s rows from %s to model %r at %s, %d rows a request, %d requests in flight",

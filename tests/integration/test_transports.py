@@ -1,0 +1,103 @@
+"""Every transport (stream, unary) × shared memory (on, off), against a real tritonserver: the same rows
+come out, and rows the server refuses are found by splitting requests and set aside with its message."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from transactions_data import FEATURES, write_transactions
+
+from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, StreamSettings
+from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
+from airflow_batch_infer.hooks.triton import TritonHook
+from airflow_batch_infer.runtimes import get_runtime
+from airflow_batch_infer.staging import output_part_path, rejects_part_path, stage_parquet
+from tests.conftest import MODEL_REPOSITORY
+
+pytestmark = pytest.mark.integration
+
+TEST_MODELS = Path(__file__).resolve().parent.parent / "models"
+OPTIONS = [(t, m) for t in ("stream", "unary") for m in ("on", "off")]
+REFUSED = [5, 9_999, 15_000]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A server with the real risk scorer and the test model that refuses some rows."""
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(MODEL_REPOSITORY / "risk_scorer", repo / "risk_scorer")
+    shutil.copytree(TEST_MODELS / "picky_scorer", repo / "picky_scorer")
+    runtime = get_runtime("local", work_root=str(tmp_path_factory.mktemp("servers")))
+    info = runtime.start(str(repo), ["risk_scorer", "picky_scorer"])
+    yield info
+    runtime.stop(info)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_transactions(root / "in", 20_000, files=1)
+    table = pq.read_table(root / "in")
+    f00 = table.column("f00").to_numpy().copy()
+    f00[REFUSED] = 1000.0
+    table = table.set_column(table.schema.get_field_index("f00"), "f00", [f00])
+    (root / "picky").mkdir()
+    pq.write_table(table, root / "picky" / "part.parquet")
+    return stage_parquet(root / "picky", root / "run")
+
+
+def score(server, manifest, model: str, transport: str, shared_memory: str, tmp_path: Path):
+    hook = TritonHook(url=server.grpc_url)
+    metadata, config = hook.get_model_metadata(model), hook.get_model_config(model)
+    chunk = manifest.chunks[0]
+    schema = pq.read_schema(chunk.path)
+    streamer = ChunkStreamer(
+        inputs=bind_inputs({"features": FEATURES}, schema, metadata, config["max_batch_size"]),
+        outputs=bind_outputs({"probability": "score"}, metadata, config["max_batch_size"]),
+        settings=StreamSettings(
+            model, request_rows=2048, max_in_flight=4, transport=transport, shared_memory=shared_memory
+        ),
+        row_id_column="row_id",
+        client_factory=hook.get_async_client,
+        url=server.grpc_url,
+    )
+    result = streamer.run(chunk.path, output_part_path(tmp_path, 0), rejects_part_path(tmp_path, 0))
+    assert result.shared_memory is (shared_memory == "on")
+    assert not list(Path("/dev/shm").glob(f"abi_{os.getpid()}_*")), "shared memory regions left behind"
+    return result
+
+
+@pytest.mark.parametrize(("transport", "shared_memory"), OPTIONS)
+def test_every_option_gives_the_same_scores(server, manifest, tmp_path, transport, shared_memory) -> None:
+    result = score(server, manifest, "risk_scorer", transport, shared_memory, tmp_path / "a")
+    reference = score(server, manifest, "risk_scorer", "unary", "off", tmp_path / "b")
+    assert result.rows_out == reference.rows_out == 20_000
+    got, expected = pq.read_table(result.output_path), pq.read_table(reference.output_path)
+    assert got.column("row_id").equals(expected.column("row_id"))
+    np.testing.assert_array_equal(got.column("score").to_numpy(), expected.column("score").to_numpy())
+
+
+@pytest.mark.parametrize(("transport", "shared_memory"), OPTIONS)
+def test_rows_the_server_refuses_are_found_and_set_aside(
+    server, manifest, tmp_path, transport, shared_memory
+) -> None:
+    result = score(server, manifest, "picky_scorer", transport, shared_memory, tmp_path)
+
+    assert (result.rows_out, result.rows_rejected) == (20_000 - len(REFUSED), len(REFUSED))
+    rejects = pq.read_table(result.rejects_path)
+    assert rejects.column("row_id").to_pylist() == REFUSED
+    assert all(
+        reason.startswith("refused by the server:") and "feature 0 is out of range" in reason
+        for reason in rejects.column(REASON_COLUMN).to_pylist()
+    )
+    outputs = pq.read_table(result.output_path)
+    assert sorted(set(outputs.column("row_id").to_pylist()) | set(REFUSED)) == list(range(20_000))
+    chunk = pq.read_table(manifest.chunks[0].path).take(outputs.column("row_id"))
+    features = np.column_stack([chunk.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
+    expected = 1.0 / (1.0 + np.exp(-features.sum(axis=1)))
+    np.testing.assert_allclose(outputs.column("score").to_numpy(), expected, rtol=1e-6, atol=1e-6)
