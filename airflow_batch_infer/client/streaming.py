@@ -59,6 +59,8 @@ class StreamSettings:
         is on this host (falling back to gRPC if it cannot map the regions), ``"on"`` or ``"off"``.
     :param transport: ``"stream"`` sends requests on one bidirectional gRPC stream (about half the
         client CPU of unary calls); ``"unary"`` makes one gRPC call per request.
+    :param token_count_output: output tensor holding the tokens generated per row (an LLM's
+        ``num_output_tokens``); when set, progress lines report tokens/s too.
     """
 
     model_name: str
@@ -70,6 +72,7 @@ class StreamSettings:
     progress_interval: float = 10.0
     shared_memory: str = "auto"
     transport: str = "stream"
+    token_count_output: str | None = None
 
     def __post_init__(self) -> None:
         if self.shared_memory not in ("auto", "on", "off"):
@@ -92,6 +95,7 @@ class ChunkResult:
     :param requests: gRPC requests that succeeded.
     :param retries: requests retried after a transient failure.
     :param shared_memory: whether tensors went through system shared memory.
+    :param tokens_out: tokens generated, when the settings name a token count output.
     """
 
     index: int
@@ -104,6 +108,7 @@ class ChunkResult:
     requests: int = 0
     retries: int = 0
     shared_memory: bool = False
+    tokens_out: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -131,9 +136,12 @@ def _output_array(values: np.ndarray, binding: OutputBinding) -> pa.Array:
     if binding.datatype == "BYTES":
         items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat[:, 0]]
         return pa.array(items, type=pa.string())
-    if flat.shape[1] == 1:
+    if binding.width == 1:
         return pa.array(flat[:, 0])
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+    if binding.width > 1:
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * flat.shape[1])
+    return pa.ListArray.from_arrays(offsets, pa.array(flat.ravel()))  # a variable-length output
 
 
 class ChunkStreamer:
@@ -174,6 +182,7 @@ class ChunkStreamer:
         self.log = logger or logging.getLogger(__name__)
         self.requests = 0
         self.retries = 0
+        self.tokens_out = 0
         self._client: aioclient.InferenceServerClient | None = None
         self._pool: SharedMemoryPool | None = None
         self._pool_used = False
@@ -251,6 +260,7 @@ class ChunkStreamer:
             requests=self.requests,
             retries=self.retries,
             shared_memory=shared_memory,
+            tokens_out=self.tokens_out,
         )
 
     async def _open_pool(
@@ -295,7 +305,9 @@ class ChunkStreamer:
         value_type = pa.from_numpy_dtype(np.dtype(TRITON_NUMPY[binding.datatype]))
         if binding.width == 1:
             return pa.field(binding.column, value_type)
-        return pa.field(binding.column, pa.list_(value_type, binding.width))
+        if binding.width > 1:
+            return pa.field(binding.column, pa.list_(value_type, binding.width))
+        return pa.field(binding.column, pa.list_(value_type))
 
     async def _stream(
         self,
@@ -334,6 +346,8 @@ class ChunkStreamer:
         try:
             while (task := await ordered.get()) is not None:
                 piece = await task
+                if settings.token_count_output and piece.kept.num_rows:
+                    self.tokens_out += int(piece.outputs[settings.token_count_output].sum())
                 if piece.kept.num_rows:
                     arrays = [
                         *piece.kept.columns,
@@ -362,15 +376,17 @@ class ChunkStreamer:
         return out.rows, rej.rows
 
     def _log_progress(self, index: int, done: int, total: int, rejected: int, seconds: float) -> None:
-        rate = done / seconds if seconds > 0 else 0.0
+        seconds = max(seconds, 1e-9)
         share = 100.0 * done / total if total else 100.0
+        tokens = f", {self.tokens_out / seconds:,.0f} tokens/s" if self.settings.token_count_output else ""
         self.log.info(
-            "chunk %d: %s/%s rows (%.0f%%), %s rows/s, %s set aside, %d requests, %d retries",
+            "chunk %d: %s/%s rows (%.0f%%), %s rows/s%s, %s set aside, %d requests, %d retries",
             index,
             f"{done:,}",
             f"{total:,}",
             share,
-            f"{rate:,.0f}",
+            f"{done / seconds:,.0f}",
+            tokens,
             f"{rejected:,}",
             self.requests,
             self.retries,

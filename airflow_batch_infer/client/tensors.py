@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import string
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,9 @@ class InputBinding:
     :param columns: source columns; several scalar columns are stacked side by side.
     :param width: elements per row (the tensor's shape without the batch dimension, flattened).
     :param list_column: whether the single source column is a list column holding ``width`` values a row.
+    :param template: a ``str.format`` template over the row's columns, rendered into a BYTES tensor
+        (``columns`` then names the fields it uses).
+    :param constant: the same value for every row (a scalar, or a list for a ``[-1]`` tensor).
     """
 
     tensor: str
@@ -50,6 +54,8 @@ class InputBinding:
     columns: tuple[str, ...]
     width: int
     list_column: bool = False
+    template: str | None = None
+    constant: Any = None
 
 
 @dataclass(frozen=True)
@@ -103,11 +109,28 @@ def _row_width(shape: Sequence[int], max_batch_size: int) -> int | None:
     return width
 
 
+def template_fields(template: str) -> tuple[str, ...]:
+    """The column names a ``str.format`` template uses, in order, without repeats."""
+    names: dict[str, None] = {}
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is not None:
+            if not field or field.isdigit():
+                raise ContractError(
+                    f"Template {template!r} has a positional field: name the column, e.g. {{body}}."
+                )
+            names[field.split(".")[0].split("[")[0]] = None
+    return tuple(names)
+
+
 def bind_inputs(
     inputs: Mapping[str, str | Sequence[str]],
     schema: pa.Schema,
     metadata: Mapping[str, Any],
     max_batch_size: int,
+    *,
+    templates: Mapping[str, str] | None = None,
+    constants: Mapping[str, Any] | None = None,
+    optional: Iterable[str] = (),
 ) -> list[InputBinding]:
     """Check the mapping ``tensor → column(s)`` against the data's schema and the model's metadata.
 
@@ -115,22 +138,43 @@ def bind_inputs(
     :param schema: Arrow schema of the staged chunk.
     :param metadata: the server's model metadata (``inputs`` with name, datatype, shape).
     :param max_batch_size: the model's ``max_batch_size`` (0: the model does not batch).
+    :param templates: BYTES input tensor → ``str.format`` template over the row's columns (a prompt).
+    :param constants: input tensor → one value for every row (a generation parameter, say).
+    :param optional: input tensors the model lets the request leave out (``optional: true`` in its
+        config).
     :raises ContractError: naming the column, the tensor and both types.
     """
     model = metadata.get("name", "the model")
     declared = {t["name"]: t for t in metadata.get("inputs", [])}
+    templates, constants = dict(templates or {}), dict(constants or {})
     if max_batch_size <= 0:
         raise ContractError(
             f"Model {model!r} has max_batch_size 0: batch inference needs a model that batches "
             "(set max_batch_size in its config.pbtxt)."
         )
-    missing_tensors = sorted(set(declared) - set(inputs))
+    given = [*inputs, *templates, *constants]
+    twice = sorted({t for t in given if given.count(t) > 1})
+    if twice:
+        raise ContractError(
+            f"Input tensor(s) {twice} are given more than one source (columns, template, constant)."
+        )
+    missing_tensors = sorted(set(declared) - set(given) - set(optional))
     if missing_tensors:
         raise ContractError(
             f"Model {model!r} needs input tensor(s) {missing_tensors} but the mapping gives none; "
             f"the model declares {sorted(declared)}."
         )
-    bindings = []
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise ContractError(
+            f"Model {model!r} has no input tensor(s) {unknown}; its inputs are {sorted(declared)}."
+        )
+    bindings = [
+        _bind_template(t, text, declared[t], schema, model, max_batch_size) for t, text in templates.items()
+    ]
+    bindings += [
+        _bind_constant(t, value, declared[t], model, max_batch_size) for t, value in constants.items()
+    ]
     for tensor, source in inputs.items():
         if tensor not in declared:
             raise ContractError(
@@ -181,6 +225,52 @@ def bind_inputs(
             )
         bindings.append(InputBinding(tensor, datatype, columns, len(columns)))
     return bindings
+
+
+def _bind_template(
+    tensor: str, template: str, spec: Mapping[str, Any], schema: pa.Schema, model: str, max_batch_size: int
+) -> InputBinding:
+    if spec["datatype"] != "BYTES" or _row_width(spec["shape"], max_batch_size) != 1:
+        raise ContractError(
+            f"A template renders one string a row, but input tensor {tensor!r} of model {model!r} is "
+            f"{spec['datatype']} with shape {spec['shape']}: use it for a BYTES tensor of shape [1]."
+        )
+    fields = template_fields(template)
+    missing = [f for f in fields if f not in schema.names]
+    if missing:
+        raise ContractError(
+            f"Template for input tensor {tensor!r} uses column(s) {missing} that are not in the data; "
+            f"columns present: {schema.names}."
+        )
+    return InputBinding(tensor, "BYTES", fields, 1, template=template)
+
+
+def _bind_constant(
+    tensor: str, value: Any, spec: Mapping[str, Any], model: str, max_batch_size: int
+) -> InputBinding:
+    datatype = spec["datatype"]
+    values = np.asarray(value if isinstance(value, list | tuple) else [value], dtype=object)
+    width = _row_width(spec["shape"], max_batch_size)
+    if width is not None and width != len(values):
+        raise ContractError(
+            f"Input tensor {tensor!r} of model {model!r} takes {width} value(s) a row "
+            f"(shape {spec['shape']}) but the constant {value!r} has {len(values)}."
+        )
+    try:
+        if datatype == "BYTES":
+            typed = np.array(
+                [str(v).encode() if not isinstance(v, bytes) else v for v in values], dtype=object
+            )
+        else:
+            typed = values.astype(TRITON_NUMPY[datatype])
+            if datatype in INT_TENSORS and not np.array_equal(typed, values.astype(float)):
+                raise ValueError("not whole numbers")
+    except (ValueError, TypeError, OverflowError) as error:
+        raise ContractError(
+            f"Constant {value!r} does not fit input tensor {tensor!r} of model {model!r} "
+            f"({datatype}): {error}."
+        ) from error
+    return InputBinding(tensor, datatype, (), len(typed), constant=typed)
 
 
 def bind_outputs(
@@ -240,6 +330,22 @@ def encode_batch(
     tensors: dict[str, np.ndarray] = {}
     for binding in bindings:
         dtype = np.dtype(TRITON_NUMPY[binding.datatype])
+        if binding.constant is not None:
+            tensors[binding.tensor] = np.tile(binding.constant, (n, 1))
+            continue
+        if binding.template is not None:
+            values = np.empty((n, 1), dtype=object)
+            columns = {}
+            for name in binding.columns:
+                column = batch.column(name)
+                if column.null_count:
+                    reject(~np.asarray(column.is_valid()), f"null in column {name!r}")
+                columns[name] = column.to_pylist()
+            for i in range(n):
+                row = {name: columns[name][i] for name in binding.columns}
+                values[i, 0] = binding.template.format_map(row).encode() if good[i] else b""
+            tensors[binding.tensor] = values
+            continue
         if binding.list_column:
             column = batch.column(binding.columns[0])
             if column.null_count:

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 from airflow_batch_infer.client.retry import RetryPolicy
 from airflow_batch_infer.client.sizing import resolve_sizes
 from airflow_batch_infer.client.streaming import ChunkStreamer, StreamSettings
-from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
+from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.staging import (
     ChunkDescriptor,
@@ -48,6 +48,9 @@ class TritonInferenceOperator(BaseOperator):
     :param shared_memory: pass tensors through Triton system shared memory: ``auto`` (when the server is
         on this host), ``on`` or ``off``.
     :param transport: ``stream`` (requests on one bidirectional gRPC stream) or ``unary`` (a call each).
+    :param input_templates: BYTES input tensor → ``str.format`` template over the row's columns (a prompt).
+    :param input_constants: input tensor → one value sent with every row (a generation parameter).
+    :param token_count_output: output tensor counting generated tokens; tokens/s is then logged too.
     """
 
     template_fields: Sequence[str] = (
@@ -80,6 +83,9 @@ class TritonInferenceOperator(BaseOperator):
         progress_interval: float = 10.0,
         shared_memory: str = "auto",
         transport: str = "stream",
+        input_templates: Mapping[str, str] | None = None,
+        input_constants: Mapping[str, Any] | None = None,
+        token_count_output: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -98,6 +104,9 @@ class TritonInferenceOperator(BaseOperator):
         self.progress_interval = progress_interval
         self.shared_memory = shared_memory
         self.transport = transport
+        self.input_templates = dict(input_templates or {})
+        self.input_constants = dict(input_constants or {})
+        self.token_count_output = token_count_output
 
     def _url(self) -> str | None:
         if isinstance(self.server, Mapping):
@@ -133,8 +142,22 @@ class TritonInferenceOperator(BaseOperator):
         finally:
             hook.close()
         max_batch = int(config.get("max_batch_size") or 0)
-        inputs = bind_inputs(self.inputs, pq.read_schema(chunk_path), metadata, max_batch)
+        optional = [i["name"] for i in config.get("input", []) if i.get("optional")]
+        inputs = bind_inputs(
+            self.inputs,
+            pq.read_schema(chunk_path),
+            metadata,
+            max_batch,
+            templates=self.input_templates,
+            constants=self.input_constants,
+            optional=optional,
+        )
         outputs = bind_outputs(self.outputs, metadata, max_batch)
+        if self.token_count_output and self.token_count_output not in {b.tensor for b in outputs}:
+            raise ContractError(
+                f"token_count_output={self.token_count_output!r} is not among the outputs requested: "
+                f"{[b.tensor for b in outputs]}."
+            )
         request_rows, in_flight = resolve_sizes(config, self.request_rows, self.max_in_flight)
         settings = StreamSettings(
             model_name=self.model_name,
@@ -146,6 +169,7 @@ class TritonInferenceOperator(BaseOperator):
             progress_interval=self.progress_interval,
             shared_memory=self.shared_memory,
             transport=self.transport,
+            token_count_output=self.token_count_output,
         )
         self.log.info(
             "Chunk %d: %s rows from %s to model %r at %s, %d rows a request, %d requests in flight",

@@ -42,7 +42,7 @@ def test_mismatches_name_column_tensor_and_types(inputs: dict, message: str) -> 
 
 
 def test_unknown_tensors_and_unbatched_models_are_refused() -> None:
-    with pytest.raises(ContractError, match="no input tensor 'extra'"):
+    with pytest.raises(ContractError, match=r"no input tensor\(s\) \['extra'\]"):
         bind_inputs({"features": ["a", "b", "c"], "extra": "a"}, SCHEMA, METADATA, 1024)
     with pytest.raises(ContractError, match="no output tensor 'logits'"):
         bind_outputs({"logits": "x"}, METADATA, 1024)
@@ -99,3 +99,84 @@ def test_request_sizes_default_from_the_model_config() -> None:
     assert resolve_sizes({"max_batch_size": 64}, None, None) == (64, 2)
     with pytest.raises(ValueError, match="larger than the model's max_batch_size=8192"):
         resolve_sizes(config, 10_000, None)
+
+
+LLM_METADATA = {
+    "name": "llm",
+    "inputs": [
+        {"name": "text_input", "datatype": "BYTES", "shape": ["-1", "1"]},
+        {"name": "max_tokens", "datatype": "INT32", "shape": ["-1", "1"]},
+        {"name": "temperature", "datatype": "FP32", "shape": ["-1", "1"]},
+        {"name": "stop_words", "datatype": "BYTES", "shape": ["-1", "-1"]},
+        {"name": "seed", "datatype": "UINT64", "shape": ["-1", "1"]},
+    ],
+    "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": ["-1", "-1"]}],
+}
+DOCS = pa.record_batch(
+    {
+        "title": pa.array(["Q3 report", "Memo", None]),
+        "body": pa.array(["Revenue grew.", "Office closed {Friday}.", "x"]),
+        "budget": pa.array([64, 8, 16], pa.int64()),
+    }
+)
+
+
+def test_prompts_render_from_a_template_and_parameters_come_from_constants_or_columns() -> None:
+    bindings = bind_inputs(
+        {"max_tokens": "budget"},
+        DOCS.schema,
+        LLM_METADATA,
+        64,
+        templates={"text_input": "Summarise '{title}': {body}"},
+        constants={"temperature": 0.2, "stop_words": ["\n\n", "END"]},
+        optional=["seed"],
+    )
+    tensors, good, reasons = encode_batch(DOCS, bindings)
+    assert tensors["text_input"][:2, 0].tolist() == [
+        b"Summarise 'Q3 report': Revenue grew.",
+        b"Summarise 'Memo': Office closed {Friday}.",
+    ]
+    assert good.tolist() == [True, True, False]
+    assert reasons[2] == "null in column 'title'"
+    assert tensors["max_tokens"].dtype == np.int32
+    assert tensors["max_tokens"][:, 0].tolist() == [64, 8, 16]
+    assert tensors["temperature"].dtype == np.float32
+    assert tensors["temperature"].shape == (3, 1)
+    assert tensors["stop_words"].tolist() == [[b"\n\n", b"END"]] * 3
+
+
+def test_template_and_constant_mismatches_are_named() -> None:
+    with pytest.raises(ContractError, match=r"uses column\(s\) \['summary'\] that are not in the data"):
+        bind_inputs(
+            {"max_tokens": "budget"},
+            DOCS.schema,
+            LLM_METADATA,
+            64,
+            templates={"text_input": "{summary}"},
+            optional=["temperature", "stop_words", "seed"],
+        )
+    with pytest.raises(
+        ContractError, match="A template renders one string a row, but input tensor 'max_tokens'"
+    ):
+        bind_inputs(
+            {},
+            DOCS.schema,
+            LLM_METADATA,
+            64,
+            templates={"text_input": "{body}", "max_tokens": "{body}"},
+            optional=["temperature", "stop_words", "seed"],
+        )
+    with pytest.raises(ContractError, match=r"Constant 2\.5 does not fit input tensor 'max_tokens'"):
+        bind_inputs(
+            {},
+            DOCS.schema,
+            LLM_METADATA,
+            64,
+            templates={"text_input": "{body}"},
+            constants={"max_tokens": 2.5},
+            optional=["temperature", "stop_words", "seed"],
+        )
+    with pytest.raises(
+        ContractError, match=r"needs input tensor\(s\) \['max_tokens', 'seed', 'stop_words', 'temperature'\]"
+    ):
+        bind_inputs({}, DOCS.schema, LLM_METADATA, 64, templates={"text_input": "{body}"})
