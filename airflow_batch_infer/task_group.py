@@ -40,6 +40,7 @@ def batch_inference(
     max_rejected_fraction: float | None = None,
     infer_retries: int = 2,
     infer_options: dict[str, Any] | None = None,
+    infer_operator: type[TritonInferenceOperator] = TritonInferenceOperator,
 ) -> TaskGroup:
     """Build stage + start server (setup) → infer (mapped per chunk) → persist, and stop server (teardown).
 
@@ -69,7 +70,9 @@ def batch_inference(
     :param sink_options: keyword options of the sink.
     :param max_rejected_fraction: fail the run, writing nothing, when more rows than this were set aside.
     :param infer_retries: Airflow retries of each infer task (each rewrites only its chunk).
-    :param infer_options: further keyword arguments of :class:`TritonInferenceOperator`.
+    :param infer_options: further keyword arguments of the infer operator.
+    :param infer_operator: the mapped infer operator: :class:`TritonInferenceOperator`, or a subclass
+        such as ``TritonGenerateOperator`` for LLM generation.
     """
     with TaskGroup(group_id=group_id) as group:
         stage = StageInputsOperator(
@@ -88,7 +91,7 @@ def batch_inference(
             runtime=runtime,
             runtime_options=runtime_options,
         )
-        infer = TritonInferenceOperator.partial(
+        infer = infer_operator.partial(
             task_id="infer",
             server=start.output,
             model_name=model_name,
