@@ -52,3 +52,14 @@ def test_a_connection_without_host_says_what_to_do(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("AIRFLOW_CONN_TRITON_EMPTY", json.dumps({"conn_type": "triton"}))
     with pytest.raises(ValueError, match="has no host"):
         _ = TritonHook("triton_empty").url
+
+
+def test_header_values_are_masked_in_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk._shared.secrets_masker import redact
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_TRITON_AUTH",
+        json.dumps({"conn_type": "triton", "host": "h", "extra": {"headers": {"x-api-key": "abc123xyz"}}}),
+    )
+    assert TritonHook("triton_auth").headers == {"x-api-key": "abc123xyz"}
+    assert redact("calling with key abc123xyz") == "calling with key ***"
