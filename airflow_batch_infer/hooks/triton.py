@@ -7,7 +7,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
-from airflow.sdk.log import mask_secret
 
 if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
@@ -70,8 +69,6 @@ class TritonHook(BaseHook):
         headers = self._extra.get("headers")
         if isinstance(headers, str):
             headers = json.loads(headers)
-        for value in (headers or {}).values():
-            mask_secret(value)  # tokens in headers never reach a task log in clear
         return headers or None
 
     def channel_args(self) -> list[tuple[str, int]]:
