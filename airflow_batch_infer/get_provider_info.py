@@ -27,8 +27,16 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_batch_infer.operators.stage",
                     "airflow_batch_infer.operators.server",
                     "airflow_batch_infer.operators.infer",
+                    "airflow_batch_infer.operators.generate",
                     "airflow_batch_infer.operators.persist",
+                    "airflow_batch_infer.operators.reaper",
                 ],
+            }
+        ],
+        "triggers": [
+            {
+                "integration-name": "NVIDIA Triton Inference Server",
+                "python-modules": ["airflow_batch_infer.triggers.server"],
             }
         ],
         "hooks": [

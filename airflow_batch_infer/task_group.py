@@ -17,14 +17,13 @@ from airflow_batch_infer.operators.stage import StageInputsOperator
 
 def batch_inference(
     *,
-    source: str | list[str],
     model_name: str,
     inputs: Mapping[str, str | Sequence[str]],
     table: str,
-    model_repository: str | Path,
+    model_repository: str | Path | None = None,
     outputs: Mapping[str, str] | None = None,
     group_id: str = "batch_inference",
-    runtime: str = "local",
+    runtime: str | None = "local",
     runtime_options: dict[str, Any] | None = None,
     triton_conn_id: str = TritonHook.default_conn_name,
     partition: str | None = None,
@@ -41,6 +40,14 @@ def batch_inference(
     infer_retries: int = 2,
     infer_options: dict[str, Any] | None = None,
     infer_operator: type[TritonInferenceOperator] = TritonInferenceOperator,
+    source: str | list[str] | None = None,
+    source_conn_id: str | None = None,
+    sql: str | None = None,
+    sql_conn_id: str | None = None,
+    sql_parameters: dict[str, Any] | list[Any] | None = None,
+    sql_database: str | None = None,
+    staging_conn_id: str | None = None,
+    start_options: dict[str, Any] | None = None,
 ) -> TaskGroup:
     """Build stage + start server (setup) → infer (mapped per chunk) → persist, and stop server (teardown).
 
@@ -48,14 +55,14 @@ def batch_inference(
     arguments (``source``, ``partition``, ``chunk_rows``, ``request_rows``, ...) may use Jinja, such as
     ``"{{ params.partition }}"``.
 
-    :param source: Parquet file or folder to score.
     :param model_name: the Triton model to call.
     :param inputs: input tensor → column, or list of scalar columns stacked into one tensor.
     :param table: warehouse table for the outputs (rows set aside go to ``<table>_rejects``).
-    :param model_repository: the Triton model repository.
+    :param model_repository: the Triton model repository (needed when a runtime starts the server).
     :param outputs: output tensor → output column (all outputs under their own names when ``None``).
     :param group_id: the TaskGroup's id.
-    :param runtime: where the server runs (``local``).
+    :param runtime: where the job's own server runs (``local``, ...); ``None`` uses a server that runs
+        anyway, at the ``triton_conn_id`` connection's address, with no start and stop tasks.
     :param runtime_options: keyword options of the runtime.
     :param triton_conn_id: ``triton`` connection for TLS and headers.
     :param partition: the run's partition key (default: from the run's dates).
@@ -71,29 +78,49 @@ def batch_inference(
     :param max_rejected_fraction: fail the run, writing nothing, when more rows than this were set aside.
     :param infer_retries: Airflow retries of each infer task (each rewrites only its chunk).
     :param infer_options: further keyword arguments of the infer operator.
+    :param source: Parquet file or folder to score, local or ``s3://conn@bucket/prefix`` (give ``source``
+        or ``sql``).
+    :param source_conn_id: connection for a ``source`` on object storage.
+    :param sql: a query (or ``.sql`` file) whose rows are snapshotted and scored.
+    :param sql_conn_id: a common-sql connection for ``sql`` (the embedded DuckDB file when ``None``).
+    :param sql_parameters: parameters of the query.
+    :param sql_database: database (schema) for the query, when the connection has several.
+    :param staging_conn_id: connection for a ``staging_root`` on object storage.
+    :param start_options: further keyword arguments of the start task (``deferrable``, ``poll_interval``).
     :param infer_operator: the mapped infer operator: :class:`TritonInferenceOperator`, or a subclass
         such as ``TritonGenerateOperator`` for LLM generation.
     """
+    if runtime is not None and model_repository is None:
+        raise ValueError("batch_inference needs model_repository when a runtime starts the server.")
     with TaskGroup(group_id=group_id) as group:
         stage = StageInputsOperator(
             task_id="stage",
             source=source,
+            source_conn_id=source_conn_id,
+            sql=sql,
+            sql_conn_id=sql_conn_id,
+            sql_parameters=sql_parameters,
+            sql_database=sql_database,
             staging_root=staging_root,
+            staging_conn_id=staging_conn_id,
             chunk_rows=chunk_rows,
             columns=columns,
             row_id_column=row_id_column,
             partition=partition,
         )
-        start = StartTritonServerOperator(
-            task_id="start_server",
-            model_repository=str(model_repository),
-            models=[model_name],
-            runtime=runtime,
-            runtime_options=runtime_options,
-        )
+        start = None
+        if runtime is not None:
+            start = StartTritonServerOperator(
+                task_id="start_server",
+                model_repository=str(model_repository),
+                models=[model_name],
+                runtime=runtime,
+                runtime_options=runtime_options,
+                **(start_options or {}),
+            )
         infer = infer_operator.partial(
             task_id="infer",
-            server=start.output,
+            server=start.output if start else None,
             model_name=model_name,
             inputs=inputs,
             outputs=outputs,
@@ -115,9 +142,12 @@ def batch_inference(
             partition=partition,
             max_rejected_fraction=max_rejected_fraction,
         )
-        stop = StopTritonServerOperator(
-            task_id="stop_server", server=start.output, runtime_options=runtime_options
-        )
-        [stage, start] >> infer >> [persist, stop]
-        stop.as_teardown(setups=start)
+        if start is None:
+            stage >> infer >> persist
+        else:
+            stop = StopTritonServerOperator(
+                task_id="stop_server", server=start.output, runtime_options=runtime_options
+            )
+            [stage, start] >> infer >> [persist, stop]
+            stop.as_teardown(setups=start)
     return group

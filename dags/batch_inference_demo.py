@@ -1,8 +1,9 @@
 """Score every transaction with the ``risk_scorer`` model on Triton, after each ETL run.
 
 Scheduled on the ETL's Asset; for a manual run or a backfill, trigger it from the UI with Params
-(input path, partition, chunk rows, request rows, requests in flight). Embedded defaults: a local
-``tritonserver`` process, local files under ``$BATCH_INFER_HOME``, and a DuckDB warehouse.
+(input path, partition, chunk rows, request rows, requests in flight, staging root, sink). Embedded
+defaults: a local ``tritonserver`` process, local files under ``$BATCH_INFER_HOME``, and a DuckDB
+warehouse; S3 and PostgreSQL by changing connections and Params only (see README).
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ with DAG(
             minimum=1,
             description="Requests in flight per task (default: model's).",
         ),
+        "staging_root": Param(
+            None,
+            type=["null", "string"],
+            description="Where chunks and outputs go, e.g. s3://aws_default@bucket/staging. Empty: local.",
+        ),
+        "sink": Param("duckdb", enum=["duckdb", "postgres", "s3_parquet", "redshift", "athena"]),
+        "sink_options": Param(
+            {"database": str(batch_infer_home() / "warehouse.duckdb")},
+            type="object",
+            description='Options of the sink, e.g. {"postgres_conn_id": "postgres_default"}.',
+        ),
     },
     doc_md=__doc__,
 ) as dag:
@@ -58,5 +70,7 @@ with DAG(
         chunk_rows="{{ params.chunk_rows }}",
         request_rows="{{ params.request_rows or '' }}",
         max_in_flight="{{ params.max_in_flight or '' }}",
-        sink_options={"database": str(batch_infer_home() / "warehouse.duckdb")},
+        staging_root="{{ params.staging_root or '' }}",
+        sink="{{ params.sink }}",
+        sink_options="{{ params.sink_options | tojson }}",
     )

@@ -77,5 +77,33 @@ def airflow_db() -> Path:
     return home
 
 
+def register_dag(dag) -> None:
+    """Serialize a DAG built in a test (outside the DAGs folder), as ``dag.test()`` needs."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+
+    DagBundlesManager().sync_bundles_to_db()  # the "dags-folder" bundle the DAG is filed under
+    bag = DagBag(collect_dags=False)
+    bag.bag_dag(dag)
+    sync_bag_to_db(bag, "dags-folder", None)
+
+
+def load_dag(dag_id: str):
+    """A DAG of the repository's DAGs folder, parsed as Airflow parses it."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags[dag_id]
+
+
+def task_states(dag_run) -> dict[str, list[str]]:
+    """Task id (without its group) → the states of its task instances, for assertion messages."""
+    states: dict[str, list[str]] = {}
+    for ti in dag_run.get_task_instances():
+        states.setdefault(ti.task_id.split(".")[-1], []).append(str(ti.state))
+    return states
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)

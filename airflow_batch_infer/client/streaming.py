@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,10 +33,12 @@ from airflow_batch_infer.client.shared_memory import (
 )
 from airflow_batch_infer.client.stream import InferStream, StreamRequestError
 from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding, encode_batch
-from airflow_batch_infer.staging import atomic_target, open_parquet, parquet_writer
+from airflow_batch_infer.staging import atomic_target, commit, open_parquet, parquet_writer
+from airflow_batch_infer.storage import discard
 
 REASON_COLUMN = "reject_reason"
 WRITE_ROWS = 262_144  # rows per output row group: large groups encode and read fast
+REORDER_WINDOWS = 4  # completed requests held for row order, in multiples of the requests in flight
 
 
 class InferenceError(RuntimeError):
@@ -196,18 +197,21 @@ class ChunkStreamer:
         return list(seen)
 
     def run(
-        self, chunk_path: str | Path, output_path: Path, rejects_path: Path, index: int = 0
+        self, chunk_path: str | Path, output_path: str | Path, rejects_path: str | Path, index: int = 0
     ) -> ChunkResult:
-        """Stream ``chunk_path`` and write both parts atomically (temporary file, then rename).
+        """Stream ``chunk_path`` and write both parts atomically (a temporary file, then one rename or
+        one upload). Paths may be local or object storage locations (``s3://conn@bucket/key``).
 
         :param chunk_path: the chunk's Parquet file.
         :param output_path: final path of the output part.
         :param rejects_path: final path of the rejects part.
         :param index: chunk number, for the log and the result.
         """
-        return asyncio.run(self._run(Path(chunk_path), output_path, rejects_path, index))
+        return asyncio.run(self._run(chunk_path, output_path, rejects_path, index))
 
-    async def _run(self, chunk_path: Path, output_path: Path, rejects_path: Path, index: int) -> ChunkResult:
+    async def _run(
+        self, chunk_path: str | Path, output_path: str | Path, rejects_path: str | Path, index: int
+    ) -> ChunkResult:
         started = time.monotonic()
         parquet = open_parquet(chunk_path)
         total = parquet.metadata.num_rows
@@ -239,15 +243,15 @@ class ChunkStreamer:
                 )
             out_writer.close()
             rej_writer.close()
-            os.replace(out_tmp, output_path)
-            os.replace(rej_tmp, rejects_path)
+            commit(out_tmp, output_path)
+            commit(rej_tmp, rejects_path)
         finally:
             self._client = self._pool = self._infer_stream = None
             for writer in (out_writer, rej_writer):
                 if writer.is_open:
                     writer.close()
             for tmp in (out_tmp, rej_tmp):
-                tmp.unlink(missing_ok=True)
+                discard(tmp)
         shared_memory = self._pool_used
         return ChunkResult(
             index=index,
@@ -324,7 +328,11 @@ class ChunkStreamer:
         settings = self.settings
         batches = parquet.iter_batches(batch_size=settings.request_rows, columns=columns)
         window = asyncio.Semaphore(settings.max_in_flight)
-        ordered: asyncio.Queue[asyncio.Task[_Piece] | None] = asyncio.Queue(maxsize=settings.max_in_flight)
+        # Completed pieces wait here for the one before them: a few windows' worth, so that one slow
+        # request (a long generation) does not stop new requests from being sent.
+        ordered: asyncio.Queue[asyncio.Task[_Piece] | None] = asyncio.Queue(
+            maxsize=REORDER_WINDOWS * settings.max_in_flight
+        )
 
         async def produce() -> None:
             read = asyncio.create_task(asyncio.to_thread(next, batches, None))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ TRITON_NUMPY = {
     "BYTES": np.object_,
 }
 FLOAT_TENSORS = {"FP16", "FP32", "FP64"}
+RAGGED = -1  # width of a BYTES input fed from a list column of varying length
 INT_TENSORS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 
 
@@ -199,10 +200,14 @@ def bind_inputs(
                     f"model {model!r} is {datatype}."
                 )
             list_size = getattr(field.type, "list_size", None)
+            if width is None and datatype == "BYTES":
+                # Word lists (stop words, say): each request is padded with empty strings to its longest.
+                bindings.append(InputBinding(tensor, datatype, columns, RAGGED, list_column=True))
+                continue
             if width is None:
                 raise ContractError(
                     f"Input tensor {tensor!r} of model {model!r} has a variable shape {spec['shape']}: "
-                    "list columns need a fixed width."
+                    "numeric list columns need a fixed width."
                 )
             if list_size is not None and list_size != width:
                 raise ContractError(
@@ -308,6 +313,20 @@ def _column_values(column: pa.ChunkedArray | pa.Array, dtype: np.dtype) -> np.nd
     return column.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
+def _ragged_strings(column: pa.Array, name: str, reject: Callable[[np.ndarray, str], None]) -> np.ndarray:
+    """A list-of-strings column as a ``[rows, longest]`` BYTES array padded with empty strings."""
+    lists = column.to_pylist()
+    bad = np.array([items is None or any(item is None for item in items) for items in lists], dtype=bool)
+    if bad.any():
+        reject(bad, f"null in column {name!r}")
+    longest = max((len(items) for items in lists if items), default=0) or 1
+    values = np.full((len(lists), longest), b"", dtype=object)
+    for i, items in enumerate(lists):
+        if items and not bad[i]:
+            values[i, : len(items)] = [item.encode() if isinstance(item, str) else item for item in items]
+    return values
+
+
 def encode_batch(
     batch: pa.RecordBatch, bindings: Sequence[InputBinding]
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str | None]]:
@@ -345,6 +364,11 @@ def encode_batch(
                 row = {name: columns[name][i] for name in binding.columns}
                 values[i, 0] = binding.template.format_map(row).encode() if good[i] else b""
             tensors[binding.tensor] = values
+            continue
+        if binding.list_column and binding.width == RAGGED:
+            tensors[binding.tensor] = _ragged_strings(
+                batch.column(binding.columns[0]), binding.columns[0], reject
+            )
             continue
         if binding.list_column:
             column = batch.column(binding.columns[0])

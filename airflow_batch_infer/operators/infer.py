@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pyarrow.parquet as pq
 from airflow.sdk import BaseOperator
 from tritonclient.utils import InferenceServerException
 
@@ -18,6 +17,7 @@ from airflow_batch_infer.staging import (
     ChunkDescriptor,
     Manifest,
     check_inside,
+    open_parquet,
     output_part_path,
     rejects_part_path,
 )
@@ -132,6 +132,13 @@ class TritonInferenceOperator(BaseOperator):
             ) from error
         return metadata, config
 
+    def prepare_for_model(self, metadata: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """Adapt settings to the served model before the mapping is checked; a hook for subclasses.
+
+        :param metadata: the server's model metadata (inputs and outputs: names, datatypes, shapes).
+        :param config: the model's configuration as loaded (``max_batch_size``, batching, instances).
+        """
+
     def execute(self, context: Any) -> dict[str, Any]:
         descriptor = ChunkDescriptor.from_dict(self.chunk)
         manifest = Manifest.load(descriptor.run_dir)
@@ -141,11 +148,12 @@ class TritonInferenceOperator(BaseOperator):
             metadata, config = self._model_contract(hook)
         finally:
             hook.close()
+        self.prepare_for_model(metadata, config)
         max_batch = int(config.get("max_batch_size") or 0)
         optional = [i["name"] for i in config.get("input", []) if i.get("optional")]
         inputs = bind_inputs(
             self.inputs,
-            pq.read_schema(chunk_path),
+            open_parquet(chunk_path).schema_arrow,
             metadata,
             max_batch,
             templates=self.input_templates,

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from airflow.sdk import BaseOperator
 
+from airflow_batch_infer import storage
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.sinks import get_sink
 from airflow_batch_infer.staging import (
     SUMMARY,
     ChunkDescriptor,
     Manifest,
+    RunPath,
+    open_parquet,
     output_part_path,
     rejects_part_path,
+    run_file,
     write_json_atomically,
 )
 
@@ -30,18 +33,20 @@ class PersistOutputsOperator(BaseOperator):
 
     Before writing, every chunk of the manifest must have its output and rejects parts, and together
     they must hold exactly the chunk's rows: a run that would lose or double a row fails here instead.
+    The parts are read where the infer tasks wrote them, on local disk or object storage.
 
     :param chunks: the stage task's chunk descriptors (``stage.output``).
     :param table: output table; rows set aside go to ``<table>_rejects``.
-    :param sink: warehouse kind: ``duckdb``.
-    :param sink_options: keyword options of the sink (for DuckDB: ``database``).
+    :param sink: warehouse kind: ``duckdb``, ``postgres``, ``s3_parquet``, ``redshift`` or ``athena``.
+    :param sink_options: keyword options of the sink (a dict, or its JSON text from a template), e.g.
+        ``database`` (duckdb), ``postgres_conn_id`` (postgres), ``path`` (s3_parquet).
     :param partition: the run's partition key (default: from the run's data interval or logical date).
     :param partition_column: column holding the partition key.
     :param results: the infer tasks' results (``infer.output``), used for the throughput summary.
     :param max_rejected_fraction: fail, writing nothing, when more than this share of rows was set aside.
     """
 
-    template_fields: Sequence[str] = ("chunks", "table", "sink_options", "partition", "results")
+    template_fields: Sequence[str] = ("chunks", "table", "sink", "sink_options", "partition", "results")
     ui_color = "#fdf2d0"
 
     def __init__(
@@ -67,19 +72,31 @@ class PersistOutputsOperator(BaseOperator):
         self.results = results
         self.max_rejected_fraction = max_rejected_fraction
 
-    def _collect_parts(self, manifest: Manifest) -> tuple[list[Path], list[Path], int]:
+    def _sink_options(self) -> dict[str, Any]:
+        options = self.sink_options
+        if isinstance(options, str):
+            options = json.loads(options) if options.strip() else {}
+        if not isinstance(options, dict):
+            raise TypeError(
+                f"sink_options must be a mapping (or its JSON text), got {type(options).__name__}."
+            )
+        return dict(options)
+
+    def _collect_parts(self, manifest: Manifest) -> tuple[list[RunPath], list[RunPath], int]:
         """Check every chunk's parts and return them with the number of rows set aside."""
-        outputs, rejects, rejected = [], [], 0
+        outputs: list[RunPath] = []
+        rejects: list[RunPath] = []
+        rejected = 0
         problems = []
         for chunk in manifest.chunks:
             out, rej = (
                 output_part_path(manifest.run_dir, chunk.index),
                 rejects_part_path(manifest.run_dir, chunk.index),
             )
-            if not out.exists() or not rej.exists():
+            if not storage.exists(out) or not storage.exists(rej):
                 problems.append(f"chunk {chunk.index} has no output part (its infer task did not finish)")
                 continue
-            n_out, n_rej = pq.read_metadata(out).num_rows, pq.read_metadata(rej).num_rows
+            n_out, n_rej = open_parquet(out).metadata.num_rows, open_parquet(rej).metadata.num_rows
             if n_out + n_rej != chunk.rows:
                 problems.append(
                     f"chunk {chunk.index} staged {chunk.rows} rows but has {n_out} outputs "
@@ -106,10 +123,10 @@ class PersistOutputsOperator(BaseOperator):
             raise IncompleteRunError(
                 f"{rejected:,} of {manifest.total_rows:,} rows ({share:.2%}) were set aside, more than "
                 f"max_rejected_fraction={self.max_rejected_fraction}: nothing written. The reasons are in "
-                f"{Path(run_dir) / 'rejects'}."
+                f"{run_file(run_dir, 'rejects')}."
             )
         sink = get_sink(
-            self.sink, table=self.table, partition_column=self.partition_column, **self.sink_options
+            self.sink, table=self.table, partition_column=self.partition_column, **self._sink_options()
         )
         result = sink.replace_partition(partition, outputs, rejects)
         summary = result.to_dict() | {"total_rows": manifest.total_rows, "chunks": len(manifest.chunks)}
@@ -119,7 +136,7 @@ class PersistOutputsOperator(BaseOperator):
             summary["infer_rows_per_second_per_task"] = (
                 round(manifest.total_rows / seconds, 1) if seconds else None
             )
-        write_json_atomically(Path(run_dir) / SUMMARY, summary)
+        write_json_atomically(run_file(run_dir, SUMMARY), summary)
         self.log.info(
             "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before",
             partition,
@@ -128,6 +145,6 @@ class PersistOutputsOperator(BaseOperator):
             f"{result.rejected:,}",
             result.rejects_table,
             result.location,
-            f"{result.replaced:,}",
+            f"{result.replaced:,}" if result.replaced >= 0 else "an unknown number of",
         )
         return summary

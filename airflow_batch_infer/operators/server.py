@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, conf
 
-from airflow_batch_infer.runtimes import ServerInfo, get_runtime
+from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, ServerStartError, get_runtime
+from airflow_batch_infer.triggers.server import TritonServerReadyTrigger
+
+#: Extra time Airflow gives a deferred start beyond the trigger's own deadline, so that the trigger (which
+#: reports the server's log lines) fails first.
+_DEFER_MARGIN = timedelta(minutes=5)
 
 
 class StartTritonServerOperator(BaseOperator):
     """Start a Triton Inference Server for the job, wait until its models are ready, return its endpoint.
 
-    Use it as a setup task; the returned dict (endpoint and a handle: pid, container id, ...) is what
-    :class:`StopTritonServerOperator` and the infer tasks take.
+    Use it as a setup task; the returned dict (endpoint and a handle: pid, container id, Pod, ECS task) is
+    what :class:`StopTritonServerOperator` and the infer tasks take. The server is labelled with this task's
+    DAG run, so that ``TritonServerReaperOperator`` can stop it if the run ends without its teardown.
 
-    :param model_repository: the model repository (``<model>/config.pbtxt``).
+    :param model_repository: the model repository (``<model>/config.pbtxt``); the runtimes' own
+        ``model_repository`` option overrides where a remote server reads it (``s3://...``).
     :param models: models to load (all in the repository when ``None``).
-    :param runtime: where the server runs: ``local`` (a process on this machine).
+    :param runtime: where the server runs: ``local`` (a process on this machine), ``docker``,
+        ``kubernetes`` or ``ecs``.
     :param runtime_options: keyword options of the runtime (see ``airflow_batch_infer.runtimes``).
+    :param deferrable: launch, then wait in the triggerer (``TritonServerReadyTrigger``) while the models
+        load, holding no worker slot.
+    :param poll_interval: seconds between readiness polls when deferred.
     """
 
     template_fields: Sequence[str] = ("model_repository", "models", "runtime", "runtime_options")
@@ -32,6 +46,8 @@ class StartTritonServerOperator(BaseOperator):
         models: list[str] | None = None,
         runtime: str = "local",
         runtime_options: dict[str, Any] | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 5.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -39,17 +55,55 @@ class StartTritonServerOperator(BaseOperator):
         self.models = models
         self.runtime = runtime
         self.runtime_options = runtime_options or {}
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
 
     def execute(self, context: Any) -> dict[str, Any]:
         runtime = get_runtime(self.runtime, **self.runtime_options)
-        info = runtime.start(str(self.model_repository), list(self.models) if self.models else None)
+        models = list(self.models) if self.models else None
+        owner = ServerOwner.from_context(context)
+        if not self.deferrable:
+            info = runtime.start(str(self.model_repository), models, owner=owner)
+            self._log_ready(info)
+            return info.to_dict()
+        info = runtime.launch(str(self.model_repository), models, owner=owner)
+        timeout = runtime.startup_timeout
+        self.log.info(
+            "Triton server %s launched (%s runtime); deferring until it is ready (at most %.0f s).",
+            info.handle.get("server_id"),
+            info.runtime,
+            timeout,
+        )
+        self.defer(
+            trigger=TritonServerReadyTrigger(
+                server=info.to_dict(),
+                runtime=self.runtime,
+                runtime_options=self.runtime_options,
+                models=models,
+                deadline=time.time() + timeout,
+                poll_interval=self.poll_interval,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=timeout) + _DEFER_MARGIN,
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        """Resume after the trigger: return the ready server, or stop what was launched and fail."""
+        info = ServerInfo.from_dict(event["server"])
+        if event.get("status") == "ready":
+            self._log_ready(info)
+            return info.to_dict()
+        with contextlib.suppress(Exception):
+            get_runtime(self.runtime, **self.runtime_options).stop(info)
+        raise ServerStartError(event.get("message") or "The Triton server did not become ready.")
+
+    def _log_ready(self, info: ServerInfo) -> None:
         self.log.info(
             "Triton server ready (%s runtime): gRPC %s, metrics %s",
             info.runtime,
             info.grpc_url,
             info.metrics_url,
         )
-        return info.to_dict()
 
 
 class StopTritonServerOperator(BaseOperator):

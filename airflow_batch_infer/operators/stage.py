@@ -1,4 +1,4 @@
-"""StageInputsOperator: snapshot the input into chunk files and a manifest."""
+"""StageInputsOperator: snapshot the input (Parquet files or a SQL query) into chunk files and a manifest."""
 
 from __future__ import annotations
 
@@ -7,33 +7,71 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, conf
 
+from airflow_batch_infer import storage
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.paths import batch_infer_home
-from airflow_batch_infer.staging import run_directory, stage_parquet
+from airflow_batch_infer.sources import ParquetSource, Source, SQLQuerySource
+from airflow_batch_infer.staging import run_directory, stage_source
+
+
+def _given(value: Any) -> Any:
+    """``None`` for values a template rendered empty (``"{{ params.x or '' }}"``)."""
+    return None if value in (None, "", "None") else value
 
 
 class StageInputsOperator(BaseOperator):
-    """Snapshot Parquet input into chunk files plus ``manifest.json``; return one descriptor per chunk.
+    """Snapshot the input into chunk files plus ``manifest.json``; return one descriptor per chunk.
 
-    The descriptors (path, rows, bytes) are what the mapped infer task expands over; rows never go
-    through XCom. The chunk count is kept within ``[core] max_map_length``.
+    The input is either Parquet (``source``: files or folders, local or on object storage, hive partitions
+    understood, only ``columns`` read) or the rows of a SQL query (``sql`` on ``sql_conn_id``), read once.
+    The snapshot lives under ``<staging_root>/<dag_id>/<partition>/<run_id>/``, on local disk or object
+    storage (``s3://bucket/prefix``). The descriptors (path, rows, bytes) are what the mapped infer task
+    expands over; rows never go through XCom. The chunk count is kept within ``[core] max_map_length``.
 
-    :param source: a Parquet file or folder (hive partitions understood), or a list of them.
-    :param staging_root: root folder of run snapshots (default ``$BATCH_INFER_HOME/staging``).
+    :param source: a Parquet file or folder, or a list of them: local paths or URLs (``s3://bucket/key``).
+    :param source_conn_id: Airflow connection for a ``source`` on object storage (an ``aws`` connection).
+    :param sql: a query whose rows are scored instead of ``source`` (a ``.sql`` file name is read as a
+        template).
+    :param sql_conn_id: a common-sql connection (``postgres``, ...) or a ``duckdb`` one; ``None`` reads the
+        embedded DuckDB warehouse (``sql_database``).
+    :param sql_parameters: parameters of the query, in the driver's style; never pasted into its text.
+    :param sql_database: the DuckDB file queried when ``sql_conn_id`` is ``None``.
+    :param staging_root: root of run snapshots (default ``$BATCH_INFER_HOME/staging``); may be a URL.
+    :param staging_conn_id: Airflow connection for a ``staging_root`` on object storage.
     :param chunk_rows: rows per chunk, raised when needed to stay within ``max_map_length``.
     :param columns: columns to stage (all when ``None``).
     :param row_id_column: the input's own unique row id; when ``None`` a ``row_id`` column is added.
     :param partition: the run's partition key (default: from the run's data interval or logical date).
     """
 
-    template_fields: Sequence[str] = ("source", "staging_root", "chunk_rows", "columns", "partition")
+    template_fields: Sequence[str] = (
+        "source",
+        "source_conn_id",
+        "sql",
+        "sql_conn_id",
+        "sql_parameters",
+        "sql_database",
+        "staging_root",
+        "staging_conn_id",
+        "chunk_rows",
+        "columns",
+        "partition",
+    )
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers = {"sql": "sql"}
     ui_color = "#e8f4fd"
 
     def __init__(
         self,
         *,
-        source: str | list[str],
+        source: str | list[str] | None = None,
+        source_conn_id: str | None = None,
+        sql: str | None = None,
+        sql_conn_id: str | None = None,
+        sql_parameters: dict[str, Any] | list[Any] | None = None,
+        sql_database: str | None = None,
         staging_root: str | None = None,
+        staging_conn_id: str | None = None,
         chunk_rows: int | str = 250_000,
         columns: list[str] | None = None,
         row_id_column: str | None = None,
@@ -42,19 +80,40 @@ class StageInputsOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.source = source
+        self.source_conn_id = source_conn_id
+        self.sql = sql
+        self.sql_conn_id = sql_conn_id
+        self.sql_parameters = sql_parameters
+        self.sql_database = sql_database
         self.staging_root = staging_root
+        self.staging_conn_id = staging_conn_id
         self.chunk_rows = chunk_rows
         self.columns = columns
         self.row_id_column = row_id_column
         self.partition = partition
 
+    def _source(self) -> Source:
+        source, sql = _given(self.source), _given(self.sql)
+        if (source is None) == (sql is None):
+            raise ValueError("Give exactly one input: source= (Parquet files) or sql= (a query).")
+        if sql is not None:
+            return SQLQuerySource(
+                sql,
+                conn_id=_given(self.sql_conn_id),
+                parameters=_given(self.sql_parameters),
+                database=_given(self.sql_database),
+            )
+        return ParquetSource(source, conn_id=_given(self.source_conn_id))
+
     def execute(self, context: Any) -> list[dict[str, Any]]:
         partition = resolve_partition(context, self.partition)
-        root = self.staging_root or str(batch_infer_home() / "staging")
+        root = _given(self.staging_root) or str(batch_infer_home() / "staging")
+        root = storage.location(root, _given(self.staging_conn_id))
         run_dir = run_directory(root, self.dag_id, partition, context["run_id"])
         max_chunks = conf.getint("core", "max_map_length", fallback=1024)
-        manifest = stage_parquet(
-            self.source,
+        source = self._source()
+        manifest = stage_source(
+            source,
             run_dir,
             chunk_rows=int(self.chunk_rows),
             columns=self.columns or None,
@@ -62,11 +121,11 @@ class StageInputsOperator(BaseOperator):
             max_chunks=max_chunks,
         )
         if not manifest.chunks:
-            raise ValueError(f"The input {self.source} has no rows: nothing to score.")
+            raise ValueError(f"The input {source.description} has no rows: nothing to score.")
         self.log.info(
             "Staged %s rows from %s into %d chunk(s) of up to %s rows under %s (partition %s)",
             f"{manifest.total_rows:,}",
-            self.source,
+            source.description,
             len(manifest.chunks),
             f"{manifest.chunk_rows:,}",
             run_dir,

@@ -1,22 +1,60 @@
-"""Where a Triton server runs. ``local`` (a process on this machine) is the embedded default."""
+"""Where a Triton server runs. ``local`` (a process on this machine) is the embedded default.
+
+``docker``, ``kubernetes`` and ``ecs`` run NVIDIA's ``tritonserver`` image on GPU nodes. A DAG switches by
+name; the options are each runtime's constructor keywords, JSON-serialisable (they travel in the DAG and
+through the triggerer):
+
+- ``local``: :class:`~airflow_batch_infer.runtimes.local.LocalTritonRuntime`
+- ``docker``: :class:`~airflow_batch_infer.runtimes.docker.DockerTritonRuntime` (extra ``docker``)
+- ``kubernetes``: :class:`~airflow_batch_infer.runtimes.kubernetes.KubernetesTritonRuntime`
+  (extra ``kubernetes``)
+- ``ecs``: :class:`~airflow_batch_infer.runtimes.ecs.EcsTritonRuntime` (amazon provider)
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.labels import ServerOwner
 
-__all__ = ["ServerInfo", "ServerStartError", "TritonRuntime", "get_runtime"]
+__all__ = [
+    "RUNTIMES",
+    "ServerInfo",
+    "ServerOwner",
+    "ServerStartError",
+    "TritonRuntime",
+    "get_runtime",
+]
+
+#: Runtime name → (module, class, pip extra that brings its provider, or ``None``).
+RUNTIMES: dict[str, tuple[str, str, str | None]] = {
+    "local": ("airflow_batch_infer.runtimes.local", "LocalTritonRuntime", None),
+    "docker": ("airflow_batch_infer.runtimes.docker", "DockerTritonRuntime", "docker"),
+    "kubernetes": ("airflow_batch_infer.runtimes.kubernetes", "KubernetesTritonRuntime", "kubernetes"),
+    "ecs": ("airflow_batch_infer.runtimes.ecs", "EcsTritonRuntime", None),
+}
 
 
 def get_runtime(name: str, **options: Any) -> TritonRuntime:
     """Return the runtime called ``name`` configured with ``options``.
 
-    :param name: ``local`` (more runtimes register here as they are added).
+    :param name: ``local``, ``docker``, ``kubernetes`` or ``ecs``.
     :param options: keyword arguments of that runtime's constructor.
     """
-    if name == "local":
-        from airflow_batch_infer.runtimes.local import LocalTritonRuntime
-
-        return LocalTritonRuntime(**options)
-    raise ValueError(f"Unknown Triton runtime {name!r}; available: 'local'.")
+    if name not in RUNTIMES:
+        raise ValueError(f"Unknown Triton runtime {name!r}; available: {', '.join(map(repr, RUNTIMES))}.")
+    module_name, class_name, extra = RUNTIMES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if extra is None:
+            raise
+        raise ImportError(
+            f"The {name!r} Triton runtime needs `pip install 'airflow-provider-batch-infer[{extra}]'`: {exc}"
+        ) from exc
+    try:
+        return getattr(module, class_name)(**options)
+    except TypeError as exc:
+        raise TypeError(f"Bad runtime_options for the {name!r} Triton runtime: {exc}") from exc

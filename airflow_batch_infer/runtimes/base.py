@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow_batch_infer.runtimes.labels import ServerOwner
 
 
 class ServerStartError(RuntimeError):
@@ -37,16 +44,81 @@ class ServerInfo:
 
 
 class TritonRuntime(ABC):
-    """Starts and stops a Triton Inference Server somewhere."""
+    """Starts and stops a Triton Inference Server somewhere: a local process, a container, a Pod, a task.
+
+    A start is split in two so that the start operator can defer while the server loads: :meth:`launch`
+    creates the server and returns at once; :meth:`wait_ready` (or ``TritonServerReadyTrigger``) waits
+    until it is ready. Every server records the DAG run that started it (:class:`ServerOwner`), so that
+    the reaper can find and stop the servers whose run has ended (:meth:`list_servers`). Subclasses set
+    :attr:`startup_timeout` and implement :meth:`launch`, :meth:`stop`, :meth:`is_running`,
+    :meth:`log_tail` and :meth:`list_servers`.
+    """
 
     name: str
 
-    @abstractmethod
-    def start(self, model_repository: str, models: list[str] | None = None) -> ServerInfo:
-        """Start a server for ``models`` (all in the repository when ``None``) and wait until it is ready.
+    #: Seconds a start may take, from launch until the server and its models are ready.
+    startup_timeout: float = 600.0
 
-        A start that fails removes what it created and raises :class:`ServerStartError`.
+    @abstractmethod
+    def launch(
+        self, model_repository: str, models: list[str] | None = None, owner: ServerOwner | None = None
+    ) -> ServerInfo:
+        """Create the server and return at once, before it is ready.
+
+        A launch that fails removes what it created and raises :class:`ServerStartError`.
+
+        :param model_repository: where the server reads its models.
+        :param models: models to load (all in the repository when ``None``).
+        :param owner: the task instance that starts it, recorded on the server.
         """
+
+    @abstractmethod
+    def list_servers(self) -> list[ServerInfo]:
+        """Every server of this runtime's kind started by this package, running or exited.
+
+        Each one's ``handle["owner"]`` is its :class:`ServerOwner` as a dict (``None`` when unknown) and
+        ``handle["started_at"]`` its start time (epoch seconds, when known).
+        """
+
+    def refresh(self, info: ServerInfo) -> ServerInfo:
+        """``info`` with what became known since launch (an ECS task's address); the same by default."""
+        return info
+
+    def failure_reason(self, info: ServerInfo) -> str | None:
+        """Why the server will never become ready (it exited, its image cannot be pulled), else ``None``."""
+        return None if self.is_running(info) else "the server is no longer running"
+
+    def start(
+        self, model_repository: str, models: list[str] | None = None, owner: ServerOwner | None = None
+    ) -> ServerInfo:
+        """Launch, then wait until the server and its models are ready; stop it when that fails.
+
+        :param model_repository: where the server reads its models.
+        :param models: models to load (all in the repository when ``None``).
+        :param owner: the task instance that starts it, recorded on the server.
+        """
+        info = self.launch(model_repository, models, owner)
+        try:
+            return self.wait_ready(info, models)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.stop(info)
+            raise
+
+    def wait_ready(self, info: ServerInfo, models: list[str] | None = None) -> ServerInfo:
+        """Block until the server launched as ``info`` is ready, within :attr:`startup_timeout`.
+
+        The same code as ``TritonServerReadyTrigger``, run in this thread.
+
+        :raises ServerStartError: with the server's last log lines, when it died or the time ran out.
+        """
+        from airflow_batch_infer.runtimes.readiness import wait_until_ready
+
+        deadline = time.time() + self.startup_timeout
+        event = run_coroutine(wait_until_ready(self, info, models, deadline, poll_interval=1.0))
+        if event["status"] != "ready":
+            raise ServerStartError(event["message"])
+        return ServerInfo.from_dict(event["server"])
 
     @abstractmethod
     def stop(self, info: ServerInfo) -> bool:
@@ -59,3 +131,25 @@ class TritonRuntime(ABC):
     @abstractmethod
     def log_tail(self, info: ServerInfo, lines: int = 40) -> str:
         """The last ``lines`` lines of the server's own log, for error messages."""
+
+
+def run_coroutine(coroutine: Any) -> Any:
+    """Run ``coroutine`` to completion from synchronous code, also when this thread has a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(coroutine)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name="triton-wait-ready")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -32,6 +32,7 @@ from typing import Any
 
 from airflow_batch_infer.paths import batch_infer_home, triton_server_env
 from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.labels import ServerOwner
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ _HANG_HINTS = ("Failed to preinitialize Python stub",)
 _NOISE = ("CudaDriverHelper has not been initialized",)
 _ONNX_BACKENDS = {"onnxruntime"}
 _ONNX_PLATFORMS = {"onnxruntime_onnx"}
+#: Written in each server's folder at launch: its handle and owner, read by :meth:`list_servers`.
+_SERVER_RECORD = "server.json"
 
 # Run by the server environment's interpreter: what the server needs to know about it.
 _PROBE = """
@@ -425,13 +428,10 @@ class LocalTritonRuntime(TritonRuntime):
 
     # ------------------------------------------------------------------ start
 
-    def start(self, model_repository: str, models: list[str] | None = None) -> ServerInfo:
-        """Start ``tritonserver`` for ``models`` and wait until the server and every model are ready.
-
-        :param model_repository: path of the model repository.
-        :param models: names of the models to serve; every model in the repository when ``None``.
-        """
-        started = time.monotonic()
+    def _prepare(
+        self, model_repository: str, models: list[str] | None
+    ) -> tuple[ServerEnv, str, Path, Path, list[str]]:
+        """The server environment, a new server id and folder, and the materialised repository in it."""
         env = self.ensure_server_env()
         server_id = f"abi-{uuid.uuid4().hex[:12]}"
         workdir = (self.work_root / server_id).resolve()
@@ -442,10 +442,53 @@ class LocalTritonRuntime(TritonRuntime):
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+        return env, server_id, workdir, repo, names
+
+    def launch(
+        self, model_repository: str, models: list[str] | None = None, owner: ServerOwner | None = None
+    ) -> ServerInfo:
+        """Start ``tritonserver`` for ``models`` and return at once, before it is ready.
+
+        Waiting is left to :meth:`wait_ready` or ``TritonServerReadyTrigger``; unlike :meth:`start`, a port
+        taken between choosing it and binding it is reported as a failure, not retried.
+
+        :param model_repository: path of the model repository.
+        :param models: names of the models to serve; every model in the repository when ``None``.
+        :param owner: the task instance that starts it, recorded in the server's folder.
+        """
+        env, server_id, workdir, repo, names = self._prepare(model_repository, models)
+        info = self._server_info(server_id, workdir, _free_ports(3), owner)
+        try:
+            proc = self._launch(env, info, repo)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        self._children[proc.pid] = proc
+        log.info(
+            "Triton %s launched (pid %d, models %s): gRPC %s; log %s",
+            server_id,
+            proc.pid,
+            names,
+            info.grpc_url,
+            info.handle["log_path"],
+        )
+        return info
+
+    def start(
+        self, model_repository: str, models: list[str] | None = None, owner: ServerOwner | None = None
+    ) -> ServerInfo:
+        """Start ``tritonserver`` for ``models`` and wait until the server and every model are ready.
+
+        :param model_repository: path of the model repository.
+        :param models: names of the models to serve; every model in the repository when ``None``.
+        :param owner: the task instance that starts it, recorded in the server's folder.
+        """
+        started = time.monotonic()
+        env, server_id, workdir, repo, names = self._prepare(model_repository, models)
 
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             ports = _free_ports(3)
-            info = self._server_info(server_id, workdir, ports)
+            info = self._server_info(server_id, workdir, ports, owner)
             proc = self._launch(env, info, repo)
             try:
                 self._wait_ready(proc, info, names, started)
@@ -475,7 +518,9 @@ class LocalTritonRuntime(TritonRuntime):
             return info
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _server_info(self, server_id: str, workdir: Path, ports: list[int]) -> ServerInfo:
+    def _server_info(
+        self, server_id: str, workdir: Path, ports: list[int], owner: ServerOwner | None = None
+    ) -> ServerInfo:
         http, grpc, metrics = ports
         return ServerInfo(
             runtime=self.name,
@@ -492,6 +537,8 @@ class LocalTritonRuntime(TritonRuntime):
                 "http_port": http,
                 "grpc_port": grpc,
                 "metrics_port": metrics,
+                "owner": owner.to_dict() if owner else None,
+                "started_at": time.time(),
             },
         )
 
@@ -530,6 +577,7 @@ class LocalTritonRuntime(TritonRuntime):
                 start_new_session=True,
             )
         h["pid"] = proc.pid
+        _write_new_file(Path(h["workdir"]) / _SERVER_RECORD, json.dumps(info.to_dict(), indent=1))
         return proc
 
     def _wait_ready(
@@ -683,6 +731,45 @@ class LocalTritonRuntime(TritonRuntime):
         except OSError:
             return ""
         return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+    def failure_reason(self, info: ServerInfo) -> str | None:
+        """Why the server will never be ready: its process exited, or a Python backend stub failed.
+
+        :param info: what :meth:`launch` returned.
+        """
+        self._check_host(info)
+        tail = self.log_tail(info, 200)
+        if not self._is_ours(info):
+            if any(hint in tail.lower() for hint in _PORT_CLASH_HINTS):
+                return "tritonserver exited: one of its ports was taken by another process"
+            errors = _server_errors(self.log_tail(info, 2000))
+            found = (": " + " | ".join(errors)) if errors else ""
+            return f"tritonserver exited before it was ready{found}"
+        hang = next((h for h in _HANG_HINTS if h in tail), None)
+        if hang:
+            return f"a Python backend stub failed ({hang!r}), so the model would never load"
+        return None
+
+    def list_servers(self) -> list[ServerInfo]:
+        """Servers under ``work_root`` on this host whose process runs or whose folder was not cleaned up.
+
+        Each server's ``server.json`` (written at launch) holds its handle and owner.
+        """
+        servers = []
+        if not self.work_root.is_dir():
+            return servers
+        for record in sorted(self.work_root.glob(f"abi-*/{_SERVER_RECORD}")):
+            try:
+                info = ServerInfo.from_dict(json.loads(record.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if info.handle.get("hostname") not in (None, socket.gethostname()):
+                continue
+            running = self._is_ours(info)
+            if running or (record.parent / "models").exists():
+                info.handle["state"] = "running" if running else "exited"
+                servers.append(info)
+        return servers
 
 
 class _PortClashError(Exception):

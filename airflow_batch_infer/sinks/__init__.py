@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from airflow_batch_infer.sinks.base import PersistResult, SchemaMismatchError, WarehouseSink
 
-__all__ = ["PersistResult", "SchemaMismatchError", "WarehouseSink", "get_sink"]
+__all__ = ["SINKS", "PersistResult", "SchemaMismatchError", "WarehouseSink", "get_sink"]
+
+# Sink name → "module:class"; imported on use, so that a sink's client library is needed only by its users.
+SINKS = {
+    "duckdb": "airflow_batch_infer.sinks.duckdb:DuckDBSink",
+    "postgres": "airflow_batch_infer.sinks.postgres:PostgresSink",
+    "s3_parquet": "airflow_batch_infer.sinks.s3_parquet:S3ParquetSink",
+    "redshift": "airflow_batch_infer.sinks.redshift:RedshiftSink",
+    "athena": "airflow_batch_infer.sinks.athena:AthenaSink",
+}
 
 
 def get_sink(name: str, **options: Any) -> WarehouseSink:
     """Return the sink called ``name`` configured with ``options``.
 
-    :param name: ``duckdb`` (more sinks register here as they are added).
-    :param options: keyword arguments of that sink's constructor.
+    :param name: ``duckdb``, ``postgres``, ``s3_parquet``, ``redshift`` or ``athena``.
+    :param options: keyword arguments of that sink's constructor (``table``, ``partition_column``,
+        ``create_table`` and the sink's own: connection, database, location...).
     """
-    if name == "duckdb":
-        from airflow_batch_infer.sinks.duckdb import DuckDBSink
-
-        return DuckDBSink(**options)
-    raise ValueError(f"Unknown sink {name!r}; available: 'duckdb'.")
+    if name not in SINKS:
+        raise ValueError(f"Unknown sink {name!r}; available: {', '.join(repr(s) for s in SINKS)}.")
+    module, _, cls = SINKS[name].partition(":")
+    sink_class = getattr(importlib.import_module(module), cls)
+    try:
+        return sink_class(**options)
+    except TypeError as err:
+        raise TypeError(f"Sink {name!r}: {err}. See {sink_class.__name__}'s parameters.") from err

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 REJECTS_SUFFIX = "_rejects"
@@ -36,6 +38,16 @@ def quote_identifier(name: str, what: str = "identifier") -> str:
     return '"' + validate_identifier(name, what) + '"'
 
 
+def sql_literal(value: str, what: str = "value") -> str:
+    """``value`` as a single-quoted SQL string literal, for the few statements that take no parameters
+    (Redshift Data API batches, Athena DDL). Quotes are doubled; backslashes and control characters are
+    refused, so the text can never end the literal.
+    """
+    if not isinstance(value, str) or "\\" in value or any(ord(c) < 32 for c in value):
+        raise ValueError(f"Invalid {what} {value!r}: no backslashes or control characters allowed.")
+    return "'" + value.replace("'", "''") + "'"
+
+
 def qualified_table(table: str) -> str:
     """Quote ``table`` or ``schema.table``, each part validated."""
     parts = table.split(".")
@@ -53,7 +65,8 @@ class PersistResult:
     :param partition: the partition replaced.
     :param rows: rows now in the partition of ``table``.
     :param rejected: rows now in the partition of ``rejects_table``.
-    :param replaced: rows the partition held before (0 on a first run).
+    :param replaced: rows the partition held before (0 on a first run; -1 when not known, e.g. a
+        Redshift batch not waited for).
     :param location: where the table lives (a database file, a URL without credentials).
     """
 
@@ -67,6 +80,87 @@ class PersistResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def split_table(table: str) -> tuple[str | None, str]:
+    """``(schema, name)`` of ``table`` or ``schema.table``, both validated."""
+    qualified_table(table)
+    schema, _, name = table.rpartition(".")
+    return schema or None, name
+
+
+def check_fit(
+    table: str,
+    partition_column: str,
+    existing: Mapping[str, str],
+    incoming: Mapping[str, str],
+    fits: Callable[[str, str], bool] = lambda have, want: have == want,
+) -> None:
+    """Check that an existing table can take the outputs; the error names the column that does not fit.
+
+    :param table: the table, for the messages.
+    :param partition_column: the column that holds the partition key; it must exist.
+    :param existing: the table's columns → their types, as the warehouse names them.
+    :param incoming: the outputs' columns → the types this sink would create for them.
+    :param fits: whether a column of the first type can take values of the second.
+    """
+    if partition_column not in existing:
+        raise SchemaMismatchError(
+            f"Table {table} has no partition column {partition_column!r}: it was not created by "
+            "this sink. Choose another table, or add the column."
+        )
+    for name, dtype in incoming.items():
+        if name not in existing:
+            raise SchemaMismatchError(
+                f"Table {table} has no column {name!r} ({dtype}) that the outputs carry: add it "
+                f"(ALTER TABLE {table} ADD COLUMN {name} {dtype}) or write to a new table."
+            )
+        if not fits(existing[name], dtype):
+            raise SchemaMismatchError(
+                f"Column {name!r} of table {table} is {existing[name]} but the outputs hold {dtype}: "
+                "alter the column or write to a new table."
+            )
+
+
+def check_partition_column_absent(partition_column: str, names: Sequence[str]) -> None:
+    """Refuse outputs that carry a column named like the partition column."""
+    if partition_column in names:
+        raise SchemaMismatchError(
+            f"The outputs already have a column {partition_column!r}, which is the partition "
+            "column: rename that output column or choose another partition_column."
+        )
+
+
+def parts_schema(parts: Sequence[str | Path]) -> pa.Schema:
+    """The schema that every part shares (read from the footers); a part that differs is named."""
+    from airflow_batch_infer.staging import open_parquet
+
+    if not parts:
+        raise ValueError("No part files to persist.")
+    schema = None
+    for part in parts:
+        found = open_parquet(part).schema_arrow.remove_metadata()
+        if schema is None:
+            schema = found
+        elif not found.equals(schema):
+            raise SchemaMismatchError(f"Part {part} has columns {found} but the first part has {schema}.")
+    assert schema is not None
+    return schema
+
+
+def parts_rows(parts: Sequence[str | Path]) -> int:
+    """Rows in the parts, from their footers."""
+    from airflow_batch_infer.staging import open_parquet
+
+    return sum(open_parquet(p).metadata.num_rows for p in parts)
+
+
+def iter_part_batches(parts: Sequence[str | Path], batch_rows: int = 50_000) -> Iterator[pa.RecordBatch]:
+    """The parts' rows as record batches, one part after the other: memory holds one batch."""
+    from airflow_batch_infer.staging import open_parquet
+
+    for part in parts:
+        yield from open_parquet(part).iter_batches(batch_size=batch_rows)
 
 
 class WarehouseSink(ABC):
@@ -90,6 +184,11 @@ class WarehouseSink(ABC):
 
     @abstractmethod
     def replace_partition(
-        self, partition: str, output_parts: Sequence[Path], reject_parts: Sequence[Path]
+        self, partition: str, output_parts: Sequence[str | Path], reject_parts: Sequence[str | Path]
     ) -> PersistResult:
-        """Replace ``partition`` of the tables with the rows of the part files, all or nothing."""
+        """Replace ``partition`` of the tables with the rows of the part files, all or nothing.
+
+        :param partition: the partition key (see :func:`~airflow_batch_infer.partition.validate_partition`).
+        :param output_parts: the run's output part files: local paths or object store locations.
+        :param reject_parts: the run's rejects part files.
+        """

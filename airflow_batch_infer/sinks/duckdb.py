@@ -7,11 +7,14 @@ from pathlib import Path
 
 import duckdb
 
+from airflow_batch_infer import storage
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.sinks.base import (
     PersistResult,
     SchemaMismatchError,
     WarehouseSink,
+    check_fit,
+    check_partition_column_absent,
     qualified_table,
     quote_identifier,
 )
@@ -19,6 +22,9 @@ from airflow_batch_infer.sinks.base import (
 
 class DuckDBSink(WarehouseSink):
     """Replace a partition of a DuckDB table in one transaction: delete the partition, insert the parts.
+
+    Parts on object storage are read through the run's fsspec filesystem (DuckDB's own ``httpfs`` is not
+    needed).
 
     :param table: output table (``table`` or ``schema.table``).
     :param database: the DuckDB file (default ``$BATCH_INFER_HOME/warehouse.duckdb``).
@@ -39,10 +45,12 @@ class DuckDBSink(WarehouseSink):
         self.database = str(database or batch_infer_home() / "warehouse.duckdb")
 
     def replace_partition(
-        self, partition: str, output_parts: Sequence[Path], reject_parts: Sequence[Path]
+        self, partition: str, output_parts: Sequence[str | Path], reject_parts: Sequence[str | Path]
     ) -> PersistResult:
         Path(self.database).parent.mkdir(parents=True, exist_ok=True)
         with duckdb.connect(self.database) as con:
+            output_parts = self._readable(con, output_parts)
+            reject_parts = self._readable(con, reject_parts)
             con.execute("BEGIN TRANSACTION")
             try:
                 replaced, rows = self._replace(con, self.table, partition, output_parts)
@@ -61,8 +69,22 @@ class DuckDBSink(WarehouseSink):
             location=self.database,
         )
 
+    @staticmethod
+    def _readable(con: duckdb.DuckDBPyConnection, parts: Sequence[str | Path]) -> list[str]:
+        """Names DuckDB can open: local paths, or plain URLs of a filesystem registered on ``con``."""
+        names = []
+        for part in parts:
+            if storage.is_remote(part):
+                fs, _ = storage.filesystem(part)
+                if not con.filesystem_is_registered(storage.protocol(fs)):
+                    con.register_filesystem(fs)
+                names.append(storage.plain_url(part))
+            else:
+                names.append(str(part))
+        return names
+
     def _replace(
-        self, con: duckdb.DuckDBPyConnection, table: str, partition: str, parts: Sequence[Path]
+        self, con: duckdb.DuckDBPyConnection, table: str, partition: str, parts: Sequence[str]
     ) -> tuple[int, int]:
         """Delete then insert one table's partition inside the open transaction; (rows before, after)."""
         target = qualified_table(table)
@@ -70,11 +92,7 @@ class DuckDBSink(WarehouseSink):
         files = {"files": [str(p) for p in parts]}
         incoming = con.execute("DESCRIBE SELECT * FROM read_parquet($files)", files).fetchall()
         incoming_types = {name: dtype for name, dtype, *_ in incoming}
-        if self.partition_column in incoming_types:
-            raise SchemaMismatchError(
-                f"The outputs already have a column {self.partition_column!r}, which is the partition "
-                "column: rename that output column or choose another partition_column."
-            )
+        check_partition_column_absent(self.partition_column, list(incoming_types))
         existing = self._columns(con, table)
         if existing is None:
             if not self.create_table:
@@ -87,7 +105,7 @@ class DuckDBSink(WarehouseSink):
                 files,
             )
         else:
-            self._check_fit(table, existing, incoming_types)
+            check_fit(table, self.partition_column, existing, incoming_types)
         before = con.execute(
             f"SELECT count(*) FROM {target} WHERE {column} = $p", {"p": partition}
         ).fetchone()
@@ -109,21 +127,3 @@ class DuckDBSink(WarehouseSink):
             params["s"] = schema
         rows = con.execute(query + " ORDER BY ordinal_position", params).fetchall()
         return {column: dtype for column, dtype in rows} if rows else None
-
-    def _check_fit(self, table: str, existing: dict[str, str], incoming: dict[str, str]) -> None:
-        if self.partition_column not in existing:
-            raise SchemaMismatchError(
-                f"Table {table} has no partition column {self.partition_column!r}: it was not created by "
-                "this sink. Choose another table, or add the column."
-            )
-        for name, dtype in incoming.items():
-            if name not in existing:
-                raise SchemaMismatchError(
-                    f"Table {table} has no column {name!r} ({dtype}) that the outputs carry: add it "
-                    f"(ALTER TABLE {table} ADD COLUMN {name} {dtype}) or write to a new table."
-                )
-            if existing[name] != dtype:
-                raise SchemaMismatchError(
-                    f"Column {name!r} of table {table} is {existing[name]} but the outputs hold {dtype}: "
-                    "alter the column or write to a new table."
-                )

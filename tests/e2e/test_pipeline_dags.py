@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
 
-from tests.conftest import MODEL_REPOSITORY, REPO, processes_mentioning
+from tests.conftest import MODEL_REPOSITORY, load_dag, processes_mentioning, register_dag, task_states
 
 pytestmark = pytest.mark.e2e
 
@@ -21,20 +21,7 @@ LOGICAL_DATE = pendulum.datetime(2026, 11, 21, tz="UTC")
 
 @pytest.fixture(scope="module")
 def demo_dag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert not bag.import_errors, bag.import_errors
-    return bag.dags["batch_inference_demo"]
-
-
-def register(dag) -> None:
-    """Serialize a DAG that lives outside the DAGs folder, as dag.test() needs."""
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
-
-    bag = DagBag(collect_dags=False)
-    bag.bag_dag(dag)
-    sync_bag_to_db(bag, "dags-folder", None)
+    return load_dag("batch_inference_demo")
 
 
 def warehouse() -> Path:
@@ -49,13 +36,6 @@ def partition_counts(table: str) -> dict[str, tuple[int, int]]:
             f'SELECT batch_partition, count(*), count(DISTINCT row_id) FROM "{table}" GROUP BY 1 ORDER BY 1'
         ).fetchall()
     return {p: (n, distinct) for p, n, distinct in rows}
-
-
-def task_states(dag_run) -> dict[str, list[str]]:
-    states: dict[str, list[str]] = {}
-    for ti in dag_run.get_task_instances():
-        states.setdefault(ti.task_id.split(".")[-1], []).append(str(ti.state))
-    return states
 
 
 def test_every_row_lands_once_and_a_rerun_replaces_its_partition(demo_dag, tmp_path) -> None:
@@ -112,7 +92,7 @@ def test_a_failing_infer_task_still_stops_the_server(airflow_db, tmp_path) -> No
             runtime_options={"work_root": str(tmp_path / "servers")},
             sink_options={"database": str(tmp_path / "w.duckdb")},
         )
-    register(dag)
+    register_dag(dag)
 
     run = dag.test(logical_date=LOGICAL_DATE)
 
@@ -124,3 +104,43 @@ def test_a_failing_infer_task_still_stops_the_server(airflow_db, tmp_path) -> No
     assert states["stop_server"] == ["success"]
     assert processes_mentioning(tmp_path / "servers") == []
     assert not (tmp_path / "w.duckdb").exists()
+
+
+def test_a_server_that_runs_anyway_is_reached_through_the_connection(
+    airflow_db, triton_server, tmp_path, monkeypatch
+) -> None:
+    import json
+
+    from airflow.sdk import DAG
+
+    from airflow_batch_infer.task_group import batch_inference
+
+    host, port = triton_server.grpc_url.rsplit(":", 1)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_TRITON_SHARED", json.dumps({"conn_type": "triton", "host": host, "port": int(port)})
+    )
+    write_transactions(tmp_path / "in", 5_000, files=1)
+    with DAG(dag_id="e2e_shared_server", schedule=None, start_date=LOGICAL_DATE) as dag:
+        batch_inference(
+            source=str(tmp_path / "in"),
+            model_name="risk_scorer",
+            inputs={"features": FEATURES},
+            table="shared_scores",
+            runtime=None,
+            triton_conn_id="triton_shared",
+            chunk_rows=2_500,
+            staging_root=str(tmp_path / "staging"),
+            sink_options={"database": str(tmp_path / "w.duckdb")},
+        )
+    register_dag(dag)
+    assert {t.task_id.split(".")[-1] for t in dag.tasks} == {"stage", "infer", "persist"}
+
+    run = dag.test(logical_date=LOGICAL_DATE)
+
+    assert run.state == "success", task_states(run)
+    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT row_id) FROM shared_scores").fetchone() == (
+            5_000,
+            5_000,
+        )
+    assert processes_mentioning(triton_server.handle["workdir"]), "the shared server must still be running"

@@ -180,3 +180,25 @@ def test_template_and_constant_mismatches_are_named() -> None:
         ContractError, match=r"needs input tensor\(s\) \['max_tokens', 'seed', 'stop_words', 'temperature'\]"
     ):
         bind_inputs({}, DOCS.schema, LLM_METADATA, 64, templates={"text_input": "{body}"})
+
+
+def test_a_list_of_words_per_row_is_padded_for_a_variable_width_tensor() -> None:
+    batch = pa.record_batch(
+        {
+            "body": pa.array(["a", "b", "c"]),
+            "stops": pa.array([["END"], ["\n\n", "STOP"], None], pa.list_(pa.string())),
+        }
+    )
+    bindings = bind_inputs(
+        {"stop_words": "stops"},
+        batch.schema,
+        LLM_METADATA,
+        64,
+        templates={"text_input": "{body}"},
+        constants={"max_tokens": 8},
+        optional=["temperature", "seed"],
+    )
+    tensors, good, reasons = encode_batch(batch, bindings)
+    assert tensors["stop_words"][:2].tolist() == [[b"END", b""], [b"\n\n", b"STOP"]]
+    assert good.tolist() == [True, True, False]
+    assert reasons[2] == "null in column 'stops'"

@@ -1,0 +1,132 @@
+"""What the container runtimes (docker, kubernetes, ecs) share: NVIDIA's image, the command line, S3 paths."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+#: NVIDIA's Triton image, pinned: its ``-py3`` image carries the native onnxruntime, TensorRT, PyTorch and
+#: Python backends; its ``-trtllm-python-py3`` variant the TensorRT-LLM backend. One tag for both, the
+#: release the TensorRT-LLM templates in ``triton_models/llm`` target (TensorRT-LLM 1.0.0), so that an
+#: engine built in that image is served by the same version. Check the host's NVIDIA driver against the
+#: release notes of the tag before you move it.
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-py3"
+#: The same release with the TensorRT-LLM backend (and the Python backend for the ensemble's tokenizers).
+TRITON_TRTLLM_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"
+
+HTTP_PORT = 8000
+GRPC_PORT = 8001
+METRICS_PORT = 8002
+#: Where a model repository on a volume is mounted in the container.
+CONTAINER_MODEL_REPOSITORY = "/models"
+#: Cloud storage that tritonserver reads itself (``--model-repository=s3://...``).
+REMOTE_SCHEMES = ("s3://", "gs://", "as://")
+
+
+def is_remote_repository(path: str) -> bool:
+    """Whether ``path`` is cloud storage that tritonserver reads itself (not a path to mount)."""
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+def triton_s3_path(uri: str, endpoint_url: str | None = None) -> str:
+    """``s3://bucket/prefix`` in the form tritonserver reads, also from an S3-compatible store.
+
+    Triton names a custom endpoint inside the path: ``s3://host:port/bucket/prefix`` over HTTP, and
+    ``s3://https://host:port/bucket/prefix`` over HTTPS.
+
+    :param uri: ``s3://bucket/prefix``.
+    :param endpoint_url: the store's endpoint (``http://minio:9000``); AWS S3 itself when ``None``.
+    """
+    if not uri.startswith("s3://"):
+        raise ValueError(f"Not an s3:// URI: {uri!r}")
+    if not endpoint_url:
+        return uri
+    endpoint = urlsplit(endpoint_url)
+    if not endpoint.hostname:
+        raise ValueError(f"Endpoint URL {endpoint_url!r} has no host.")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    scheme = "https://" if endpoint.scheme == "https" else ""
+    return f"s3://{scheme}{endpoint.hostname}:{port}/{uri[len('s3://') :].lstrip('/')}"
+
+
+def tritonserver_command(
+    model_repository: str,
+    server_id: str,
+    models: list[str] | None,
+    *,
+    log_verbose: int = 0,
+    extra_args: list[str] | None = None,
+) -> list[str]:
+    """The ``tritonserver`` command line of a containerised server.
+
+    ``--id`` is the server id (``GET /v2`` answers it, so a wait never mistakes another server for this
+    one); with ``models`` only those are loaded (``--model-control-mode=explicit``); strict readiness makes
+    ``/v2/health/ready`` wait for every model.
+
+    :param model_repository: the repository as the container sees it (a path or ``s3://...``).
+    :param server_id: the server's unique id.
+    :param models: models to load; all in the repository when ``None``.
+    :param log_verbose: Triton's ``--log-verbose`` level.
+    :param extra_args: more tritonserver flags, appended as they are.
+    """
+    command = [
+        "tritonserver",
+        f"--model-repository={model_repository}",
+        f"--id={server_id}",
+        f"--http-port={HTTP_PORT}",
+        f"--grpc-port={GRPC_PORT}",
+        f"--metrics-port={METRICS_PORT}",
+        "--strict-readiness=true",
+        "--exit-timeout-secs=30",
+        f"--log-verbose={int(log_verbose)}",
+    ]
+    if models:
+        command.append("--model-control-mode=explicit")
+        command.extend(f"--load-model={model}" for model in dict.fromkeys(models))
+    command.extend(extra_args or [])
+    return command
+
+
+def gpu_count(gpus: int | str | list[str]) -> int | None:
+    """Number of GPUs asked for: an int, ``"all"`` (``None``: every GPU), or a list of device ids."""
+    if isinstance(gpus, (list, tuple)):
+        return len(gpus)
+    if isinstance(gpus, str):
+        if gpus.lower() == "all":
+            return None
+        return int(gpus)
+    return int(gpus)
+
+
+def s3_access(aws_conn_id: str, region_name: str | None = None) -> tuple[dict[str, str], str | None]:
+    """Environment variables that let tritonserver read S3 with an Airflow ``aws`` connection's keys.
+
+    :param aws_conn_id: the connection (its extra's ``endpoint_url`` names an S3-compatible store).
+    :param region_name: the region; the connection's when ``None``.
+    :returns: the variables (``AWS_ACCESS_KEY_ID``, ...) and the S3 endpoint URL (``None`` for AWS).
+    """
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    hook = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="s3", region_name=region_name)
+    credentials = hook.get_credentials()
+    env = {"AWS_DEFAULT_REGION": hook.conn_region_name or "us-east-1"}
+    if credentials.access_key:
+        env["AWS_ACCESS_KEY_ID"] = credentials.access_key
+        env["AWS_SECRET_ACCESS_KEY"] = credentials.secret_key
+    if credentials.token:
+        env["AWS_SESSION_TOKEN"] = credentials.token
+    return env, hook.conn_config.get_service_endpoint_url("s3")
+
+
+def require_provider(module: str, extra: str) -> None:
+    """Fail early, naming the pip extra, when the Airflow provider a runtime calls is not installed.
+
+    :param module: e.g. ``airflow.providers.docker``.
+    :param extra: e.g. ``docker``.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"{module} is not installed: `pip install 'airflow-provider-batch-infer[{extra}]'` "
+            "to use this runtime."
+        )

@@ -1,0 +1,463 @@
+"""The docker runtime: NVIDIA's ``tritonserver`` image as a container on a Docker host with GPUs.
+
+The container is created through the docker provider's
+:class:`~airflow.providers.docker.hooks.docker.DockerHook` (the docker SDK's API client), never through a
+shell string. :func:`build_container_spec` is the whole container, as a pure function: GPUs
+(``DeviceRequest`` for the NVIDIA Container Toolkit), shared memory, ulimits, the model repository (a
+read-only bind mount, or S3 read by tritonserver itself), published ports or a network to join, and labels
+naming the DAG run. Needs the ``docker`` extra (``apache-airflow-providers-docker``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.containers import (
+    CONTAINER_MODEL_REPOSITORY,
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    TRITON_IMAGE,
+    gpu_count,
+    is_remote_repository,
+    require_provider,
+    s3_access,
+    triton_s3_path,
+    tritonserver_command,
+)
+from airflow_batch_infer.runtimes.labels import (
+    MANAGED_BY,
+    MANAGED_BY_KEY,
+    SERVER_ID_KEY,
+    ServerOwner,
+    new_server_id,
+    server_labels,
+)
+
+if TYPE_CHECKING:
+    from docker import APIClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DOCKER_URL = "unix://var/run/docker.sock"
+#: NVIDIA's recommended limits for Triton containers (pinned memory, deep stacks in backends).
+ULIMITS = {"memlock": (-1, -1), "stack": (67108864, 67108864)}
+_PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
+
+
+@dataclass
+class ContainerSpec:
+    """What :func:`build_container_spec` returns.
+
+    :param create: keyword arguments of ``APIClient.create_container`` (less ``host_config``).
+    :param host_config: keyword arguments of ``APIClient.create_host_config``.
+    """
+
+    create: dict[str, Any]
+    host_config: dict[str, Any] = field(default_factory=dict)
+
+
+def build_container_spec(
+    *,
+    server_id: str,
+    image: str,
+    model_repository: str,
+    models: list[str] | None,
+    owner: ServerOwner | None = None,
+    gpus: int | str | list[str] = 1,
+    shm_size: str = "1g",
+    network: str | None = None,
+    host_ip: str = "0.0.0.0",  # noqa: S104 (published on the Docker host, as `docker run -p` does)
+    host_ports: dict[str, int] | None = None,
+    environment: dict[str, str] | None = None,
+    volumes: list[str] | None = None,
+    extra_args: list[str] | None = None,
+    log_verbose: int = 0,
+    s3_endpoint_url: str | None = None,
+) -> ContainerSpec:
+    """The container that serves ``models``: a pure function of the runtime's options.
+
+    :param server_id: the server's id: container name, ``--id`` and a label.
+    :param image: the tritonserver image.
+    :param model_repository: a path on the Docker host (mounted read-only at ``/models``) or ``s3://...``.
+    :param models: models to load (all in the repository when ``None``).
+    :param owner: the task instance that starts it (labels).
+    :param gpus: number of GPUs, ``"all"``, a list of device ids, or 0 for none.
+    :param shm_size: shared memory of the container (Python backend tensors, ensembles), e.g. ``"2g"``.
+    :param network: a Docker network to join; the server is then reached by its name there and its
+        ports are not published.
+    :param host_ip: address the published ports bind on the Docker host.
+    :param host_ports: fixed host ports (``{"http": 8000, "grpc": 8001, "metrics": 8002}``); free ones
+        chosen by Docker when ``None``.
+    :param environment: environment variables of the server.
+    :param volumes: more binds, ``host_path:container_path[:ro]``.
+    :param extra_args: more tritonserver flags.
+    :param log_verbose: Triton's ``--log-verbose`` level.
+    :param s3_endpoint_url: endpoint of an S3-compatible store holding the repository.
+    """
+    from docker.types import DeviceRequest, Ulimit
+
+    binds: list[str] = list(volumes or [])
+    if is_remote_repository(model_repository):
+        repository = (
+            triton_s3_path(model_repository, s3_endpoint_url)
+            if model_repository.startswith("s3://")
+            else model_repository
+        )
+    else:
+        repository = CONTAINER_MODEL_REPOSITORY
+        binds.insert(0, f"{model_repository}:{CONTAINER_MODEL_REPOSITORY}:ro")
+
+    host_config: dict[str, Any] = {
+        "shm_size": shm_size,
+        "ulimits": [Ulimit(name=name, soft=soft, hard=hard) for name, (soft, hard) in ULIMITS.items()],
+        "binds": binds,
+        "auto_remove": False,  # an exited server keeps its log until stop() removes it
+    }
+    count = gpu_count(gpus)
+    if count != 0:
+        request: dict[str, Any] = {"driver": "nvidia", "capabilities": [["gpu"]]}
+        if isinstance(gpus, (list, tuple)):
+            request["device_ids"] = [str(g) for g in gpus]
+        else:
+            request["count"] = -1 if count is None else count
+        host_config["device_requests"] = [DeviceRequest(**request)]
+    if network:
+        host_config["network_mode"] = network
+    else:
+        fixed = host_ports or {}
+        host_config["port_bindings"] = {port: (host_ip, fixed.get(key)) for key, port in _PORTS.items()}
+
+    create = {
+        "image": image,
+        "name": server_id,
+        "command": tritonserver_command(
+            repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
+        ),
+        "labels": server_labels(server_id, owner),
+        "environment": dict(environment or {}),
+        "ports": list(_PORTS.values()),
+        "detach": True,
+        "stop_signal": "SIGTERM",
+    }
+    return ContainerSpec(create=create, host_config=host_config)
+
+
+class DockerTritonRuntime(TritonRuntime):
+    """Runs NVIDIA's ``tritonserver`` image as a container on a Docker host with NVIDIA GPUs.
+
+    :param image: the image; default :data:`~airflow_batch_infer.runtimes.containers.TRITON_IMAGE`
+        (``TRITON_TRTLLM_IMAGE`` for TensorRT-LLM models).
+    :param docker_url: the Docker Engine (``unix://var/run/docker.sock``, ``tcp://gpu-host:2376``).
+    :param docker_conn_id: a ``docker`` connection to log in to a private registry (NGC images are public).
+    :param gpus: number of GPUs, ``"all"``, a list of device ids, or 0 for a CPU-only server.
+    :param shm_size: shared memory size of the container, e.g. ``"2g"``.
+    :param network: a Docker network to join (e.g. the compose stack's); workers then reach the server
+        by its container name and no port is published.
+    :param advertise_host: host name the workers use for published ports; by default the host of a
+        ``tcp://`` ``docker_url``, else ``127.0.0.1``.
+    :param host_ip: address the published ports bind on the Docker host.
+    :param host_ports: fixed host ports (``{"http": ..., "grpc": ..., "metrics": ...}``); Docker picks free
+        ones when ``None``.
+    :param model_repository: where the server reads its models when not the path the DAG names: a path on
+        the Docker host, or ``s3://bucket/prefix``.
+    :param aws_conn_id: ``aws`` connection whose keys (and ``endpoint_url``) the server uses for ``s3://``.
+    :param environment: more environment variables of the server.
+    :param volumes: more binds, ``host_path:container_path[:ro]``.
+    :param extra_args: more tritonserver flags.
+    :param log_verbose: Triton's ``--log-verbose`` level.
+    :param pull: ``missing`` (pull when the host lacks the image), ``always`` or ``never``.
+    :param startup_timeout: seconds from launch until the models must be ready (pulling not included).
+    :param stop_grace_period: seconds between SIGTERM and SIGKILL when stopping.
+    :param api_timeout: seconds for a call to the Docker Engine.
+    :param tls_ca_cert: CA certificate file for a TLS Docker Engine (with the two below).
+    :param tls_client_cert: client certificate file.
+    :param tls_client_key: client key file.
+    """
+
+    name = "docker"
+
+    def __init__(
+        self,
+        image: str = TRITON_IMAGE,
+        docker_url: str = DEFAULT_DOCKER_URL,
+        docker_conn_id: str | None = None,
+        gpus: int | str | list[str] = 1,
+        shm_size: str = "1g",
+        network: str | None = None,
+        advertise_host: str | None = None,
+        host_ip: str = "0.0.0.0",  # noqa: S104 (same default as `docker run -p`)
+        host_ports: dict[str, int] | None = None,
+        model_repository: str | None = None,
+        aws_conn_id: str | None = None,
+        environment: dict[str, str] | None = None,
+        volumes: list[str] | None = None,
+        extra_args: list[str] | None = None,
+        log_verbose: int = 0,
+        pull: str = "missing",
+        startup_timeout: float = 900,
+        stop_grace_period: float = 30,
+        api_timeout: int = 120,
+        tls_ca_cert: str | None = None,
+        tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
+    ) -> None:
+        require_provider("airflow.providers.docker", "docker")
+        if pull not in ("missing", "always", "never"):
+            raise ValueError(f"pull must be 'missing', 'always' or 'never', not {pull!r}.")
+        self.image = image
+        self.docker_url = docker_url
+        self.docker_conn_id = docker_conn_id
+        self.gpus = gpus
+        self.shm_size = shm_size
+        self.network = network
+        self.advertise_host = advertise_host
+        self.host_ip = host_ip
+        self.host_ports = host_ports
+        self.model_repository = model_repository
+        self.aws_conn_id = aws_conn_id
+        self.environment = dict(environment or {})
+        self.volumes = list(volumes or [])
+        self.extra_args = list(extra_args or [])
+        self.log_verbose = int(log_verbose)
+        self.pull = pull
+        self.startup_timeout = float(startup_timeout)
+        self.stop_grace_period = float(stop_grace_period)
+        self.api_timeout = int(api_timeout)
+        self.tls = (tls_ca_cert, tls_client_cert, tls_client_key)
+
+    @cached_property
+    def client(self) -> APIClient:
+        """The docker SDK's API client, from the docker provider's hook."""
+        from airflow.providers.docker.hooks.docker import DockerHook
+
+        tls = DockerHook.construct_tls_config(*self.tls) if all(self.tls) else False
+        hook = DockerHook(
+            docker_conn_id=self.docker_conn_id, base_url=self.docker_url, tls=tls, timeout=self.api_timeout
+        )
+        return hook.get_conn()
+
+    # ------------------------------------------------------------------ launch
+
+    def container_spec(
+        self, server_id: str, model_repository: str, models: list[str] | None, owner: ServerOwner | None
+    ) -> ContainerSpec:
+        """:func:`build_container_spec` with this runtime's options (S3 keys read from ``aws_conn_id``)."""
+        repository = self.model_repository or model_repository
+        environment, endpoint = {}, None
+        if repository.startswith("s3://") and self.aws_conn_id:
+            environment, endpoint = s3_access(self.aws_conn_id)
+        environment.update(self.environment)
+        return build_container_spec(
+            server_id=server_id,
+            image=self.image,
+            model_repository=repository,
+            models=models,
+            owner=owner,
+            gpus=self.gpus,
+            shm_size=self.shm_size,
+            network=self.network,
+            host_ip=self.host_ip,
+            host_ports=self.host_ports,
+            environment=environment,
+            volumes=self.volumes,
+            extra_args=self.extra_args,
+            log_verbose=self.log_verbose,
+            s3_endpoint_url=endpoint,
+        )
+
+    def launch(
+        self, model_repository: str, models: list[str] | None = None, owner: ServerOwner | None = None
+    ) -> ServerInfo:
+        """Create and start the container; return its endpoint without waiting for readiness."""
+        from docker.errors import DockerException
+
+        server_id = new_server_id()
+        spec = self.container_spec(server_id, str(model_repository), models, owner)
+        client = self.client
+        self._ensure_image(client)
+        container_id = None
+        try:
+            host_config = client.create_host_config(**spec.host_config)
+            container_id = client.create_container(**spec.create, host_config=host_config)["Id"]
+            client.start(container_id)
+            details = client.inspect_container(container_id)
+        except DockerException as exc:
+            if container_id:
+                with contextlib.suppress(DockerException):
+                    client.remove_container(container_id, force=True)
+            hint = ""
+            if "nvidia" in str(exc).lower() or "gpu" in str(exc).lower():
+                hint = (
+                    " The Docker host needs NVIDIA GPUs and the NVIDIA Container Toolkit "
+                    "(`nvidia-ctk runtime configure --runtime=docker`); set gpus=0 for a CPU-only server."
+                )
+            raise ServerStartError(f"Docker could not start Triton server {server_id}: {exc}.{hint}") from exc
+        info = self._server_info(details, owner)
+        log.info(
+            "Triton container %s (%s) started from %s; gRPC %s",
+            server_id,
+            container_id[:12],
+            self.image,
+            info.grpc_url,
+        )
+        return info
+
+    def _ensure_image(self, client: APIClient) -> None:
+        from docker.errors import ImageNotFound
+        from docker.utils import parse_repository_tag
+
+        if self.pull == "never":
+            return
+        if self.pull == "missing":
+            try:
+                client.inspect_image(self.image)
+                return
+            except ImageNotFound:
+                pass
+        repository, tag = parse_repository_tag(self.image)
+        started = time.monotonic()
+        log.info("Pulling %s (Triton images are large: minutes on a first pull).", self.image)
+        for line in client.pull(repository, tag=tag or "latest", stream=True, decode=True):
+            if isinstance(line, dict) and line.get("error"):
+                raise ServerStartError(f"Docker could not pull {self.image}: {line['error']}")
+        log.info("Pulled %s in %.0f s.", self.image, time.monotonic() - started)
+
+    def _server_info(self, details: dict[str, Any], owner: ServerOwner | None) -> ServerInfo:
+        name = details.get("Name", "").lstrip("/")
+        labels = details.get("Config", {}).get("Labels") or {}
+        owner = owner or ServerOwner.from_labels(labels)
+        server_id = labels.get(SERVER_ID_KEY, name)
+        if self.network:
+            host, ports = name, dict(_PORTS)
+        else:
+            host = self.advertise_host or _docker_host(self.docker_url)
+            published = details.get("NetworkSettings", {}).get("Ports") or {}
+            ports = {}
+            for key, port in _PORTS.items():
+                bindings = published.get(f"{port}/tcp") or []
+                ports[key] = int(bindings[0]["HostPort"]) if bindings and bindings[0].get("HostPort") else 0
+        has_ports = all(ports.values())
+        return ServerInfo(
+            runtime=self.name,
+            grpc_url=f"{host}:{ports['grpc']}" if has_ports else "",
+            http_url=f"http://{host}:{ports['http']}" if has_ports else "",
+            metrics_url=f"http://{host}:{ports['metrics']}/metrics" if has_ports else "",
+            handle={
+                "server_id": server_id,
+                "container_id": details.get("Id"),
+                "container_name": name,
+                "image": details.get("Config", {}).get("Image", self.image),
+                "docker_url": self.docker_url,
+                "owner": owner.to_dict() if owner else None,
+                "started_at": time.time(),
+            },
+        )
+
+    # ------------------------------------------------------------------ stop and inspect
+
+    def _inspect(self, info: ServerInfo) -> dict[str, Any] | None:
+        from docker.errors import NotFound
+
+        try:
+            return self.client.inspect_container(info.handle["container_id"])
+        except NotFound:
+            return None
+
+    def stop(self, info: ServerInfo) -> bool:
+        """Stop (SIGTERM, then SIGKILL after ``stop_grace_period``) and remove the container.
+
+        :returns: ``False`` when it was already gone or had exited (it is removed all the same).
+        """
+        from docker.errors import NotFound
+
+        details = self._inspect(info)
+        name = info.handle.get("server_id")
+        if details is None:
+            log.info("Triton container %s was already gone.", name)
+            return False
+        running = bool(details.get("State", {}).get("Running"))
+        client = self.client
+        with contextlib.suppress(NotFound):
+            if running:
+                client.stop(info.handle["container_id"], timeout=int(self.stop_grace_period))
+            client.remove_container(info.handle["container_id"], force=True)
+        if running:
+            log.info("Stopped and removed Triton container %s.", name)
+        else:
+            log.info("Triton container %s had already exited; removed it.", name)
+        return running
+
+    def is_running(self, info: ServerInfo) -> bool:
+        """Whether the container exists and runs."""
+        details = self._inspect(info)
+        return bool(details and details.get("State", {}).get("Running"))
+
+    def failure_reason(self, info: ServerInfo) -> str | None:
+        """Why the container will never serve: removed, or exited (with its exit code)."""
+        details = self._inspect(info)
+        if details is None:
+            return "its container is gone"
+        state = details.get("State", {})
+        if state.get("Running"):
+            return None
+        if state.get("Status") == "created":
+            return None
+        oom = " (out of memory)" if state.get("OOMKilled") else ""
+        return (
+            f"its container exited with code {state.get('ExitCode')}{oom}: {state.get('Error') or ''}".rstrip(
+                ": "
+            )
+        )
+
+    def log_tail(self, info: ServerInfo, lines: int = 40) -> str:
+        """The container's last ``lines`` lines of stdout and stderr."""
+        from docker.errors import NotFound
+
+        try:
+            data = self.client.logs(info.handle["container_id"], stdout=True, stderr=True, tail=lines)
+        except NotFound:
+            return ""
+        text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else str(data)
+        return "\n".join(text.splitlines()[-lines:])
+
+    def list_servers(self) -> list[ServerInfo]:
+        """Containers labelled as ours on this Docker host, running or exited."""
+        found = self.client.containers(all=True, filters={"label": [f"{MANAGED_BY_KEY}={MANAGED_BY}"]})
+        servers = []
+        for item in found:
+            labels = item.get("Labels") or {}
+            owner = ServerOwner.from_labels(labels)
+            names = item.get("Names") or [""]
+            servers.append(
+                ServerInfo(
+                    runtime=self.name,
+                    grpc_url="",
+                    http_url="",
+                    metrics_url="",
+                    handle={
+                        "server_id": labels.get(SERVER_ID_KEY, names[0].lstrip("/")),
+                        "container_id": item["Id"],
+                        "container_name": names[0].lstrip("/"),
+                        "docker_url": self.docker_url,
+                        "owner": owner.to_dict() if owner else None,
+                        "started_at": float(item.get("Created") or 0),
+                        "state": item.get("State"),
+                    },
+                )
+            )
+        return servers
+
+
+def _docker_host(docker_url: str) -> str:
+    """The host of a ``tcp://`` or ``https://`` Docker URL; ``127.0.0.1`` for a local socket."""
+    if docker_url.startswith(("tcp://", "http://", "https://")):
+        return urlsplit(docker_url.replace("tcp://", "http://", 1)).hostname or "127.0.0.1"
+    return "127.0.0.1"

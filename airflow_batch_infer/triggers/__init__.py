@@ -1,0 +1,1 @@
+"""Triggers: deferrable waits that hold no worker slot."""

@@ -1,0 +1,43 @@
+"""Maintenance: stop the Triton servers whose DAG run ended without stopping them (orphans).
+
+Each run's teardown task stops its server; this DAG is the safety net for what escapes it (a worker lost
+while the server started, a deferred start that Airflow timed out, a run marked failed by hand). For each
+runtime in use it lists the servers this package started and stops those whose DAG run is no longer queued
+or running, once they are older than ``min_age``.
+
+The runtimes and their options (the same as the DAGs give them) come from the environment variable
+``BATCH_INFER_REAPED_RUNTIMES``, a JSON object, e.g.
+``{"local": {}, "docker": {"network": "airflow-batch-infer"}, "kubernetes": {"namespace": "ml"},
+"ecs": {"cluster": "gpu"}}``; only the local runtime by default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pendulum
+from airflow.sdk import DAG
+
+from airflow_batch_infer.operators.reaper import TritonServerReaperOperator
+
+#: Runtime name → its options, as the DAGs give them.
+REAPED_RUNTIMES: dict[str, dict] = json.loads(os.environ.get("BATCH_INFER_REAPED_RUNTIMES") or "{}")
+REAPED_RUNTIMES = REAPED_RUNTIMES or {"local": {}}
+
+with DAG(
+    dag_id="triton_reaper",
+    schedule="@hourly",
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["maintenance", "triton"],
+    doc_md=__doc__,
+):
+    for runtime, options in REAPED_RUNTIMES.items():
+        TritonServerReaperOperator(
+            task_id=f"reap_{runtime}",
+            runtime=runtime,
+            runtime_options=options,
+            min_age=900,
+        )
