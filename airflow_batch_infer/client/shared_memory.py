@@ -103,6 +103,17 @@ class SharedMemoryPool:
         await self.client.register_system_shared_memory(name, f"/{name}", byte_size, headers=self.headers)
         return region
 
+    async def ensure_registered(self) -> None:
+        """Register again the regions a restarted server no longer knows (it forgets them all)."""
+        status = await self.client.get_system_shared_memory_status(headers=self.headers, as_json=True)
+        known = set((status or {}).get("regions", {}))  # a map: region name → its status
+        for region in self._regions:
+            if region.name not in known:
+                await self.client.register_system_shared_memory(
+                    region.name, f"/{region.name}", region.byte_size, headers=self.headers
+                )
+                log.warning("Registered shared memory region %s again with the server.", region.name)
+
     async def __aenter__(self) -> SharedMemoryPool:
         try:
             for i in range(self.slot_count):

@@ -33,6 +33,9 @@ class StreamRequestError(RuntimeError):
     """
 
 
+_BROKEN_STREAM = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
+
+
 def _stream_broken(message: str) -> InferenceServerException:
     return InferenceServerException(msg=message, status="StatusCode.UNAVAILABLE")
 
@@ -81,9 +84,13 @@ class InferStream:
                 else:
                     future.set_result(InferResult(response.infer_response))
         except grpc.RpcError as rpc_error:
+            code = rpc_error.code()
+            # A server killed under an open stream shows as INTERNAL or UNKNOWN ("Internal error from
+            # Core"), not UNAVAILABLE: the stream broke, so the requests on it are retried like any lost one.
+            status = "StatusCode.UNAVAILABLE" if code in _BROKEN_STREAM else str(code)
             error = InferenceServerException(
-                msg=rpc_error.details(),
-                status=str(rpc_error.code()),
+                msg=f"the inference stream broke ({code}: {rpc_error.details()})",
+                status=status,
                 debug_details=rpc_error.debug_error_string(),
             )
         except asyncio.CancelledError:

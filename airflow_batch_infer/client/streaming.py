@@ -188,6 +188,7 @@ class ChunkStreamer:
         self._pool: SharedMemoryPool | None = None
         self._pool_used = False
         self._infer_stream: InferStream | None = None
+        self._server_may_have_restarted = False
 
     @property
     def input_columns(self) -> list[str]:
@@ -432,7 +433,11 @@ class ChunkStreamer:
         return _Piece(kept=kept, outputs=outputs, rejected=rejected, reasons=reject_reasons)
 
     async def _infer_rows(
-        self, tensors: dict[str, np.ndarray], positions: np.ndarray, slot: Slot | None
+        self,
+        tensors: dict[str, np.ndarray],
+        positions: np.ndarray,
+        slot: Slot | None,
+        reregistered: bool = False,
     ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """Infer ``positions`` of ``tensors``; a request refused as bad input is split until the bad rows
         are found. Returns outputs for the rows that succeeded (in order) and, for the others, the reason.
@@ -446,6 +451,12 @@ class ChunkStreamer:
         except InferenceServerException as error:
             if not is_bad_input(error):
                 raise
+            if slot is not None and "shared memory" in (error.message() or "").lower():
+                # Not the rows' fault: the server restarted and lost the regions. Register them again.
+                if reregistered:
+                    raise InferenceError(f"The server refuses this job's shared memory: {error}") from error
+                self._server_may_have_restarted = True
+                return await self._infer_rows(tensors, positions, slot, reregistered=True)
             if len(positions) == 1:
                 return self._no_outputs(), {int(positions[0]): f"refused by the server: {error.message()}"}
         half = len(positions) // 2
@@ -476,9 +487,12 @@ class ChunkStreamer:
             requested = [InferRequestedOutput(b.tensor) for b in self.outputs]
         what = f"request of {rows:,} rows to model {settings.model_name!r}"
 
-        stream = self._infer_stream
+        stream, pool = self._infer_stream, self._pool
 
         async def request() -> Any:
+            if slot is not None and self._server_may_have_restarted:
+                await pool.ensure_registered()  # a restarted server has forgotten the regions
+                self._server_may_have_restarted = False
             if stream is not None:
                 try:
                     return await stream.infer(
@@ -501,6 +515,7 @@ class ChunkStreamer:
 
         def count_retry() -> None:
             self.retries += 1
+            self._server_may_have_restarted = True
 
         try:
             result = await settings.retry.call(request, self.log, what, count_retry)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
 SERVER_REQUIREMENTS = _HERE / "server-requirements.txt"
 ONNX_MODEL_PY = _HERE / "python_models" / "onnx_model.py"
+SUPERVISOR = _HERE / "supervisor.py"
+READY_FILE = "ready"  # written in the server's folder once it was seen ready: the supervisor may restart it
 
 #: Bump when the layout of a prepared server environment changes, so existing ones are rebuilt.
 _LAYOUT_VERSION = "1"
@@ -219,6 +221,9 @@ class LocalTritonRuntime(TritonRuntime):
     :param stop_grace_period: seconds between SIGTERM and SIGKILL when stopping.
     :param log_verbose: Triton's ``--log-verbose`` level.
     :param onnx_intra_op_threads: onnxruntime intra-op threads per instance of a converted ONNX model.
+    :param max_restarts: how often a server that dies after it was ready is started again, on the same
+        ports, by a small supervisor process (as a container runtime's restart policy would); 0 leaves a
+        dead server dead.
     """
 
     name = "local"
@@ -231,6 +236,7 @@ class LocalTritonRuntime(TritonRuntime):
         stop_grace_period: float = 15,
         log_verbose: int = 0,
         onnx_intra_op_threads: int = 1,
+        max_restarts: int = 5,
     ) -> None:
         self.server_env = Path(server_env).expanduser() if server_env else triton_server_env()
         self.work_root = Path(work_root).expanduser() if work_root else batch_infer_home() / "servers"
@@ -238,6 +244,7 @@ class LocalTritonRuntime(TritonRuntime):
         self.stop_grace_period = float(stop_grace_period)
         self.log_verbose = int(log_verbose)
         self.onnx_intra_op_threads = int(onnx_intra_op_threads)
+        self.max_restarts = int(max_restarts)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # ------------------------------------------------------------------ server environment
@@ -504,6 +511,7 @@ class LocalTritonRuntime(TritonRuntime):
                 shutil.rmtree(repo, ignore_errors=True)
                 raise
             self._children[proc.pid] = proc
+            self.mark_ready(info)
             log.info(
                 "Triton %s ready in %.1f s (pid %d, models %s): gRPC %s, HTTP %s, metrics %s; log %s",
                 server_id,
@@ -517,6 +525,10 @@ class LocalTritonRuntime(TritonRuntime):
             )
             return info
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def mark_ready(self, info: ServerInfo) -> None:
+        """Record that the server was seen ready: from now on its supervisor restarts it if it dies."""
+        (Path(info.handle["workdir"]) / READY_FILE).touch()
 
     def _server_info(
         self, server_id: str, workdir: Path, ports: list[int], owner: ServerOwner | None = None
@@ -563,6 +575,17 @@ class LocalTritonRuntime(TritonRuntime):
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
         ]
+        if self.max_restarts > 0:
+            cmd = [
+                sys.executable,
+                str(SUPERVISOR),
+                f"--ready-url={info.http_url}/v2/health/ready",
+                f"--ready-file={Path(h['workdir']) / READY_FILE}",
+                f"--shm-prefix={h['shm_prefix']}",
+                f"--max-restarts={self.max_restarts}",
+                "--",
+                *cmd,
+            ]
         log_path = Path(h["log_path"])
         if log_path.exists():  # keep an earlier attempt's log (port clash) for the record
             log_path.replace(log_path.with_name(f"server.{time.time_ns()}.log"))
@@ -672,7 +695,7 @@ class LocalTritonRuntime(TritonRuntime):
                 return False
             started = time.monotonic()
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)  # the supervisor passes it on, and does not restart
             if not self._wait_exit(pid, self.stop_grace_period):
                 log.warning(
                     "Triton %s did not exit %g s after SIGTERM; sending SIGKILL.",
