@@ -19,12 +19,14 @@ import json
 import math
 import posixpath
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -325,6 +327,38 @@ def _staged_batches(chunks: Sequence[ChunkDescriptor]) -> Iterator[pa.RecordBatc
         yield from open_parquet(chunk.path).iter_batches(batch_size=65_536)
 
 
+def check_unique_ids(paths: Sequence[str], column: str) -> None:
+    """Refuse a row id column that has nulls or duplicates: outputs join back to inputs by it.
+
+    DuckDB counts over the staged chunk files, spilling to disk, so memory stays bounded however many
+    rows there are.
+
+    :param paths: the staged chunk files.
+    :param column: the row id column.
+    """
+    quoted = '"' + column.replace('"', '""') + '"'
+    with duckdb.connect() as con:
+        con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/abi-duckdb'")
+        con.execute("SET memory_limit = '256MB'")
+        files = {"files": storage.duckdb_readable(con, paths)}
+        nulls = con.execute(
+            f"SELECT count(*) FROM read_parquet($files) WHERE {quoted} IS NULL", files
+        ).fetchone()
+        if nulls[0]:
+            raise StagingError(f"Row id column {column!r} has {nulls[0]:,} null(s): every row needs an id.")
+        repeated = con.execute(
+            f"SELECT {quoted}, count(*) AS n FROM read_parquet($files) GROUP BY 1 HAVING n > 1 "
+            "ORDER BY n DESC, 1 LIMIT 5",
+            files,
+        ).fetchall()
+    if repeated:
+        shown = ", ".join(f"{value!r} ({count} times)" for value, count in repeated)
+        raise StagingError(
+            f"Row id column {column!r} is not unique: {shown}. Outputs join back to inputs by the row id: "
+            "deduplicate the input, or leave row_id_column unset to number the rows."
+        )
+
+
 def stage_source(
     source: Source,
     run_dir: str | Path,
@@ -375,6 +409,8 @@ def stage_source(
         )
     schema = writer.schema
     chunks = writer.chunks
+    if not generated_ids and chunks:
+        check_unique_ids([c.path for c in chunks], id_column)
     if len(chunks) > max_chunks:
         staged_rows = sum(c.rows for c in chunks)
         rows_per_chunk = plan_chunk_rows(staged_rows, chunk_rows, max_chunks)

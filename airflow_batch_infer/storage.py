@@ -18,10 +18,10 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -245,3 +245,18 @@ def as_local_file(path: str | Path) -> Iterator[Path]:
         yield local
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def duckdb_readable(con: Any, paths: Sequence[str | Path]) -> list[str]:
+    """Names a DuckDB connection can open for ``paths``: local paths, or plain URLs of a filesystem that
+    this registers on ``con`` (DuckDB cannot install its own ``httpfs`` everywhere)."""
+    names = []
+    for path in paths:
+        if is_remote(path):
+            fs, _ = filesystem(path)
+            if not con.filesystem_is_registered(protocol(fs)):
+                con.register_filesystem(fs)
+            names.append(plain_url(path))
+        else:
+            names.append(str(path))
+    return names

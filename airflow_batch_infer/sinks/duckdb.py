@@ -49,8 +49,8 @@ class DuckDBSink(WarehouseSink):
     ) -> PersistResult:
         Path(self.database).parent.mkdir(parents=True, exist_ok=True)
         with duckdb.connect(self.database) as con:
-            output_parts = self._readable(con, output_parts)
-            reject_parts = self._readable(con, reject_parts)
+            output_parts = storage.duckdb_readable(con, output_parts)
+            reject_parts = storage.duckdb_readable(con, reject_parts)
             con.execute("BEGIN TRANSACTION")
             try:
                 replaced, rows = self._replace(con, self.table, partition, output_parts)
@@ -68,20 +68,6 @@ class DuckDBSink(WarehouseSink):
             replaced=replaced,
             location=self.database,
         )
-
-    @staticmethod
-    def _readable(con: duckdb.DuckDBPyConnection, parts: Sequence[str | Path]) -> list[str]:
-        """Names DuckDB can open: local paths, or plain URLs of a filesystem registered on ``con``."""
-        names = []
-        for part in parts:
-            if storage.is_remote(part):
-                fs, _ = storage.filesystem(part)
-                if not con.filesystem_is_registered(storage.protocol(fs)):
-                    con.register_filesystem(fs)
-                names.append(storage.plain_url(part))
-            else:
-                names.append(str(part))
-        return names
 
     def _replace(
         self, con: duckdb.DuckDBPyConnection, table: str, partition: str, parts: Sequence[str]

@@ -59,9 +59,11 @@ class ParquetSource(Source):
         else:
             target, filesystem = (self.paths if len(self.paths) > 1 else self.paths[0]), None
         try:
-            return ds.dataset(target, filesystem=filesystem, format="parquet", partitioning="hive")
+            dataset = ds.dataset(target, filesystem=filesystem, format="parquet", partitioning="hive")
+            _check_files_agree(dataset)
         except (pa.ArrowInvalid, OSError) as err:
             raise StagingError(f"Cannot read {self._described} as Parquet: {err}") from err
+        return dataset
 
     def check_columns(self, columns: Sequence[str] | None) -> None:
         """Refuse columns the files do not have, naming them and the columns present."""
@@ -93,3 +95,38 @@ class ParquetSource(Source):
             yield from scanner.to_batches()
         except (pa.ArrowInvalid, OSError) as err:
             raise StagingError(f"Cannot read the input: {err}") from err
+
+
+def _check_files_agree(dataset: ds.Dataset) -> None:
+    """Refuse files whose columns differ from the dataset's (taken from its first file).
+
+    Arrow would otherwise fill a missing column with nulls, or fail deep inside the scan.
+    """
+    expected = dataset.schema
+    for fragment in dataset.get_fragments():
+        found = fragment.physical_schema
+        for field in found:
+            wanted = expected.field(field.name) if field.name in expected.names else None
+            if wanted is None:
+                raise StagingError(
+                    f"File {fragment.path} has a column {field.name!r} ({field.type}) that the first file "
+                    f"does not have; columns expected: {expected.names}. Give files of one schema."
+                )
+            if not wanted.type.equals(field.type):
+                raise StagingError(
+                    f"Column {field.name!r} is {field.type} in {fragment.path} but {wanted.type} in the "
+                    "first file: the input files' schemas disagree. Cast the column in the ETL, or stage "
+                    "them apart."
+                )
+        partition_columns = set(expected.names) - set(found.names) - set(_partition_keys(fragment))
+        if partition_columns:
+            raise StagingError(
+                f"File {fragment.path} lacks column(s) {sorted(partition_columns)} that the first file has: "
+                "the input files' schemas disagree."
+            )
+
+
+def _partition_keys(fragment: ds.Fragment) -> list[str]:
+    """Names of the hive partition columns a fragment's path provides (``country=DE/`` → ``country``)."""
+    expression = fragment.partition_expression
+    return [] if expression is None else list(ds.get_partition_keys(expression))

@@ -144,3 +144,43 @@ def test_a_server_that_runs_anyway_is_reached_through_the_connection(
             5_000,
         )
     assert processes_mentioning(triton_server.handle["workdir"]), "the shared server must still be running"
+
+
+def test_a_model_that_will_not_load_fails_the_start_task_and_leaves_nothing_running(
+    airflow_db, tmp_path
+) -> None:
+    import shutil
+
+    from airflow.sdk import DAG
+
+    from airflow_batch_infer.task_group import batch_inference
+
+    repository = tmp_path / "models"
+    shutil.copytree(MODEL_REPOSITORY / "risk_scorer", repository / "risk_scorer")
+    (repository / "risk_scorer" / "1" / "model.onnx").write_bytes(b"this is not an ONNX graph")
+    write_transactions(tmp_path / "in", 1_000, files=1)
+    with DAG(dag_id="e2e_model_will_not_load", schedule=None, start_date=LOGICAL_DATE) as dag:
+        batch_inference(
+            source=str(tmp_path / "in"),
+            model_name="risk_scorer",
+            model_repository=repository,
+            inputs={"features": FEATURES},
+            table="never_written",
+            staging_root=str(tmp_path / "staging"),
+            runtime_options={"work_root": str(tmp_path / "servers"), "startup_timeout": 60},
+            sink_options={"database": str(tmp_path / "w.duckdb")},
+        )
+    register_dag(dag)
+
+    run = dag.test(logical_date=LOGICAL_DATE)
+
+    states = task_states(run)
+    assert run.state == "failed"
+    assert states["start_server"] == ["failed"]
+    assert states["infer"] == ["upstream_failed"]
+    assert processes_mentioning(tmp_path / "servers") == []
+    logs = list((tmp_path / "servers").glob("*/server.log"))
+    assert logs, "the server's own log is kept for the person who reads the failure"
+    assert "failed to load 'risk_scorer'" in logs[0].read_text()
+    assert "INVALID_PROTOBUF" in logs[0].read_text()
+    assert not (tmp_path / "w.duckdb").exists()

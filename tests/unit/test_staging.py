@@ -115,3 +115,43 @@ def test_paths_outside_the_run_are_refused(tmp_path: Path) -> None:
     assert check_inside(run / "chunks" / "c.parquet", run) == (run / "chunks" / "c.parquet").resolve()
     with pytest.raises(StagingError, match="outside the staging folder"):
         check_inside(run / ".." / ".." / "other" / "c.parquet", run)
+
+
+def test_files_whose_schemas_disagree_are_named(tmp_path: Path) -> None:
+    (tmp_path / "types").mkdir()
+    pq.write_table(pa.table({"key": [1, 2], "x": [0.5, 1.5]}), tmp_path / "types" / "a.parquet")
+    pq.write_table(pa.table({"key": [3], "x": ["1.5"]}), tmp_path / "types" / "b.parquet")
+    with pytest.raises(
+        StagingError, match=r"Column 'x' is string in .*b\.parquet but double in the first file"
+    ):
+        stage_parquet(tmp_path / "types", tmp_path / "run")
+
+    (tmp_path / "missing").mkdir()
+    pq.write_table(pa.table({"key": [1], "x": [0.5]}), tmp_path / "missing" / "a.parquet")
+    pq.write_table(pa.table({"key": [2]}), tmp_path / "missing" / "b.parquet")
+    with pytest.raises(StagingError, match=r"b\.parquet lacks column\(s\) \['x'\]"):
+        stage_parquet(tmp_path / "missing", tmp_path / "run")
+
+
+def test_an_empty_input_is_refused_by_the_stage_task(tmp_path: Path) -> None:
+    from airflow_batch_infer.operators.stage import StageInputsOperator
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"x": pa.array([], pa.float64())}), tmp_path / "in" / "empty.parquet")
+    operator = StageInputsOperator(
+        task_id="stage", source=str(tmp_path / "in"), staging_root=str(tmp_path / "s")
+    )
+    with pytest.raises(ValueError, match="has no rows: nothing to score"):
+        operator.execute({"run_id": "manual__1", "partition_key": "2026-11-21"})
+
+
+def test_duplicate_or_null_row_ids_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "dups").mkdir()
+    pq.write_table(pa.table({"tx": [1, 2, 3, 2, 2], "x": [0.0] * 5}), tmp_path / "dups" / "a.parquet")
+    with pytest.raises(StagingError, match=r"Row id column 'tx' is not unique: 2 \(3 times\)"):
+        stage_parquet(tmp_path / "dups", tmp_path / "run", row_id_column="tx", chunk_rows=2)
+
+    (tmp_path / "nulls").mkdir()
+    pq.write_table(pa.table({"tx": [1, None, 3], "x": [0.0] * 3}), tmp_path / "nulls" / "a.parquet")
+    with pytest.raises(StagingError, match="has 1 null"):
+        stage_parquet(tmp_path / "nulls", tmp_path / "run", row_id_column="tx")
