@@ -224,6 +224,9 @@ class LocalTritonRuntime(TritonRuntime):
     :param max_restarts: how often a server that dies after it was ready is started again, on the same
         ports, by a small supervisor process (as a container runtime's restart policy would); 0 leaves a
         dead server dead.
+    :param grpc_tls: serve gRPC over TLS: ``server_cert`` and ``server_key`` (PEM files), and
+        ``root_cert`` (the CA that signs client certificates) to require them (mutual TLS). Clients
+        then need a ``triton`` connection with ``ssl`` and the CA (and their own certificate).
     """
 
     name = "local"
@@ -237,6 +240,7 @@ class LocalTritonRuntime(TritonRuntime):
         log_verbose: int = 0,
         onnx_intra_op_threads: int = 1,
         max_restarts: int = 5,
+        grpc_tls: dict[str, str] | None = None,
     ) -> None:
         self.server_env = Path(server_env).expanduser() if server_env else triton_server_env()
         self.work_root = Path(work_root).expanduser() if work_root else batch_infer_home() / "servers"
@@ -245,6 +249,13 @@ class LocalTritonRuntime(TritonRuntime):
         self.log_verbose = int(log_verbose)
         self.onnx_intra_op_threads = int(onnx_intra_op_threads)
         self.max_restarts = int(max_restarts)
+        self.grpc_tls = dict(grpc_tls or {})
+        unknown = set(self.grpc_tls) - {"server_cert", "server_key", "root_cert"}
+        if unknown or (self.grpc_tls and not {"server_cert", "server_key"} <= set(self.grpc_tls)):
+            raise ValueError(
+                "grpc_tls takes server_cert and server_key (PEM files), and root_cert for mutual TLS; "
+                f"got {sorted(self.grpc_tls)}."
+            )
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # ------------------------------------------------------------------ server environment
@@ -575,6 +586,14 @@ class LocalTritonRuntime(TritonRuntime):
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
         ]
+        if self.grpc_tls:
+            cmd += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={self.grpc_tls['server_cert']}",
+                f"--grpc-server-key={self.grpc_tls['server_key']}",
+            ]
+            if self.grpc_tls.get("root_cert"):
+                cmd += [f"--grpc-root-cert={self.grpc_tls['root_cert']}", "--grpc-use-ssl-mutual=true"]
         if self.max_restarts > 0:
             cmd = [
                 sys.executable,
