@@ -22,6 +22,7 @@ import tritonclient.grpc as grpcclient
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.local import LocalTritonRuntime, check_server_numpy
+from tests.conftest import processes_mentioning
 
 pytestmark = pytest.mark.integration
 
@@ -37,20 +38,6 @@ def runtime(tmp_path: Path) -> LocalTritonRuntime:
 def _reference(features: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(RISK_ONNX), providers=["CPUExecutionProvider"])
     return session.run(["probability"], {"features": features})[0]
-
-
-def _servers_under(path: Path) -> list[int]:
-    """Pids of live processes whose command line mentions ``path`` (our servers and their stubs)."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if str(path) in cmdline and state != "Z":
-            pids.append(int(proc.name))
-    return pids
 
 
 def _shm_regions(prefix: str) -> list[str]:
@@ -144,7 +131,7 @@ def test_start_infer_stop(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
 
     assert stopped is True
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    assert _servers_under(tmp_path) == []
+    assert processes_mentioning(tmp_path) == []
     assert _shm_regions(handle["shm_prefix"]) == []
     assert not runtime.is_running(info)
     assert runtime.stop(info) is False  # idempotent
@@ -177,7 +164,7 @@ def test_model_that_fails_to_load(runtime: LocalTritonRuntime, tmp_path: Path) -
     assert "boom: deliberately broken model" in message  # the server's own error line
     assert "failed to load 'broken'" in message
     server_id = re.search(r"abi-[0-9a-f]{12}", message).group(0)
-    assert _servers_under(tmp_path) == []
+    assert processes_mentioning(tmp_path) == []
     assert _shm_regions(server_id) == []
 
 
