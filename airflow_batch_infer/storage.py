@@ -185,6 +185,18 @@ def local_temp(final: str | Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX)) / name
 
 
+def remove_stale_temps(final: str | Path) -> list[Path]:
+    """Delete temporary files an earlier, killed attempt left next to a local ``final`` (see
+    :func:`local_temp`); object store targets write their temporary files elsewhere. Returns them."""
+    if is_remote(final):
+        return []
+    target = Path(final)
+    stale = list(target.parent.glob(f".{target.name}.*.tmp")) if target.parent.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def publish(local_file: str | Path, final: str | Path) -> None:
     """Move a complete local file to ``final`` in one atomic step (rename, or a single upload).
 

@@ -34,7 +34,7 @@ from airflow_batch_infer.client.shared_memory import (
 from airflow_batch_infer.client.stream import InferStream, StreamRequestError
 from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding, encode_batch
 from airflow_batch_infer.staging import atomic_target, commit, open_parquet, parquet_writer
-from airflow_batch_infer.storage import discard
+from airflow_batch_infer.storage import discard, remove_stale_temps
 
 REASON_COLUMN = "reject_reason"
 WRITE_ROWS = 262_144  # rows per output row group: large groups encode and read fast
@@ -227,6 +227,9 @@ class ChunkStreamer:
         out_schema = pa.schema(keep_fields + [self._output_field(b) for b in self.outputs])
         rej_schema = pa.schema([reject_fields[0], pa.field(REASON_COLUMN, pa.string()), *reject_fields[1:]])
 
+        for final in (output_path, rejects_path):
+            for stale in remove_stale_temps(final):
+                self.log.info("Removed %s, left by an earlier attempt at this chunk.", stale)
         out_tmp, rej_tmp = atomic_target(output_path), atomic_target(rejects_path)
         out_writer = parquet_writer(out_tmp, out_schema)
         rej_writer = parquet_writer(rej_tmp, rej_schema)

@@ -202,3 +202,18 @@ def test_the_operator_scores_its_chunk(triton_server, tmp_path) -> None:
     assert (result["index"], result["rows_out"], result["rows_rejected"]) == (1, 10_000, 0)
     ids = pq.read_table(result["output_path"]).column("row_id").to_pylist()
     assert ids == list(range(10_000, 20_000))
+
+
+def test_a_retry_removes_what_a_killed_attempt_left_and_rewrites_its_chunk(triton_server, tmp_path) -> None:
+    manifest = stage(tmp_path, 5_000)
+    final = output_part_path(manifest.run_dir, 0)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    leftover = final.with_name(f".{final.name}.deadbeef.tmp")  # as a SIGKILLed attempt leaves it
+    leftover.write_bytes(b"half a parquet file")
+    final.write_bytes(b"an older attempt's part")
+
+    result = run_chunk(streamer(triton_server.grpc_url, manifest.chunks[0].path), manifest)
+
+    assert not leftover.exists()
+    assert pq.read_metadata(result.output_path).num_rows == result.rows_out == 5_000
+    assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
