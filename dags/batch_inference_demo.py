@@ -33,7 +33,12 @@ with DAG(
             type=["null", "string"],
             description="Partition to (re)write, e.g. 2026-11-21. Empty: the run's date.",
         ),
-        "table": Param("transaction_scores", type="string", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
+        "table": Param(
+            "transaction_scores",
+            type="string",
+            pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$",
+            description="Output table, or schema.table.",
+        ),
         "chunk_rows": Param(250_000, type="integer", minimum=1, description="Rows per mapped infer task."),
         "request_rows": Param(
             None, type=["null", "integer"], minimum=1, description="Rows per gRPC request (default: model's)."
