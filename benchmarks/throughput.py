@@ -192,6 +192,7 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
         row_id_column="row_id",
         passthrough_columns=PASSTHROUGH,
         client_factory=hook.get_async_client,
+        url=hook.url,  # as the infer operator does: shared memory when the server is on this host
         headers=hook.headers,
     )
     out_dir = Path(args.out_dir)

@@ -137,12 +137,22 @@ def _output_array(values: np.ndarray, binding: OutputBinding) -> pa.Array:
     if binding.datatype == "BYTES":
         items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat[:, 0]]
         return pa.array(items, type=pa.string())
+    values = _numeric_array(flat.ravel())
     if binding.width == 1:
-        return pa.array(flat[:, 0])
+        return values
     if binding.width > 1:
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * flat.shape[1])
-    return pa.ListArray.from_arrays(offsets, pa.array(flat.ravel()))  # a variable-length output
+        return pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
+    offsets = _numeric_array(np.arange(rows + 1, dtype=np.int32) * flat.shape[1])
+    return pa.ListArray.from_arrays(offsets, values)  # a variable-length output
+
+
+def _numeric_array(values: np.ndarray) -> pa.Array:
+    """An Arrow array over a 1-D numeric numpy array's memory (``pa.array`` imports pandas first)."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == np.bool_:  # Arrow packs booleans as bits
+        packed = np.packbits(values, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(packed)])
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
 
 
 class ChunkStreamer:

@@ -202,3 +202,30 @@ def test_a_list_of_words_per_row_is_padded_for_a_variable_width_tensor() -> None
     assert tensors["stop_words"][:2].tolist() == [[b"END", b""], [b"\n\n", b"STOP"]]
     assert good.tolist() == [True, True, False]
     assert reasons[2] == "null in column 'stops'"
+
+
+@pytest.mark.parametrize(
+    "arrow_type", [pa.int8(), pa.int32(), pa.uint64(), pa.float16(), pa.float32(), pa.float64()]
+)
+def test_numeric_columns_are_read_as_views_of_their_buffers(arrow_type) -> None:
+    from airflow_batch_infer.client.tensors import primitive_view
+
+    values = pa.array(np.arange(20) % 7, type=arrow_type)
+    sliced = values.slice(5, 9)
+    np.testing.assert_array_equal(primitive_view(sliced), sliced.to_numpy())
+    assert primitive_view(sliced).dtype == sliced.to_numpy().dtype
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.int32, np.uint64, np.float16, np.float32, np.float64])
+def test_outputs_become_arrow_columns_of_the_same_values(dtype) -> None:
+    from airflow_batch_infer.client.streaming import _output_array
+    from airflow_batch_infer.client.tensors import OutputBinding
+
+    values = (np.arange(22) % 3).astype(dtype).reshape(11, 2)
+    datatype = {np.bool_: "BOOL", np.int32: "INT32", np.uint64: "UINT64"}.get(
+        dtype, "FP" + str(np.dtype(dtype).itemsize * 8)
+    )
+    scalar = _output_array(values[:, :1], OutputBinding("t", datatype, "c", 1))
+    pairs = _output_array(values, OutputBinding("t", datatype, "c", 2))
+    assert scalar.to_pylist() == values[:, 0].tolist()
+    assert pairs.to_pylist() == values.tolist()
