@@ -41,7 +41,7 @@ class TritonInferenceOperator(BaseOperator):
     :param model_version: version to call; ``""`` lets the server choose.
     :param passthrough_columns: input columns copied to the output next to the row id.
     :param request_rows: rows per gRPC request (default: from the model's preferred batch sizes).
-    :param max_in_flight: requests outstanding (default: about 2 × max_batch_size × instances rows).
+    :param max_in_flight: requests outstanding (default: 2 per model instance: one executing, one queued).
     :param request_timeout: seconds per request before it counts as a transient failure.
     :param retry_attempts: attempts per request on transient failures (server away, overloaded).
     :param progress_interval: seconds between progress lines in the log.
