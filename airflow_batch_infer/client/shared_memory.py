@@ -16,6 +16,7 @@ import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc.aio as aioclient
@@ -26,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding
 
 log = logging.getLogger(__name__)
+REGION_PREFIX = "abi_"
 
 
 def server_is_local(url: str) -> bool:
@@ -37,6 +39,32 @@ def server_is_local(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def remove_orphaned_regions(shm_dir: Path = Path("/dev/shm")) -> list[str]:  # noqa: S108
+    """Unlink the regions of client processes that are gone (a task killed mid-chunk cannot clean up).
+
+    Regions are named ``abi_<pid>_...`` after the process that made them.
+    """
+    removed = []
+    for region in shm_dir.glob(f"{REGION_PREFIX}*_*") if shm_dir.is_dir() else []:
+        pid = region.name[len(REGION_PREFIX) :].split("_", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            region.unlink(missing_ok=True)
+            removed.append(region.name)
+    if removed:
+        log.info("Removed %d shared memory region(s) of client processes that are gone.", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def supports_shared_memory(inputs: Sequence[InputBinding], outputs: Sequence[OutputBinding]) -> bool:
@@ -90,7 +118,7 @@ class SharedMemoryPool:
         self.headers = headers
         self._free: asyncio.Queue[Slot] = asyncio.Queue()
         self._regions: list[_Region] = []
-        self._prefix = f"abi_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self._prefix = f"{REGION_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
     @staticmethod
     def _row_bytes(binding: InputBinding | OutputBinding) -> int:
@@ -115,6 +143,7 @@ class SharedMemoryPool:
                 log.warning("Registered shared memory region %s again with the server.", region.name)
 
     async def __aenter__(self) -> SharedMemoryPool:
+        remove_orphaned_regions()
         try:
             for i in range(self.slot_count):
                 slot = Slot(

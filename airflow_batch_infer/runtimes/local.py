@@ -451,6 +451,7 @@ class LocalTritonRuntime(TritonRuntime):
     ) -> tuple[ServerEnv, str, Path, Path, list[str]]:
         """The server environment, a new server id and folder, and the materialised repository in it."""
         env = self.ensure_server_env()
+        _remove_orphaned_server_shm()
         server_id = f"abi-{uuid.uuid4().hex[:12]}"
         workdir = (self.work_root / server_id).resolve()
         repo = workdir / "models"
@@ -914,6 +915,25 @@ def _remove_shm(prefix: str) -> list[str]:
     if removed:
         log.info("Removed leftover shared memory regions: %s", removed)
     return removed
+
+
+def _remove_orphaned_server_shm() -> None:
+    """Remove the Python backend's regions of servers that are gone without a stop (SIGKILLed, say).
+
+    Regions are named ``<server id>-shm-...``; a server is alive while a process has ``--id=<server id>``.
+    """
+    shm = Path("/dev/shm")  # noqa: S108 (POSIX shared memory, named by our own prefix)
+    regions = list(shm.glob("abi-*-shm-*")) if shm.is_dir() else []
+    if not regions:
+        return
+    alive = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            for arg in (proc / "cmdline").read_bytes().split(b"\0"):
+                if arg.startswith(b"--id=abi-"):
+                    alive.add(arg[5:].decode())
+    for server_id in {r.name.split("-shm-", 1)[0] for r in regions} - alive:
+        _remove_shm(f"{server_id}-shm-")
 
 
 def main(argv: list[str] | None = None) -> int:

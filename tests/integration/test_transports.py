@@ -101,3 +101,15 @@ def test_rows_the_server_refuses_are_found_and_set_aside(
     features = np.column_stack([chunk.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
     expected = 1.0 / (1.0 + np.exp(-features.sum(axis=1)))
     np.testing.assert_allclose(outputs.column("score").to_numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_regions_left_by_a_killed_client_are_removed(server, manifest, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = Path(f"/dev/shm/abi_{dead.pid}_0badc0de_in0")
+    orphan.write_bytes(b"\0" * 64)
+    score(server, manifest, "risk_scorer", "stream", "on", tmp_path)
+    assert not orphan.exists()
