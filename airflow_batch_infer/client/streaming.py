@@ -266,7 +266,6 @@ class ChunkStreamer:
                     writer.close()
             for tmp in (out_tmp, rej_tmp):
                 discard(tmp)
-        shared_memory = self._pool_used
         return ChunkResult(
             index=index,
             rows=total,
@@ -277,7 +276,7 @@ class ChunkStreamer:
             seconds=time.monotonic() - started,
             requests=self.requests,
             retries=self.retries,
-            shared_memory=shared_memory,
+            shared_memory=self._pool_used,
             tokens_out=self.tokens_out,
         )
 
