@@ -25,6 +25,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding
+from airflow_batch_infer.processes import pid_alive
 
 log = logging.getLogger(__name__)
 REGION_PREFIX = "abi_"
@@ -49,22 +50,12 @@ def remove_orphaned_regions(shm_dir: Path = Path("/dev/shm")) -> list[str]:  # n
     removed = []
     for region in shm_dir.glob(f"{REGION_PREFIX}*_*") if shm_dir.is_dir() else []:
         pid = region.name[len(REGION_PREFIX) :].split("_", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             region.unlink(missing_ok=True)
             removed.append(region.name)
     if removed:
         log.info("Removed %d shared memory region(s) of client processes that are gone.", len(removed))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def supports_shared_memory(inputs: Sequence[InputBinding], outputs: Sequence[OutputBinding]) -> bool:

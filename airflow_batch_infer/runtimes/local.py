@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_batch_infer.paths import batch_infer_home, triton_server_env
+from airflow_batch_infer.processes import pid_alive
 from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
 from airflow_batch_infer.runtimes.labels import ServerOwner
 
@@ -689,7 +690,7 @@ class LocalTritonRuntime(TritonRuntime):
         if not pid or not server_id:
             return False
         self._reap(pid)
-        return _pid_alive(pid) and server_id in _cmdline(pid)
+        return pid_alive(pid) and server_id in _cmdline(pid)
 
     def _reap(self, pid: int) -> None:
         proc = self._children.get(pid)
@@ -741,7 +742,7 @@ class LocalTritonRuntime(TritonRuntime):
         deadline = time.monotonic() + timeout
         while True:
             self._reap(pid)
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 self._children.pop(pid, None)
                 return True
             if time.monotonic() >= deadline:
@@ -850,21 +851,6 @@ def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return exc.code, ""
     except (OSError, ValueError):
         return 0, ""
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def _cmdline(pid: int) -> str:

@@ -182,6 +182,12 @@ class WarehouseSink(ABC):
         self.partition_column = validate_identifier(partition_column, "partition column")
         self.create_table = create_table
 
+    def _result(
+        self, partition: str, rows: int, rejected: int, replaced: int, location: str
+    ) -> PersistResult:
+        """What :meth:`replace_partition` returns for this sink's two tables."""
+        return PersistResult(self.table, self.rejects_table, partition, rows, rejected, replaced, location)
+
     @abstractmethod
     def replace_partition(
         self, partition: str, output_parts: Sequence[str | Path], reject_parts: Sequence[str | Path]

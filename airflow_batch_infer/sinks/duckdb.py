@@ -59,15 +59,7 @@ class DuckDBSink(WarehouseSink):
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-        return PersistResult(
-            table=self.table,
-            rejects_table=self.rejects_table,
-            partition=partition,
-            rows=rows,
-            rejected=rejected,
-            replaced=replaced,
-            location=self.database,
-        )
+        return self._result(partition, rows, rejected, replaced, self.database)
 
     def _replace(
         self, con: duckdb.DuckDBPyConnection, table: str, partition: str, parts: Sequence[str]

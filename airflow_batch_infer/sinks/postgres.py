@@ -195,14 +195,12 @@ class PostgresSink(WarehouseSink):
         finally:
             connection.close()
         info = hook.get_connection(self.postgres_conn_id)
-        return PersistResult(
-            table=self.table,
-            rejects_table=self.rejects_table,
-            partition=partition,
-            rows=rows,
-            rejected=rejected,
-            replaced=replaced,
-            location=f"postgresql://{info.host}:{info.port or 5432}/{hook.database or info.schema}",
+        return self._result(
+            partition,
+            rows,
+            rejected,
+            replaced,
+            f"postgresql://{info.host}:{info.port or 5432}/{hook.database or info.schema}",
         )
 
     def _replace(

@@ -214,14 +214,8 @@ class RedshiftSink(WarehouseSink):
             if counts:
                 replaced, rows, rejected = counts
         where = self.cluster_identifier or f"workgroup {self.workgroup_name}"
-        return PersistResult(
-            table=self.table,
-            rejects_table=self.rejects_table,
-            partition=partition,
-            rows=rows,
-            rejected=rejected,
-            replaced=replaced,
-            location=f"redshift {where}/{self.database}, statement {statement_id}",
+        return self._result(
+            partition, rows, rejected, replaced, f"redshift {where}/{self.database}, statement {statement_id}"
         )
 
     def _manifest(self, table: str, partition: str, parts: Sequence[str | Path], token: str) -> str:

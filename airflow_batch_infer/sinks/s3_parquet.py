@@ -90,14 +90,12 @@ class S3ParquetSink(WarehouseSink):
         _, rejected = self._swap(self.rejects_table, partition, rejects)
         for table in (self.table, self.rejects_table):
             storage.remove(storage.join(self.table_location(table), INCOMING, token))
-        return PersistResult(
-            table=self.table,
-            rejects_table=self.rejects_table,
-            partition=partition,
-            rows=rows,
-            rejected=rejected,
-            replaced=replaced,
-            location=storage.plain_url(self.partition_location(self.table, partition)),
+        return self._result(
+            partition,
+            rows,
+            rejected,
+            replaced,
+            storage.plain_url(self.partition_location(self.table, partition)),
         )
 
     def _prepare(self, table: str, parts: Sequence[str | Path], token: str) -> list[str]:
