@@ -175,14 +175,49 @@ def commit(tmp: str | Path, final: str | Path) -> None:
     storage.publish(tmp, final)
 
 
-def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    """A writer for the run's own files (chunks, outputs, rejects), tuned for write-once, read-once data.
+def parquet_writer(path: Path, schema: pa.Schema, *, chunk: bool = False) -> pq.ParquetWriter:
+    """A writer for the run's own files, tuned for write-once data.
 
-    Dictionary encoding is kept for text columns only: on numeric columns of mostly unique values it
-    costs several times the CPU of the write for nothing. LZ4 decodes faster than Snappy at the same size.
+    Floating-point columns (features, scores) are stored uncompressed: compression saves them about a
+    tenth of their size and costs half again the CPU of reading them. Dictionary encoding is kept for text
+    columns only: on numeric columns of mostly unique values it costs several times the CPU of the write
+    for nothing.
+
+    :param path: the file to write.
+    :param schema: its schema.
+    :param chunk: a staged chunk, read by this package's infer task only: integer columns (row ids) are
+        delta-encoded, which makes them several times smaller than LZ4 does and reads three times faster;
+        text is LZ4. Otherwise (output and rejects parts, which sinks such as ``s3_parquet``, ``athena``
+        and ``redshift`` publish as they are) only encodings and codecs every Parquet reader knows: plain
+        values and Snappy.
     """
     text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    return pq.ParquetWriter(path, schema, compression="lz4", use_dictionary=text or False)
+    leaves = list(_leaves(schema))
+    codec = "lz4" if chunk else "snappy"
+    compression = {name: "none" if pa.types.is_floating(leaf) else codec for name, leaf in leaves}
+    encoding = {name: "DELTA_BINARY_PACKED" for name, leaf in leaves if chunk and pa.types.is_integer(leaf)}
+    compression.update(dict.fromkeys(encoding, "none"))
+    return pq.ParquetWriter(
+        path, schema, compression=compression, use_dictionary=text or False, column_encoding=encoding or None
+    )
+
+
+def _leaves(fields: Iterable[pa.Field], prefix: str = "") -> Iterator[tuple[str, pa.DataType]]:
+    """Parquet column paths and value types of a schema's leaves (``emb.list.element`` for a list)."""
+    for leaf in fields:
+        path, arrow_type = f"{prefix}{leaf.name}", leaf.type
+        if pa.types.is_struct(arrow_type):
+            yield from _leaves(arrow_type.fields, f"{path}.")
+        elif (
+            pa.types.is_list(arrow_type)
+            or pa.types.is_large_list(arrow_type)
+            or (pa.types.is_fixed_size_list(arrow_type))
+        ):
+            yield from _leaves([pa.field("element", arrow_type.value_type)], f"{path}.list.")
+        elif pa.types.is_map(arrow_type):
+            yield from _leaves([arrow_type.key_field, arrow_type.item_field], f"{path}.key_value.")
+        else:
+            yield path, arrow_type
 
 
 def open_parquet(path: str | Path) -> pq.ParquetFile:
@@ -278,7 +313,7 @@ class _ChunkWriter:
             if self._writer is None:
                 self.schema = batch.schema
                 self._tmp = atomic_target(self._final(len(self.chunks)))
-                self._writer = parquet_writer(self._tmp, batch.schema)
+                self._writer = parquet_writer(self._tmp, batch.schema, chunk=True)
             take = min(self.rows_per_chunk - self._in_chunk, batch.num_rows - offset)
             self._writer.write_batch(batch.slice(offset, take), row_group_size=take)
             self._in_chunk += take

@@ -79,6 +79,8 @@ class Slot:
     outputs: _Region
     input_offsets: dict[str, int] = field(default_factory=dict)
     output_offsets: dict[str, int] = field(default_factory=dict)
+    input_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    """Each input tensor's place in the input region, ``[rows, width]``."""
 
 
 class SharedMemoryPool:
@@ -108,6 +110,7 @@ class SharedMemoryPool:
         self.slot_count = slots
         self.headers = headers
         self._free: asyncio.Queue[Slot] = asyncio.Queue()
+        self._slots: list[Slot] = []
         self._regions: list[_Region] = []
         self._prefix = f"{REGION_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
@@ -145,9 +148,13 @@ class SharedMemoryPool:
                         f"{self._prefix}_out{i}", sum(self._row_bytes(b) for b in self.outputs) * self.rows
                     ),
                 )
+                self._slots.append(slot)
                 offset = 0
                 for b in self.inputs:
                     slot.input_offsets[b.tensor] = offset
+                    slot.input_arrays[b.tensor] = shm.get_contents_as_numpy(
+                        slot.inputs.handle, np.dtype(TRITON_NUMPY[b.datatype]), [self.rows, b.width], offset
+                    )
                     offset += self._row_bytes(b) * self.rows
                 offset = 0
                 for b in self.outputs:
@@ -164,6 +171,9 @@ class SharedMemoryPool:
 
     async def close(self) -> None:
         """Unregister every region from the server and unlink it here."""
+        for slot in self._slots:
+            slot.input_arrays.clear()  # a region cannot be unmapped while arrays over it are alive
+        self._slots.clear()
         for region in self._regions:
             try:
                 await self.client.unregister_system_shared_memory(region.name, headers=self.headers)
@@ -188,12 +198,13 @@ class SharedMemoryPool:
         infer_inputs = []
         rows = 0
         for binding in self.inputs:
-            values = np.ascontiguousarray(tensors[binding.tensor])
+            values = tensors[binding.tensor]
             rows = values.shape[0]
             offset = slot.input_offsets[binding.tensor]
-            shm.set_shared_memory_region(slot.inputs.handle, [values], offset=offset)
+            place = slot.input_arrays[binding.tensor][:rows]
+            place[...] = values
             item = InferInput(binding.tensor, list(values.shape), binding.datatype)
-            item.set_shared_memory(slot.inputs.name, values.nbytes, offset=offset)
+            item.set_shared_memory(slot.inputs.name, place.nbytes, offset=offset)
             infer_inputs.append(item)
         requested = []
         for binding in self.outputs:

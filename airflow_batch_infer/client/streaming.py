@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from airflow_batch_infer.storage import discard, remove_stale_temps
 
 REASON_COLUMN = "reject_reason"
 WRITE_ROWS = 262_144  # rows per output row group: large groups encode and read fast
+READ_ROWS = 65_536  # most rows decoded at once from the chunk
+READ_BYTES = 16 << 20  # about the most bytes decoded at once (a few requests of long texts)
 REORDER_WINDOWS = 4  # completed requests held for row order, in multiples of the requests in flight
 
 
@@ -129,6 +131,16 @@ class _Piece:
     outputs: dict[str, np.ndarray]
     rejected: pa.RecordBatch
     reasons: list[str]
+
+
+@dataclass
+class _Request:
+    """The rows of one request, encoded: tensors for every row, which rows are good, and why not."""
+
+    batch: pa.RecordBatch
+    tensors: dict[str, np.ndarray]
+    good: np.ndarray
+    reasons: list[str | None]
 
 
 def _output_array(values: np.ndarray, binding: OutputBinding) -> pa.Array:
@@ -244,6 +256,9 @@ class ChunkStreamer:
         out_writer = parquet_writer(out_tmp, out_schema)
         rej_writer = parquet_writer(rej_tmp, rej_schema)
         rows_out = rows_rejected = 0
+        reads = self._encoded_reads(parquet, needed)
+        # The first read decodes while the client connects and registers its shared memory.
+        first_read = asyncio.create_task(asyncio.to_thread(next, reads, None))
         try:
             async with self.client_factory() as client, contextlib.AsyncExitStack() as stack:
                 self._client = client
@@ -253,13 +268,17 @@ class ChunkStreamer:
                     self._infer_stream = InferStream(client, self.headers)
                     stack.push_async_callback(self._infer_stream.close)
                 rows_out, rows_rejected = await self._stream(
-                    parquet, needed, out_writer, rej_writer, out_schema, rej_schema, total, index
+                    reads, first_read, out_writer, rej_writer, out_schema, rej_schema, total, index
                 )
             out_writer.close()
             rej_writer.close()
             commit(out_tmp, output_path)
             commit(rej_tmp, rejects_path)
         finally:
+            if not first_read.done():
+                first_read.cancel()
+            elif not first_read.cancelled():
+                first_read.exception()  # seen: a failed first read is either raised already or moot
             self._client = self._pool = self._infer_stream = None
             for writer in (out_writer, rej_writer):
                 if writer.is_open:
@@ -328,8 +347,8 @@ class ChunkStreamer:
 
     async def _stream(
         self,
-        parquet: pq.ParquetFile,
-        columns: list[str],
+        reads: Iterator[list[_Request]],
+        first_read: asyncio.Task[list[_Request] | None],
         out_writer: pq.ParquetWriter,
         rej_writer: pq.ParquetWriter,
         out_schema: pa.Schema,
@@ -339,7 +358,6 @@ class ChunkStreamer:
     ) -> tuple[int, int]:
         """Read ahead, keep ``max_in_flight`` requests outstanding, write completed pieces in row order."""
         settings = self.settings
-        batches = parquet.iter_batches(batch_size=settings.request_rows, columns=columns)
         window = asyncio.Semaphore(settings.max_in_flight)
         # Completed pieces wait here for the one before them: a few windows' worth, so that one slow
         # request (a long generation) does not stop new requests from being sent.
@@ -348,16 +366,18 @@ class ChunkStreamer:
         )
 
         async def produce() -> None:
-            read = asyncio.create_task(asyncio.to_thread(next, batches, None))
+            # Decoding and encoding the next read runs in a thread while this one's requests are sent.
+            read = first_read
             while True:
-                batch = await read
-                if batch is None:
+                requests = await read
+                if requests is None:
                     break
-                read = asyncio.create_task(asyncio.to_thread(next, batches, None))
-                await window.acquire()
-                task = asyncio.create_task(self._infer_batch(batch))
-                task.add_done_callback(lambda _t: window.release())
-                await ordered.put(task)
+                read = asyncio.create_task(asyncio.to_thread(next, reads, None))
+                for request in requests:
+                    await window.acquire()
+                    task = asyncio.create_task(self._infer_batch(request))
+                    task.add_done_callback(lambda _t: window.release())
+                    await ordered.put(task)
             await ordered.put(None)
 
         out = _PartBuffer(out_writer, out_schema)
@@ -396,6 +416,42 @@ class ChunkStreamer:
         self._log_progress(index, out.rows + rej.rows, total, rej.rows, time.monotonic() - started)
         return out.rows, rej.rows
 
+    def _encoded_reads(self, parquet: pq.ParquetFile, columns: list[str]) -> Iterator[list[_Request]]:
+        """The chunk in reads of a few requests' worth, each decoded and encoded at once, then split.
+
+        A large read and one encode per read cost less CPU per row than one of each per request. A read
+        stays within ``READ_ROWS`` rows and near ``READ_BYTES`` (long texts). Requests share its memory.
+        """
+        request_rows = self.settings.request_rows
+        metadata = parquet.metadata
+        row_bytes = 0.0
+        if metadata.num_row_groups and metadata.row_group(0).num_rows:
+            group = metadata.row_group(0)
+            wanted = set(columns)
+            size = sum(
+                group.column(i).total_uncompressed_size
+                for i in range(group.num_columns)
+                if group.column(i).path_in_schema.split(".")[0] in wanted
+            )
+            row_bytes = size / group.num_rows
+        fit = int(READ_BYTES / row_bytes) if row_bytes else READ_ROWS
+        read_rows = max(request_rows, min(READ_ROWS, fit) // request_rows * request_rows)
+        # use_threads=False: a few columns decode faster in this thread than handed to a pool.
+        for read in parquet.iter_batches(batch_size=read_rows, columns=columns, use_threads=False):
+            tensors, good, reasons = encode_batch(read, self.inputs)
+            requests = []
+            for start in range(0, read.num_rows, request_rows):
+                end = start + request_rows
+                requests.append(
+                    _Request(
+                        batch=read.slice(start, request_rows),
+                        tensors={name: values[start:end] for name, values in tensors.items()},
+                        good=good[start:end],
+                        reasons=reasons[start:end] if not good[start:end].all() else [],
+                    )
+                )
+            yield requests
+
     def _log_progress(self, index: int, done: int, total: int, rejected: int, seconds: float) -> None:
         seconds = max(seconds, 1e-9)
         share = 100.0 * done / total if total else 100.0
@@ -413,10 +469,9 @@ class ChunkStreamer:
             self.retries,
         )
 
-    async def _infer_batch(self, batch: pa.RecordBatch) -> _Piece:
-        """Encode one record batch, send its good rows, and sort every row into kept or rejected."""
-        tensors, good, reasons = encode_batch(batch, self.inputs)
-        id_and_pass = batch.select([self.row_id_column, *self.passthrough_columns])
+    async def _infer_batch(self, request: _Request) -> _Piece:
+        """Send one request's good rows, and sort every row into kept or rejected."""
+        batch, tensors, good = request.batch, request.tensors, request.good
         if good.all():
             kept_idx = np.arange(batch.num_rows)
             rejected = batch.slice(0, 0)
@@ -425,7 +480,7 @@ class ChunkStreamer:
             kept_idx = np.flatnonzero(good)
             bad_idx = np.flatnonzero(~good)
             rejected = batch.take(pa.array(bad_idx))
-            reject_reasons = [reasons[i] or "invalid row" for i in bad_idx]
+            reject_reasons = [request.reasons[i] or "invalid row" for i in bad_idx]
             tensors = {name: values[kept_idx] for name, values in tensors.items()}
         slot = await self._pool.acquire() if self._pool else None
         try:
@@ -433,6 +488,7 @@ class ChunkStreamer:
         finally:
             if slot is not None:
                 self._pool.release(slot)
+        id_and_pass = batch.select([self.row_id_column, *self.passthrough_columns])
         if failed:
             failed_pos = np.array(sorted(failed), dtype=np.int64)
             keep_mask = np.ones(len(kept_idx), dtype=bool)

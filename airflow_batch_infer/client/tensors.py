@@ -354,6 +354,7 @@ def encode_batch(
         reason it is bad (``None`` when good).
     """
     n = batch.num_rows
+    columns_by_name = dict(zip(batch.schema.names, batch.columns, strict=True))  # faster than by name
     good = np.ones(n, dtype=bool)
     reasons: list[str | None] = [None] * n
 
@@ -407,11 +408,12 @@ def encode_batch(
         else:
             values = np.empty((n, binding.width), dtype=dtype)
             for j, name in enumerate(binding.columns):
-                column = batch.column(name)
+                column = columns_by_name[name]
                 if column.null_count:
                     reject(~np.asarray(column.is_valid()), f"null in column {name!r}")
                 values[:, j] = _column_values(column, dtype)
-        if binding.datatype in FLOAT_TENSORS:
+        # A NaN or an infinity makes the sum non-finite (a finite sum that overflows costs the full check).
+        if binding.datatype in FLOAT_TENSORS and not np.isfinite(values.sum()):
             finite = np.isfinite(values)
             if not finite.all():
                 bad_cells = ~finite

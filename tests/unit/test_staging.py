@@ -14,6 +14,7 @@ from airflow_batch_infer.staging import (
     Manifest,
     StagingError,
     check_inside,
+    parquet_writer,
     plan_chunk_rows,
     run_directory,
     stage_parquet,
@@ -50,6 +51,47 @@ def test_chunks_hold_every_row_once_with_sequential_ids(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert on_disk["total_rows"] == total
     assert Manifest.load(tmp_path / "run").chunks == manifest.chunks
+
+
+def _column_layouts(path: str | Path) -> dict[str, tuple[str, set[str]]]:
+    """Each column's codec and encodings, as a reader of the file sees them."""
+    group = pq.read_metadata(path).row_group(0)
+    return {
+        group.column(i).path_in_schema: (group.column(i).compression, set(group.column(i).encodings))
+        for i in range(group.num_columns)
+    }
+
+
+def test_chunk_files_are_laid_out_for_a_fast_read_and_parts_for_any_reader(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    n = 5000
+    table = pa.table(
+        {
+            "key": np.arange(n) * 3 + 1_000_000,
+            "x": np.random.default_rng(0).standard_normal(n).astype(np.float32),
+            "note": pa.array(["a", "b"] * (n // 2)),
+        }
+    )
+    pq.write_table(table, folder / "f.parquet")
+    manifest = stage_parquet(folder, tmp_path / "run", chunk_rows=n)
+    chunk = _column_layouts(manifest.chunks[0].path)
+    # Ids delta-encoded and features plain, both uncompressed: the infer task decodes them fastest.
+    assert chunk["row_id"] == ("UNCOMPRESSED", {"RLE", "DELTA_BINARY_PACKED"})
+    assert chunk["key"] == ("UNCOMPRESSED", {"RLE", "DELTA_BINARY_PACKED"})
+    assert chunk["x"] == ("UNCOMPRESSED", {"RLE", "PLAIN"})
+    assert pq.read_table(manifest.chunks[0].path, columns=["key", "x", "note"]).equals(table)
+
+    # Output parts are published as they are (s3_parquet, athena, redshift): plain values and Snappy.
+    part = tmp_path / "part.parquet"
+    writer = parquet_writer(part, table.schema)
+    writer.write_table(table)
+    writer.close()
+    layouts = _column_layouts(part)
+    assert layouts["key"] == ("SNAPPY", {"RLE", "PLAIN"})
+    assert layouts["x"] == ("UNCOMPRESSED", {"RLE", "PLAIN"})
+    assert layouts["note"][0] == "SNAPPY"
+    assert pq.read_table(part).equals(table)
 
 
 def test_chunk_count_stays_within_max_map_length(tmp_path: Path) -> None:

@@ -78,6 +78,16 @@ def test_encoding_sets_aside_nulls_nan_and_infinities() -> None:
     np.testing.assert_array_equal(tensors["features"][[0, 4]], [[1.0, 1.0, 0.5], [5.0, 5.0, 0.5]])
 
 
+def test_large_finite_values_are_kept() -> None:
+    # Their sum overflows float32 (the quick check for NaN and infinities); every row is still sent.
+    batch = pa.record_batch({"a": [3e38, 3e38], "b": [1, 2], "c": pa.array([3e38, -1.0], pa.float32())})
+    bindings = bind_inputs({"features": ["a", "b", "c"]}, batch.schema, METADATA, 1024)
+    tensors, good, reasons = encode_batch(batch, bindings)
+    assert good.tolist() == [True, True]
+    assert reasons == [None, None]
+    np.testing.assert_array_equal(tensors["features"][:, 0], np.float32([3e38, 3e38]))
+
+
 def test_list_columns_encode_row_by_row() -> None:
     batch = pa.record_batch({"v": pa.array([[1, 2, 3], None, [4, 5], [7, 8, 9]], pa.list_(pa.float64()))})
     bindings = bind_inputs({"features": "v"}, batch.schema, METADATA, 1024)
