@@ -1,9 +1,13 @@
 """Triton system shared memory for a server on the same host: tensors skip gRPC serialisation.
 
-Each request in flight owns one slot: an input region and an output region, registered with the
-server once per chunk. The client copies a request's tensors into its slot and sends only references;
-the server writes the outputs into the slot. Regions are unregistered and unlinked when the chunk ends,
-whatever happened.
+All regions are registered with the server once per chunk, and unregistered and unlinked when the chunk
+ends, whatever happened. Requests carry only references to them:
+
+- read buffers: a read of the chunk (a few requests' worth) is encoded straight into one, and its
+  requests point into it, with no copy; it is free again once they are all answered;
+- slots, one per request in flight: an output region the server writes the outputs into, and an input
+  region for the tensors that are not in a read buffer (rows left after some were set aside, the halves
+  of a request split to find a row the server refuses).
 """
 
 from __future__ import annotations
@@ -83,6 +87,16 @@ class Slot:
     """Each input tensor's place in the input region, ``[rows, width]``."""
 
 
+@dataclass
+class ReadBuffer:
+    """Shared memory a whole read of the chunk is encoded into; its requests point into it, no copy."""
+
+    region: _Region
+    offsets: dict[str, int] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    """Each input tensor's place in the region, ``[rows, width]``."""
+
+
 class SharedMemoryPool:
     """Slots of system shared memory registered with the server for the length of one chunk.
 
@@ -92,6 +106,8 @@ class SharedMemoryPool:
     :param rows: most rows one request carries.
     :param slots: requests in flight at once.
     :param headers: headers sent with the registration calls.
+    :param read_rows: rows of one read buffer (a read of the chunk, encoded in place).
+    :param read_buffers: read buffers; none by default.
     """
 
     def __init__(
@@ -102,6 +118,8 @@ class SharedMemoryPool:
         rows: int,
         slots: int,
         headers: dict[str, str] | None = None,
+        read_rows: int = 0,
+        read_buffers: int = 0,
     ) -> None:
         self.client = client
         self.inputs = list(inputs)
@@ -109,8 +127,13 @@ class SharedMemoryPool:
         self.rows = rows
         self.slot_count = slots
         self.headers = headers
+        self.read_rows = read_rows
+        self.read_buffer_count = read_buffers if read_rows > 0 else 0
+        self._registering = asyncio.Lock()
         self._free: asyncio.Queue[Slot] = asyncio.Queue()
+        self._free_reads: asyncio.Queue[ReadBuffer] = asyncio.Queue()
         self._slots: list[Slot] = []
+        self._reads: list[ReadBuffer] = []
         self._regions: list[_Region] = []
         self._prefix = f"{REGION_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
@@ -126,14 +149,25 @@ class SharedMemoryPool:
         return region
 
     async def ensure_registered(self) -> None:
-        """Register again the regions a restarted server no longer knows (it forgets them all)."""
-        status = await self.client.get_system_shared_memory_status(headers=self.headers, as_json=True)
-        known = set((status or {}).get("regions", {}))  # a map: region name → its status
-        for region in self._regions:
-            if region.name not in known:
-                await self.client.register_system_shared_memory(
-                    region.name, f"/{region.name}", region.byte_size, headers=self.headers
-                )
+        """Register again the regions a restarted server no longer knows (it forgets them all).
+
+        Requests in flight all find out about a restart at once: one of them registers, the others wait
+        for it and then find every region known.
+        """
+        async with self._registering:
+            status = await self.client.get_system_shared_memory_status(headers=self.headers, as_json=True)
+            known = set((status or {}).get("regions", {}))  # a map: region name → its status
+            for region in self._regions:
+                if region.name in known:
+                    continue
+                try:
+                    await self.client.register_system_shared_memory(
+                        region.name, f"/{region.name}", region.byte_size, headers=self.headers
+                    )
+                except InferenceServerException as error:
+                    # Names are this pool's own (pid and a random part): one already known is this region.
+                    if "ALREADY_EXISTS" not in str(error.status()):
+                        raise
                 log.warning("Registered shared memory region %s again with the server.", region.name)
 
     async def __aenter__(self) -> SharedMemoryPool:
@@ -161,6 +195,25 @@ class SharedMemoryPool:
                     slot.output_offsets[b.tensor] = offset
                     offset += self._row_bytes(b) * self.rows
                 self._free.put_nowait(slot)
+            for i in range(self.read_buffer_count):
+                buffer = ReadBuffer(
+                    await self._region(
+                        f"{self._prefix}_read{i}",
+                        sum(self._row_bytes(b) for b in self.inputs) * self.read_rows,
+                    )
+                )
+                offset = 0
+                for b in self.inputs:
+                    buffer.offsets[b.tensor] = offset
+                    buffer.arrays[b.tensor] = shm.get_contents_as_numpy(
+                        buffer.region.handle,
+                        np.dtype(TRITON_NUMPY[b.datatype]),
+                        [self.read_rows, b.width],
+                        offset,
+                    )
+                    offset += self._row_bytes(b) * self.read_rows
+                self._reads.append(buffer)
+                self._free_reads.put_nowait(buffer)
         except BaseException:
             await self.close()
             raise
@@ -173,7 +226,10 @@ class SharedMemoryPool:
         """Unregister every region from the server and unlink it here."""
         for slot in self._slots:
             slot.input_arrays.clear()  # a region cannot be unmapped while arrays over it are alive
+        for buffer in self._reads:
+            buffer.arrays.clear()
         self._slots.clear()
+        self._reads.clear()
         for region in self._regions:
             try:
                 await self.client.unregister_system_shared_memory(region.name, headers=self.headers)
@@ -191,20 +247,44 @@ class SharedMemoryPool:
     def release(self, slot: Slot) -> None:
         self._free.put_nowait(slot)
 
+    async def acquire_read(self) -> ReadBuffer:
+        """A read buffer no request points into any more."""
+        return await self._free_reads.get()
+
+    def release_read(self, buffer: ReadBuffer) -> None:
+        self._free_reads.put_nowait(buffer)
+
+    def _place_in_reads(self, tensor: str, values: np.ndarray) -> tuple[str, int] | None:
+        """``(region, offset)`` when ``values`` lie whole and contiguous in a read buffer, else ``None``."""
+        if not values.flags.c_contiguous:
+            return None
+        start = values.__array_interface__["data"][0]
+        for buffer in self._reads:
+            base = buffer.arrays.get(tensor)
+            if base is None or base.dtype != values.dtype or base.shape[1:] != values.shape[1:]:
+                continue
+            base_start = base.__array_interface__["data"][0]
+            if base_start <= start and start + values.nbytes <= base_start + base.nbytes:
+                return buffer.region.name, buffer.offsets[tensor] + start - base_start
+        return None
+
     def request(
         self, slot: Slot, tensors: dict[str, np.ndarray]
     ) -> tuple[list[InferInput], list[InferRequestedOutput]]:
-        """Copy ``tensors`` into ``slot`` and return inputs and outputs that point at it."""
+        """Inputs that point at ``tensors`` where they lie in a read buffer, else at a copy in ``slot``, and
+        outputs that point at ``slot``."""
         infer_inputs = []
         rows = 0
         for binding in self.inputs:
             values = tensors[binding.tensor]
             rows = values.shape[0]
-            offset = slot.input_offsets[binding.tensor]
-            place = slot.input_arrays[binding.tensor][:rows]
-            place[...] = values
+            placed = self._place_in_reads(binding.tensor, values)
+            if placed is None:
+                place = slot.input_arrays[binding.tensor][:rows]
+                place[...] = values
+                placed = slot.inputs.name, slot.input_offsets[binding.tensor]
             item = InferInput(binding.tensor, list(values.shape), binding.datatype)
-            item.set_shared_memory(slot.inputs.name, place.nbytes, offset=offset)
+            item.set_shared_memory(placed[0], values.nbytes, offset=placed[1])
             infer_inputs.append(item)
         requested = []
         for binding in self.outputs:

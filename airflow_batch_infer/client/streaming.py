@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.client.retry import RetryPolicy, error_status, is_bad_input, is_transient
 from airflow_batch_infer.client.shared_memory import (
+    ReadBuffer,
     SharedMemoryPool,
     Slot,
     server_is_local,
@@ -40,6 +41,7 @@ REASON_COLUMN = "reject_reason"
 WRITE_ROWS = 262_144  # rows per output row group: large groups encode and read fast
 READ_ROWS = 65_536  # most rows decoded at once from the chunk
 READ_BYTES = 16 << 20  # about the most bytes decoded at once (a few requests of long texts)
+READ_BUFFERS = 3  # shared memory read buffers: one being encoded, one being sent, one finishing
 REORDER_WINDOWS = 4  # completed requests held for row order, in multiples of the requests in flight
 
 
@@ -134,6 +136,20 @@ class _Piece:
 
 
 @dataclass
+class _ReadLease:
+    """A read buffer held until every request pointing into it is done."""
+
+    pool: SharedMemoryPool
+    buffer: ReadBuffer
+    pending: int
+
+    def done(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.pool.release_read(self.buffer)
+
+
+@dataclass
 class _Request:
     """The rows of one request, encoded: tensors for every row, which rows are good, and why not."""
 
@@ -141,6 +157,61 @@ class _Request:
     tensors: dict[str, np.ndarray]
     good: np.ndarray
     reasons: list[str | None]
+    lease: _ReadLease | None = None
+
+
+class _ChunkReader:
+    """The chunk in reads of a few requests' worth, each decoded and encoded at once, then split.
+
+    A large read and one encode per read cost less CPU per row than one of each per request. A read stays
+    within ``READ_ROWS`` rows and near ``READ_BYTES`` (long texts, wide tensors); its requests share its
+    memory.
+
+    :param parquet: the chunk.
+    :param columns: columns to read.
+    :param inputs: input bindings.
+    :param request_rows: rows per request; a read is a multiple of it.
+    """
+
+    def __init__(
+        self, parquet: pq.ParquetFile, columns: list[str], inputs: Sequence[InputBinding], request_rows: int
+    ) -> None:
+        self.inputs = inputs
+        self.request_rows = request_rows
+        metadata = parquet.metadata
+        row_bytes = sum(b.width * np.dtype(TRITON_NUMPY[b.datatype]).itemsize for b in inputs if b.width > 0)
+        if metadata.num_row_groups and metadata.row_group(0).num_rows:
+            group = metadata.row_group(0)
+            wanted = set(columns)
+            size = sum(
+                group.column(i).total_uncompressed_size
+                for i in range(group.num_columns)
+                if group.column(i).path_in_schema.split(".")[0] in wanted
+            )
+            row_bytes = max(row_bytes, size / group.num_rows)
+        fit = int(READ_BYTES / row_bytes) if row_bytes else READ_ROWS
+        self.read_rows = max(request_rows, min(READ_ROWS, fit) // request_rows * request_rows)
+        # use_threads=False: a few columns decode faster in this thread than handed to a pool.
+        self._reads = parquet.iter_batches(batch_size=self.read_rows, columns=columns, use_threads=False)
+
+    def next(self, into: Mapping[str, np.ndarray] | None) -> list[_Request] | None:
+        """The next read's requests (``None`` at the end); tensors are encoded into ``into`` when given."""
+        read = next(self._reads, None)
+        if read is None:
+            return None
+        tensors, good, reasons = encode_batch(read, self.inputs, into)
+        requests = []
+        for start in range(0, read.num_rows, self.request_rows):
+            end = start + self.request_rows
+            requests.append(
+                _Request(
+                    batch=read.slice(start, self.request_rows),
+                    tensors={name: values[start:end] for name, values in tensors.items()},
+                    good=good[start:end],
+                    reasons=reasons[start:end] if not good[start:end].all() else [],
+                )
+            )
+        return requests
 
 
 def _output_array(values: np.ndarray, binding: OutputBinding) -> pa.Array:
@@ -256,19 +327,19 @@ class ChunkStreamer:
         out_writer = parquet_writer(out_tmp, out_schema)
         rej_writer = parquet_writer(rej_tmp, rej_schema)
         rows_out = rows_rejected = 0
-        reads = self._encoded_reads(parquet, needed)
+        reader = _ChunkReader(parquet, needed, self.inputs, self.settings.request_rows)
         # The first read decodes while the client connects and registers its shared memory.
-        first_read = asyncio.create_task(asyncio.to_thread(next, reads, None))
+        first_read = asyncio.create_task(asyncio.to_thread(reader.next, None))
         try:
             async with self.client_factory() as client, contextlib.AsyncExitStack() as stack:
                 self._client = client
-                self._pool = await self._open_pool(client, stack)
+                self._pool = await self._open_pool(client, stack, reader.read_rows)
                 self._pool_used = self._pool is not None
                 if self.settings.transport == "stream":
                     self._infer_stream = InferStream(client, self.headers)
                     stack.push_async_callback(self._infer_stream.close)
                 rows_out, rows_rejected = await self._stream(
-                    reads, first_read, out_writer, rej_writer, out_schema, rej_schema, total, index
+                    reader, first_read, out_writer, rej_writer, out_schema, rej_schema, total, index
                 )
             out_writer.close()
             rej_writer.close()
@@ -300,9 +371,10 @@ class ChunkStreamer:
         )
 
     async def _open_pool(
-        self, client: aioclient.InferenceServerClient, stack: contextlib.AsyncExitStack
+        self, client: aioclient.InferenceServerClient, stack: contextlib.AsyncExitStack, read_rows: int
     ) -> SharedMemoryPool | None:
-        """Shared memory slots for the requests in flight, when asked for and possible; else ``None``."""
+        """Shared memory for the requests in flight and for reads encoded in place, when asked for and
+        possible; else ``None``."""
         mode = self.settings.shared_memory
         if mode == "off" or not supports_shared_memory(self.inputs, self.outputs):
             if mode == "on":
@@ -319,6 +391,8 @@ class ChunkStreamer:
             self.settings.request_rows,
             self.settings.max_in_flight,
             self.headers,
+            read_rows=read_rows,
+            read_buffers=READ_BUFFERS,
         )
         try:
             return await stack.enter_async_context(pool)
@@ -347,7 +421,7 @@ class ChunkStreamer:
 
     async def _stream(
         self,
-        reads: Iterator[list[_Request]],
+        reader: _ChunkReader,
         first_read: asyncio.Task[list[_Request] | None],
         out_writer: pq.ParquetWriter,
         rej_writer: pq.ParquetWriter,
@@ -365,6 +439,24 @@ class ChunkStreamer:
             maxsize=REORDER_WINDOWS * settings.max_in_flight
         )
 
+        async def next_read() -> list[_Request] | None:
+            """The next read, encoded straight into a free shared memory read buffer when there is a pool."""
+            if self._pool is None or not self._pool.read_buffer_count:
+                return await asyncio.to_thread(reader.next, None)
+            buffer = await self._pool.acquire_read()
+            try:
+                requests = await asyncio.to_thread(reader.next, buffer.arrays)
+            except BaseException:
+                self._pool.release_read(buffer)
+                raise
+            if not requests:
+                self._pool.release_read(buffer)
+                return requests
+            lease = _ReadLease(self._pool, buffer, len(requests))
+            for request in requests:
+                request.lease = lease
+            return requests
+
         async def produce() -> None:
             # Decoding and encoding the next read runs in a thread while this one's requests are sent.
             read = first_read
@@ -372,7 +464,7 @@ class ChunkStreamer:
                 requests = await read
                 if requests is None:
                     break
-                read = asyncio.create_task(asyncio.to_thread(next, reads, None))
+                read = asyncio.create_task(next_read())
                 for request in requests:
                     await window.acquire()
                     task = asyncio.create_task(self._infer_batch(request))
@@ -416,42 +508,6 @@ class ChunkStreamer:
         self._log_progress(index, out.rows + rej.rows, total, rej.rows, time.monotonic() - started)
         return out.rows, rej.rows
 
-    def _encoded_reads(self, parquet: pq.ParquetFile, columns: list[str]) -> Iterator[list[_Request]]:
-        """The chunk in reads of a few requests' worth, each decoded and encoded at once, then split.
-
-        A large read and one encode per read cost less CPU per row than one of each per request. A read
-        stays within ``READ_ROWS`` rows and near ``READ_BYTES`` (long texts). Requests share its memory.
-        """
-        request_rows = self.settings.request_rows
-        metadata = parquet.metadata
-        row_bytes = 0.0
-        if metadata.num_row_groups and metadata.row_group(0).num_rows:
-            group = metadata.row_group(0)
-            wanted = set(columns)
-            size = sum(
-                group.column(i).total_uncompressed_size
-                for i in range(group.num_columns)
-                if group.column(i).path_in_schema.split(".")[0] in wanted
-            )
-            row_bytes = size / group.num_rows
-        fit = int(READ_BYTES / row_bytes) if row_bytes else READ_ROWS
-        read_rows = max(request_rows, min(READ_ROWS, fit) // request_rows * request_rows)
-        # use_threads=False: a few columns decode faster in this thread than handed to a pool.
-        for read in parquet.iter_batches(batch_size=read_rows, columns=columns, use_threads=False):
-            tensors, good, reasons = encode_batch(read, self.inputs)
-            requests = []
-            for start in range(0, read.num_rows, request_rows):
-                end = start + request_rows
-                requests.append(
-                    _Request(
-                        batch=read.slice(start, request_rows),
-                        tensors={name: values[start:end] for name, values in tensors.items()},
-                        good=good[start:end],
-                        reasons=reasons[start:end] if not good[start:end].all() else [],
-                    )
-                )
-            yield requests
-
     def _log_progress(self, index: int, done: int, total: int, rejected: int, seconds: float) -> None:
         seconds = max(seconds, 1e-9)
         share = 100.0 * done / total if total else 100.0
@@ -488,6 +544,8 @@ class ChunkStreamer:
         finally:
             if slot is not None:
                 self._pool.release(slot)
+            if request.lease is not None:
+                request.lease.done()
         id_and_pass = batch.select([self.row_id_column, *self.passthrough_columns])
         if failed:
             failed_pos = np.array(sorted(failed), dtype=np.int64)

@@ -343,17 +343,35 @@ def _ragged_strings(column: pa.Array, name: str, reject: Callable[[np.ndarray, s
     return values
 
 
+def _target(into: Mapping[str, np.ndarray], binding: InputBinding, rows: int, dtype: np.dtype) -> np.ndarray:
+    """The ``[rows, width]`` array a tensor is encoded into: the caller's when it fits, else a new one."""
+    given = into.get(binding.tensor)
+    if (
+        given is not None
+        and given.dtype == dtype
+        and given.shape[1:] == (binding.width,)
+        and len(given) >= rows
+    ):
+        return given[:rows]
+    return np.empty((rows, binding.width), dtype=dtype)
+
+
 def encode_batch(
-    batch: pa.RecordBatch, bindings: Sequence[InputBinding]
+    batch: pa.RecordBatch,
+    bindings: Sequence[InputBinding],
+    into: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str | None]]:
     """Turn a record batch into input tensors, finding rows that cannot be sent.
 
     :param batch: rows to encode.
     :param bindings: checked input bindings.
+    :param into: tensor → an array of at least ``rows`` rows to encode a fixed-size numeric tensor into
+        (a shared memory region, say) instead of a new one.
     :return: tensors for all rows (``[rows, width]``), a boolean mask of good rows, and for each row the
         reason it is bad (``None`` when good).
     """
     n = batch.num_rows
+    into = into or {}
     columns_by_name = dict(zip(batch.schema.names, batch.columns, strict=True))  # faster than by name
     good = np.ones(n, dtype=bool)
     reasons: list[str | None] = [None] * n
@@ -367,7 +385,11 @@ def encode_batch(
     for binding in bindings:
         dtype = np.dtype(TRITON_NUMPY[binding.datatype])
         if binding.constant is not None:
-            tensors[binding.tensor] = np.tile(binding.constant, (n, 1))
+            if binding.datatype == "BYTES":
+                tensors[binding.tensor] = np.tile(binding.constant, (n, 1))
+            else:
+                tensors[binding.tensor] = _target(into, binding, n, dtype)
+                tensors[binding.tensor][...] = binding.constant
             continue
         if binding.template is not None:
             values = np.empty((n, 1), dtype=object)
@@ -395,7 +417,8 @@ def encode_batch(
             wrong = lengths != binding.width
             if wrong.any():
                 reject(wrong, f"column {binding.columns[0]!r} does not hold {binding.width} values")
-            values = np.zeros((n, binding.width), dtype=dtype)
+            values = _target(into, binding, n, dtype)
+            values[...] = 0
             ok_rows = np.flatnonzero(good)
             if len(ok_rows):
                 flat = pc.list_flatten(column.take(pa.array(ok_rows)))
@@ -406,14 +429,16 @@ def encode_batch(
                     reject(inner_null, f"null inside column {binding.columns[0]!r}")
                 values[ok_rows] = _column_values(flat, dtype).reshape(-1, binding.width)
         else:
-            values = np.empty((n, binding.width), dtype=dtype)
+            values = _target(into, binding, n, dtype)
             for j, name in enumerate(binding.columns):
                 column = columns_by_name[name]
                 if column.null_count:
                     reject(~np.asarray(column.is_valid()), f"null in column {name!r}")
                 values[:, j] = _column_values(column, dtype)
         # A NaN or an infinity makes the sum non-finite (a finite sum that overflows costs the full check).
-        if binding.datatype in FLOAT_TENSORS and not np.isfinite(values.sum()):
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = values.sum() if binding.datatype in FLOAT_TENSORS else 0
+        if not np.isfinite(total):
             finite = np.isfinite(values)
             if not finite.all():
                 bad_cells = ~finite

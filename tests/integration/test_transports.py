@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
 
+from airflow_batch_infer.client import streaming
+from airflow_batch_infer.client.shared_memory import SharedMemoryPool
 from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, StreamSettings
 from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
@@ -97,6 +99,36 @@ def test_rows_the_server_refuses_are_found_and_set_aside(
     )
     outputs = pq.read_table(result.output_path)
     assert sorted(set(outputs.column("row_id").to_pylist()) | set(REFUSED)) == list(range(20_000))
+    chunk = pq.read_table(manifest.chunks[0].path).take(outputs.column("row_id"))
+    features = np.column_stack([chunk.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
+    expected = 1.0 / (1.0 + np.exp(-features.sum(axis=1)))
+    np.testing.assert_allclose(outputs.column("score").to_numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_reads_encoded_in_shared_memory_give_every_row_once(
+    server, manifest, tmp_path, monkeypatch, transport
+) -> None:
+    # Five reads of 4096 rows through three read buffers: later reads are encoded straight into shared
+    # memory (the first one, decoded while the client connects, is copied), and buffers are used again.
+    monkeypatch.setattr(streaming, "READ_ROWS", 4096)
+    placed = []
+    place_in_reads = SharedMemoryPool._place_in_reads
+
+    def spy(pool, tensor, values):
+        placed.append(place_in_reads(pool, tensor, values))
+        return placed[-1]
+
+    monkeypatch.setattr(SharedMemoryPool, "_place_in_reads", spy)
+    result = score(server, manifest, "picky_scorer", transport, "on", tmp_path)
+
+    in_place = [p for p in placed if p is not None]
+    assert len(in_place) >= 8  # the 8 requests of reads 2–5, each sent at least once from its read
+    assert len({region for region, _ in in_place}) == streaming.READ_BUFFERS
+    assert (result.rows_out, result.rows_rejected) == (20_000 - len(REFUSED), len(REFUSED))
+    assert pq.read_table(result.rejects_path).column("row_id").to_pylist() == REFUSED
+    outputs = pq.read_table(result.output_path)
+    assert outputs.column("row_id").to_pylist() == sorted(set(range(20_000)) - set(REFUSED))
     chunk = pq.read_table(manifest.chunks[0].path).take(outputs.column("row_id"))
     features = np.column_stack([chunk.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
     expected = 1.0 / (1.0 + np.exp(-features.sum(axis=1)))
