@@ -3,6 +3,7 @@ come out, and rows the server refuses are found by splitting requests and set as
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from transactions_data import FEATURES, write_transactions
 from airflow_batch_infer.client import streaming
 from airflow_batch_infer.client.shared_memory import SharedMemoryPool
 from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, StreamSettings
-from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
+from airflow_batch_infer.client.tensors import InputBinding, OutputBinding, bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.runtimes import get_runtime
 from airflow_batch_infer.staging import output_part_path, rejects_part_path, stage_parquet
@@ -133,6 +134,25 @@ def test_reads_encoded_in_shared_memory_give_every_row_once(
     features = np.column_stack([chunk.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
     expected = 1.0 / (1.0 + np.exp(-features.sum(axis=1)))
     np.testing.assert_allclose(outputs.column("score").to_numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_restart_noticed_by_many_requests_registers_each_region_once(server) -> None:
+    inputs = [InputBinding("features", "FP32", tuple(FEATURES), len(FEATURES))]
+    outputs = [OutputBinding("probability", "FP32", "score", 1)]
+
+    async def re_register() -> set[str]:
+        async with TritonHook(url=server.grpc_url).get_async_client() as client:
+            pool = SharedMemoryPool(client, inputs, outputs, rows=64, slots=3)
+            async with pool:
+                await client.unregister_system_shared_memory()  # what a restart does: every region forgotten
+                # Every request in flight notices at once (this raced: ALREADY_EXISTS failed the chunk).
+                await asyncio.gather(*(pool.ensure_registered() for _ in range(6)))
+                status = await client.get_system_shared_memory_status(as_json=True)
+                return set(status.get("regions", {}))
+
+    regions = asyncio.run(re_register())
+    assert len(regions) == 6  # 3 slots × (inputs, outputs)
+    assert all(name.startswith(f"abi_{os.getpid()}_") for name in regions)
 
 
 def test_regions_left_by_a_killed_client_are_removed(server, manifest, tmp_path) -> None:
