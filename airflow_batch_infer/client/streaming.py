@@ -1,9 +1,10 @@
 """The streaming inference loop: one chunk file in, one output part and one rejects part out.
 
-Record batches are read ahead in a thread, encoded into tensors, and sent as many concurrent gRPC
+The chunk is read ahead in a thread, a few requests' worth at a time, and encoded there into tensors
+(straight into shared memory when the server is on this host); the rows go out as many concurrent gRPC
 requests (``max_in_flight``) so that Triton's dynamic batcher always has work queued. Responses are
-written in row order. Memory holds the requests in flight plus one row group being written, whatever
-the size of the chunk.
+written in row order. Memory holds a few reads, the requests in flight and one row group being written,
+whatever the size of the chunk.
 """
 
 from __future__ import annotations
