@@ -101,7 +101,11 @@ def servers_left(cluster: CeleryCluster) -> list[int]:
 
 def assert_server_gone(cluster: CeleryCluster, tis: list[dict[str, Any]], wait: float = 0) -> None:
     """The run's server (as the infer tasks got it from the start task) is gone, with its shared memory."""
-    handle = next(t for t in tis if t["task_id"] == INFER)["rendered_fields"]["server"]["handle"]
+    # Mapped infer tasks that never started (a run marked failed mid-way) have no rendered fields.
+    rendered = [t.get("rendered_fields") or {} for t in tis if t["task_id"] == INFER]
+    servers = [fields["server"] for fields in rendered if "server" in fields]
+    assert servers, "no infer task of the run rendered its server"
+    handle = servers[0]["handle"]
     deadline = time.monotonic() + wait
     while servers_left(cluster) and time.monotonic() < deadline:
         time.sleep(0.5)
