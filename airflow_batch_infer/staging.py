@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.arrow_types import is_list
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
@@ -208,11 +209,7 @@ def _leaves(fields: Iterable[pa.Field], prefix: str = "") -> Iterator[tuple[str,
         path, arrow_type = f"{prefix}{leaf.name}", leaf.type
         if pa.types.is_struct(arrow_type):
             yield from _leaves(arrow_type.fields, f"{path}.")
-        elif (
-            pa.types.is_list(arrow_type)
-            or pa.types.is_large_list(arrow_type)
-            or (pa.types.is_fixed_size_list(arrow_type))
-        ):
+        elif is_list(arrow_type):
             yield from _leaves([pa.field("element", arrow_type.value_type)], f"{path}.list.")
         elif pa.types.is_map(arrow_type):
             yield from _leaves([arrow_type.key_field, arrow_type.item_field], f"{path}.key_value.")

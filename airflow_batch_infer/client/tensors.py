@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from airflow_batch_infer.arrow_types import is_list
+
 # Triton datatype → numpy dtype (BYTES travels as numpy object arrays).
 TRITON_NUMPY = {
     "BOOL": np.bool_,
@@ -89,14 +91,6 @@ def _compatible(arrow_type: pa.DataType, datatype: str) -> bool:
             or pa.types.is_binary(arrow_type)
         )
     return False
-
-
-def _is_list(arrow_type: pa.DataType) -> bool:
-    return (
-        pa.types.is_list(arrow_type)
-        or pa.types.is_large_list(arrow_type)
-        or pa.types.is_fixed_size_list(arrow_type)
-    )
 
 
 def _row_width(shape: Sequence[int], max_batch_size: int) -> int | None:
@@ -191,7 +185,7 @@ def bind_inputs(
                     f"Column {column!r} (for input tensor {tensor!r}) is not in the data; "
                     f"columns present: {schema.names}."
                 )
-        if len(columns) == 1 and _is_list(schema.field(columns[0]).type):
+        if len(columns) == 1 and is_list(schema.field(columns[0]).type):
             field = schema.field(columns[0])
             value_type = field.type.value_type
             if not _compatible(value_type, datatype):

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.arrow_types import is_list
 from airflow_batch_infer.sinks.base import (
     PersistResult,
     SchemaMismatchError,
@@ -52,11 +53,7 @@ def hive_type(name: str, arrow_type: pa.DataType) -> str:
     """The Athena (Hive DDL) type of a Parquet column of ``arrow_type``."""
     if pa.types.is_decimal(arrow_type):
         return f"decimal({arrow_type.precision},{arrow_type.scale})"
-    if (
-        pa.types.is_list(arrow_type)
-        or pa.types.is_large_list(arrow_type)
-        or pa.types.is_fixed_size_list(arrow_type)
-    ):
+    if is_list(arrow_type):
         return f"array<{hive_type(name, arrow_type.value_type)}>"
     for test, hive in _SCALARS:
         if test(arrow_type):

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from airflow_batch_infer.arrow_types import is_list
 from airflow_batch_infer.sinks.base import (
     PersistResult,
     SchemaMismatchError,
@@ -53,14 +54,6 @@ _UDT_NAMES = {
 }
 
 
-def _is_list(arrow_type: pa.DataType) -> bool:
-    return (
-        pa.types.is_list(arrow_type)
-        or pa.types.is_large_list(arrow_type)
-        or pa.types.is_fixed_size_list(arrow_type)
-    )
-
-
 def postgres_type(name: str, arrow_type: pa.DataType) -> tuple[str, set[str]]:
     """The PostgreSQL type for a column of ``arrow_type``, and the udt names an existing column may have.
 
@@ -68,9 +61,9 @@ def postgres_type(name: str, arrow_type: pa.DataType) -> tuple[str, set[str]]:
     """
     if pa.types.is_decimal(arrow_type):
         return f"numeric({arrow_type.precision},{arrow_type.scale})", {"numeric"}
-    if _is_list(arrow_type):
+    if is_list(arrow_type):
         element, accepted = postgres_type(name, arrow_type.value_type)
-        if _is_list(arrow_type.value_type) or element in ("text", "date", "timestamp", "timestamptz"):
+        if is_list(arrow_type.value_type) or element in ("text", "date", "timestamp", "timestamptz"):
             raise SchemaMismatchError(
                 f"Column {name!r} holds {arrow_type}: the postgres sink stores lists of numbers or booleans "
                 "only."
@@ -97,7 +90,7 @@ def _csv_ready(batch: pa.RecordBatch) -> pa.RecordBatch:
     """Turn list columns into PostgreSQL array literals (``{1,2,3}``); other columns stay as they are."""
     columns = []
     for column in batch.columns:
-        if _is_list(column.type):
+        if is_list(column.type):
             values = column.values if not pa.types.is_fixed_size_list(column.type) else column.flatten()
             text = pc.fill_null(pc.cast(values, pa.string()), "NULL")
             offsets = column.offsets if not pa.types.is_fixed_size_list(column.type) else None

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.arrow_types import is_list
 from airflow_batch_infer.sinks.base import (
     PersistResult,
     SchemaMismatchError,
@@ -87,11 +88,7 @@ def redshift_type(name: str, arrow_type: pa.DataType) -> str:
     """The Redshift type of a Parquet column of ``arrow_type`` (lists become ``SUPER``)."""
     if pa.types.is_decimal(arrow_type):
         return f"DECIMAL({arrow_type.precision},{arrow_type.scale})"
-    if (
-        pa.types.is_list(arrow_type)
-        or pa.types.is_large_list(arrow_type)
-        or pa.types.is_fixed_size_list(arrow_type)
-    ):
+    if is_list(arrow_type):
         return "SUPER"
     for test, declared in _SCALARS:
         if test(arrow_type):
