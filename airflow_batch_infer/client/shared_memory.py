@@ -148,6 +148,19 @@ class SharedMemoryPool:
         await self.client.register_system_shared_memory(name, f"/{name}", byte_size, headers=self.headers)
         return region
 
+    def _input_layout(self, region: _Region, rows: int) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        """Where each input tensor of ``rows`` rows lies in ``region``: its offset, and an array over it."""
+        offsets: dict[str, int] = {}
+        arrays: dict[str, np.ndarray] = {}
+        offset = 0
+        for b in self.inputs:
+            offsets[b.tensor] = offset
+            arrays[b.tensor] = shm.get_contents_as_numpy(
+                region.handle, np.dtype(TRITON_NUMPY[b.datatype]), [rows, b.width], offset
+            )
+            offset += self._row_bytes(b) * rows
+        return offsets, arrays
+
     async def ensure_registered(self) -> None:
         """Register again the regions a restarted server no longer knows (it forgets them all).
 
@@ -183,35 +196,17 @@ class SharedMemoryPool:
                     ),
                 )
                 self._slots.append(slot)
-                offset = 0
-                for b in self.inputs:
-                    slot.input_offsets[b.tensor] = offset
-                    slot.input_arrays[b.tensor] = shm.get_contents_as_numpy(
-                        slot.inputs.handle, np.dtype(TRITON_NUMPY[b.datatype]), [self.rows, b.width], offset
-                    )
-                    offset += self._row_bytes(b) * self.rows
+                slot.input_offsets, slot.input_arrays = self._input_layout(slot.inputs, self.rows)
                 offset = 0
                 for b in self.outputs:
                     slot.output_offsets[b.tensor] = offset
                     offset += self._row_bytes(b) * self.rows
                 self._free.put_nowait(slot)
             for i in range(self.read_buffer_count):
-                buffer = ReadBuffer(
-                    await self._region(
-                        f"{self._prefix}_read{i}",
-                        sum(self._row_bytes(b) for b in self.inputs) * self.read_rows,
-                    )
+                region = await self._region(
+                    f"{self._prefix}_read{i}", sum(self._row_bytes(b) for b in self.inputs) * self.read_rows
                 )
-                offset = 0
-                for b in self.inputs:
-                    buffer.offsets[b.tensor] = offset
-                    buffer.arrays[b.tensor] = shm.get_contents_as_numpy(
-                        buffer.region.handle,
-                        np.dtype(TRITON_NUMPY[b.datatype]),
-                        [self.read_rows, b.width],
-                        offset,
-                    )
-                    offset += self._row_bytes(b) * self.read_rows
+                buffer = ReadBuffer(region, *self._input_layout(region, self.read_rows))
                 self._reads.append(buffer)
                 self._free_reads.put_nowait(buffer)
         except BaseException:
