@@ -203,6 +203,21 @@ def parquet_writer(path: Path, schema: pa.Schema, *, chunk: bool = False) -> pq.
     )
 
 
+def required_where_no_nulls(batch: pa.RecordBatch) -> pa.Schema:
+    """``batch``'s schema with its flat columns that hold no null marked non-nullable.
+
+    A chunk file stores such columns as Parquet REQUIRED: with no definition levels to decode, the infer
+    task reads them in about half the CPU.
+    """
+    return pa.schema(
+        [
+            f.with_nullable(False) if column.null_count == 0 and not pa.types.is_nested(f.type) else f
+            for f, column in zip(batch.schema, batch.columns, strict=True)
+        ],
+        metadata=batch.schema.metadata,
+    )
+
+
 def _leaves(fields: Iterable[pa.Field], prefix: str = "") -> Iterator[tuple[str, pa.DataType]]:
     """Parquet column paths and value types of a schema's leaves (``emb.list.element`` for a list)."""
     for leaf in fields:
@@ -307,17 +322,43 @@ class _ChunkWriter:
             batch = pa.RecordBatch.from_arrays([ids, *batch.columns], [self.id_column, *batch.schema.names])
         offset = 0
         while offset < batch.num_rows:
+            take = min(self.rows_per_chunk - self._in_chunk, batch.num_rows - offset)
+            piece = batch.slice(offset, take)
             if self._writer is None:
                 self.schema = batch.schema
                 self._tmp = atomic_target(self._final(len(self.chunks)))
-                self._writer = parquet_writer(self._tmp, batch.schema, chunk=True)
-            take = min(self.rows_per_chunk - self._in_chunk, batch.num_rows - offset)
-            self._writer.write_batch(batch.slice(offset, take), row_group_size=take)
+                self._writer = parquet_writer(self._tmp, required_where_no_nulls(piece), chunk=True)
+            else:
+                self._allow_nulls(piece)
+            piece = pa.RecordBatch.from_arrays(piece.columns, schema=self._writer.schema)
+            self._writer.write_batch(piece, row_group_size=take)
             self._in_chunk += take
             self._rows_seen += take
             offset += take
             if self._in_chunk == self.rows_per_chunk:
                 self.close_chunk()
+
+    def _allow_nulls(self, piece: pa.RecordBatch) -> None:
+        """Rewrite the chunk being written with nullable columns where ``piece`` brings the first nulls.
+
+        Rare (a chunk's first batch had none in that column), and it copies one row group at a time.
+        """
+        schema = self._writer.schema
+        columns = zip(schema, piece.columns, strict=True)
+        newly_null = {f.name for f, column in columns if not f.nullable and column.null_count}
+        if not newly_null:
+            return
+        widened = pa.schema([f.with_nullable(True) if f.name in newly_null else f for f in schema])
+        self._writer.close()
+        written, self._tmp = self._tmp, atomic_target(self._final(len(self.chunks)))
+        self._writer = parquet_writer(self._tmp, widened, chunk=True)
+        try:
+            done = pq.ParquetFile(written)
+            for group in range(done.num_row_groups):
+                rows = done.read_row_group(group)
+                self._writer.write_table(pa.Table.from_arrays(rows.columns, schema=widened), rows.num_rows)
+        finally:
+            storage.discard(written)
 
     def _final(self, index: int) -> RunPath:
         return run_file(self.run_dir, self.folder, f"chunk-{index:05d}.parquet")

@@ -316,8 +316,12 @@ class ChunkStreamer:
         missing = [c for c in needed if c not in chunk_schema.names]
         if missing:
             raise InferenceError(f"Chunk {chunk_path} has no column(s) {missing}.")
-        keep_fields = [chunk_schema.field(c) for c in [self.row_id_column, *self.passthrough_columns]]
-        reject_fields = [chunk_schema.field(c) for c in needed]
+        # Parts are nullable whatever the chunk's columns are (non-nullable where a chunk held no nulls), so
+        # that every part of a run, and of every run, has the same schema.
+        keep_fields = [
+            chunk_schema.field(c).with_nullable(True) for c in [self.row_id_column, *self.passthrough_columns]
+        ]
+        reject_fields = [chunk_schema.field(c).with_nullable(True) for c in needed]
         out_schema = pa.schema(keep_fields + [self._output_field(b) for b in self.outputs])
         rej_schema = pa.schema([reject_fields[0], pa.field(REASON_COLUMN, pa.string()), *reject_fields[1:]])
 

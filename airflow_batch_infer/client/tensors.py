@@ -424,11 +424,17 @@ def encode_batch(
                 values[ok_rows] = _column_values(flat, dtype).reshape(-1, binding.width)
         else:
             values = _target(into, binding, n, dtype)
+            # The columns side by side, then one transposing copy: numpy copies across in cache-sized
+            # blocks, about half the CPU of writing each column into every width-th slot.
+            wide = len(binding.columns) > 1
+            gathered = np.empty((len(binding.columns), n), dtype=dtype) if wide else values.T
             for j, name in enumerate(binding.columns):
                 column = columns_by_name[name]
                 if column.null_count:
                     reject(~np.asarray(column.is_valid()), f"null in column {name!r}")
-                values[:, j] = _column_values(column, dtype)
+                gathered[j] = _column_values(column, dtype)
+            if wide:
+                values[...] = gathered.T
         # A NaN or an infinity makes the sum non-finite (a finite sum that overflows costs the full check).
         with np.errstate(over="ignore", invalid="ignore"):
             total = values.sum() if binding.datatype in FLOAT_TENSORS else 0

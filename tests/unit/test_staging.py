@@ -80,7 +80,10 @@ def test_chunk_files_are_laid_out_for_a_fast_read_and_parts_for_any_reader(tmp_p
     assert chunk["row_id"] == ("UNCOMPRESSED", {"RLE", "DELTA_BINARY_PACKED"})
     assert chunk["key"] == ("UNCOMPRESSED", {"RLE", "DELTA_BINARY_PACKED"})
     assert chunk["x"] == ("UNCOMPRESSED", {"RLE", "PLAIN"})
-    assert pq.read_table(manifest.chunks[0].path, columns=["key", "x", "note"]).equals(table)
+    # Columns without nulls are REQUIRED: no definition levels to decode.
+    assert _definition_levels(manifest.chunks[0].path) == {"row_id": 0, "key": 0, "x": 0, "note": 0}
+    staged = pq.read_table(manifest.chunks[0].path, columns=["key", "x", "note"])
+    assert staged.equals(table.cast(staged.schema))
 
     # Output parts are published as they are (s3_parquet, athena, redshift): plain values and Snappy.
     part = tmp_path / "part.parquet"
@@ -92,6 +95,35 @@ def test_chunk_files_are_laid_out_for_a_fast_read_and_parts_for_any_reader(tmp_p
     assert layouts["x"] == ("UNCOMPRESSED", {"RLE", "PLAIN"})
     assert layouts["note"][0] == "SNAPPY"
     assert pq.read_table(part).equals(table)
+
+
+def _definition_levels(path: str | Path) -> dict[str, int]:
+    """Each column's maximum definition level: 0 for a REQUIRED column, 1 for an optional one."""
+    schema = pq.ParquetFile(path).schema
+    return {schema.column(i).path: schema.column(i).max_definition_level for i in range(len(schema))}
+
+
+def test_a_column_whose_first_nulls_come_late_in_a_chunk_keeps_every_value(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # The first file has no nulls, so a chunk opens with "x" REQUIRED; the second brings nulls into it.
+    pq.write_table(pa.table({"key": [0, 1, 2], "x": [0.5, 1.5, 2.5]}), folder / "f0.parquet")
+    pq.write_table(pa.table({"key": [3, 4, 5], "x": [None, 4.5, None]}), folder / "f1.parquet")
+
+    one_chunk = stage_parquet(folder, tmp_path / "one", chunk_rows=100)
+    assert [c.rows for c in one_chunk.chunks] == [6]
+    path = one_chunk.chunks[0].path
+    assert _definition_levels(path) == {"row_id": 0, "key": 0, "x": 1}
+    staged = pq.read_table(path)
+    assert staged.column("key").to_pylist() == [0, 1, 2, 3, 4, 5]
+    assert staged.column("x").to_pylist() == [0.5, 1.5, 2.5, None, 4.5, None]
+    assert pq.read_metadata(path).num_rows == 6
+    assert sorted(p.name for p in Path(path).parent.iterdir()) == ["chunk-00000.parquet"]  # no temp left
+
+    two_chunks = stage_parquet(folder, tmp_path / "two", chunk_rows=3)
+    assert [_definition_levels(c.path)["x"] for c in two_chunks.chunks] == [0, 1]
+    values = [v for c in two_chunks.chunks for v in pq.read_table(c.path).column("x").to_pylist()]
+    assert values == [0.5, 1.5, 2.5, None, 4.5, None]
 
 
 def test_chunk_count_stays_within_max_map_length(tmp_path: Path) -> None:
