@@ -215,11 +215,11 @@ def test_materialised_repository_converts_onnx_and_leaves_the_source_alone(tmp_p
     )
     assert config.backend == "python"
     assert config.platform == ""
-    assert config.max_batch_size == 8192
+    assert config.max_batch_size == 32768
     assert [(g.count, g.kind) for g in config.instance_group] == [
         (2, model_config_pb2.ModelInstanceGroup.KIND_CPU)
     ]
-    assert list(config.dynamic_batching.preferred_batch_size) == [4096, 8192]
+    assert list(config.dynamic_batching.preferred_batch_size) == [16384, 32768]
     assert config.parameters["onnx_intra_op_threads"].string_value == "2"
     assert (target / "risk_scorer" / "1" / "model.py").is_file()
     assert source_config.read_bytes() == before
