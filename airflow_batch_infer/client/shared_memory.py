@@ -30,7 +30,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding
+from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding, row_bytes
 from airflow_batch_infer.processes import pid_alive
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,6 @@ class SharedMemoryPool:
         self._regions: list[_Region] = []
         self._prefix = f"{REGION_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
-    @staticmethod
-    def _row_bytes(binding: InputBinding | OutputBinding) -> int:
-        return binding.width * np.dtype(TRITON_NUMPY[binding.datatype]).itemsize
-
     async def _region(self, name: str, byte_size: int) -> _Region:
         handle = shm.create_shared_memory_region(name, f"/{name}", byte_size, create_only=True)
         region = _Region(name, handle, byte_size)
@@ -158,7 +154,7 @@ class SharedMemoryPool:
         offsets: dict[str, int] = {}
         for b in bindings:
             offsets[b.tensor] = start
-            start += -(-self._row_bytes(b) * rows // ALIGN) * ALIGN
+            start += -(-row_bytes(b) * rows // ALIGN) * ALIGN
         return offsets, start
 
     def _input_arrays(self, region: _Region, offsets: dict[str, int], rows: int) -> dict[str, np.ndarray]:
@@ -289,7 +285,7 @@ class SharedMemoryPool:
         for binding in self.outputs:
             item = InferRequestedOutput(binding.tensor)
             item.set_shared_memory(
-                slot.region.name, rows * self._row_bytes(binding), offset=slot.output_offsets[binding.tensor]
+                slot.region.name, rows * row_bytes(binding), offset=slot.output_offsets[binding.tensor]
             )
             requested.append(item)
         return infer_inputs, requested

@@ -34,7 +34,13 @@ from airflow_batch_infer.client.shared_memory import (
     supports_shared_memory,
 )
 from airflow_batch_infer.client.stream import InferStream, StreamRequestError
-from airflow_batch_infer.client.tensors import TRITON_NUMPY, InputBinding, OutputBinding, encode_batch
+from airflow_batch_infer.client.tensors import (
+    TRITON_NUMPY,
+    InputBinding,
+    OutputBinding,
+    encode_batch,
+    row_bytes,
+)
 from airflow_batch_infer.staging import atomic_target, commit, open_parquet, parquet_writer
 from airflow_batch_infer.storage import discard, remove_stale_temps
 
@@ -180,7 +186,7 @@ class _ChunkReader:
         self.inputs = inputs
         self.request_rows = request_rows
         metadata = parquet.metadata
-        row_bytes = sum(b.width * np.dtype(TRITON_NUMPY[b.datatype]).itemsize for b in inputs if b.width > 0)
+        read_row_bytes = sum(row_bytes(b) for b in inputs if b.width > 0)
         if metadata.num_row_groups and metadata.row_group(0).num_rows:
             group = metadata.row_group(0)
             wanted = set(columns)
@@ -189,8 +195,8 @@ class _ChunkReader:
                 for i in range(group.num_columns)
                 if group.column(i).path_in_schema.split(".")[0] in wanted
             )
-            row_bytes = max(row_bytes, size / group.num_rows)
-        fit = int(READ_BYTES / row_bytes) if row_bytes else READ_ROWS
+            read_row_bytes = max(read_row_bytes, size / group.num_rows)
+        fit = int(READ_BYTES / read_row_bytes) if read_row_bytes else READ_ROWS
         self.read_rows = max(request_rows, min(READ_ROWS, fit) // request_rows * request_rows)
         # use_threads=False: a few columns decode faster in this thread than handed to a pool.
         self._reads = parquet.iter_batches(batch_size=self.read_rows, columns=columns, use_threads=False)

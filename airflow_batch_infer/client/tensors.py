@@ -77,6 +77,11 @@ class OutputBinding:
     width: int
 
 
+def row_bytes(binding: InputBinding | OutputBinding) -> int:
+    """Bytes of one row of a fixed-size tensor (``width`` values of its datatype)."""
+    return binding.width * np.dtype(TRITON_NUMPY[binding.datatype]).itemsize
+
+
 def _compatible(arrow_type: pa.DataType, datatype: str) -> bool:
     if datatype in FLOAT_TENSORS:
         return pa.types.is_floating(arrow_type) or pa.types.is_integer(arrow_type)
