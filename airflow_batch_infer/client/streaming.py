@@ -1,10 +1,10 @@
 """The streaming inference loop: one chunk file in, one output part and one rejects part out.
 
-The chunk is read ahead in a thread, a few requests' worth at a time, and encoded there into tensors
-(straight into shared memory when the server is on this host); the rows go out as many concurrent gRPC
-requests (``max_in_flight``) so that Triton's dynamic batcher always has work queued. Responses are
-written in row order. Memory holds a few reads, the requests in flight and one row group being written,
-whatever the size of the chunk.
+The chunk is read ahead in a thread of its own, a few requests' worth at a time, and encoded there into
+tensors (straight into shared memory when the server is on this host); the rows go out as many concurrent
+gRPC requests (``max_in_flight``) so that Triton's dynamic batcher always has work queued. Responses are
+written in row order, by another thread. Memory holds a few reads, the requests in flight and one row
+group being written, whatever the size of the chunk.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
+from airflow_batch_infer.client.memory_pool import reusing_memory_pool
 from airflow_batch_infer.client.retry import RetryPolicy, error_status, is_bad_input, is_transient
 from airflow_batch_infer.client.shared_memory import (
     ReadBuffer,
@@ -172,7 +174,8 @@ class _ChunkReader:
 
     A large read and one encode per read cost less CPU per row than one of each per request. A read stays
     within ``READ_ROWS`` rows and near ``READ_BYTES`` (long texts, wide tensors); its requests share its
-    memory.
+    memory. Reads run one at a time in the reader's own thread, so that their buffers come from, and go
+    back to, one thread's share of the memory pool.
 
     :param parquet: the chunk.
     :param columns: columns to read.
@@ -200,6 +203,15 @@ class _ChunkReader:
         self.read_rows = max(request_rows, min(READ_ROWS, fit) // request_rows * request_rows)
         # use_threads=False: a few columns decode faster in this thread than handed to a pool.
         self._reads = parquet.iter_batches(batch_size=self.read_rows, columns=columns, use_threads=False)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-read")
+
+    async def read(self, into: Mapping[str, np.ndarray] | None) -> list[_Request] | None:
+        """``next`` in the reader's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.next, into)
+
+    def close(self) -> None:
+        """Stop the reader's thread, after the read under way if any."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
 
     def next(self, into: Mapping[str, np.ndarray] | None) -> list[_Request] | None:
         """The next read's requests (``None`` at the end); tensors are encoded into ``into`` when given."""
@@ -308,7 +320,8 @@ class ChunkStreamer:
         :param rejects_path: final path of the rejects part.
         :param index: chunk number, for the log and the result.
         """
-        return asyncio.run(self._run(chunk_path, output_path, rejects_path, index))
+        with reusing_memory_pool():
+            return asyncio.run(self._run(chunk_path, output_path, rejects_path, index))
 
     async def _run(
         self, chunk_path: str | Path, output_path: str | Path, rejects_path: str | Path, index: int
@@ -340,7 +353,9 @@ class ChunkStreamer:
         rows_out = rows_rejected = 0
         reader = _ChunkReader(parquet, needed, self.inputs, self.settings.request_rows)
         # The first read decodes while the client connects and registers its shared memory.
-        first_read = asyncio.create_task(asyncio.to_thread(reader.next, None))
+        first_read = asyncio.create_task(reader.read(None))
+        # One thread encodes and writes both parts' row groups, off the event loop.
+        writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-write")
         try:
             async with self.client_factory() as client, contextlib.AsyncExitStack() as stack:
                 self._client = client
@@ -350,7 +365,7 @@ class ChunkStreamer:
                     self._infer_stream = InferStream(client, self.headers)
                     stack.push_async_callback(self._infer_stream.close)
                 rows_out, rows_rejected = await self._stream(
-                    reader, first_read, out_writer, rej_writer, out_schema, rej_schema, total, index
+                    reader, first_read, writing, out_writer, rej_writer, out_schema, rej_schema, total, index
                 )
             out_writer.close()
             rej_writer.close()
@@ -361,6 +376,8 @@ class ChunkStreamer:
                 first_read.cancel()
             elif not first_read.cancelled():
                 first_read.exception()  # seen: a failed first read is either raised already or moot
+            reader.close()
+            writing.shutdown(wait=True, cancel_futures=True)  # before the writers close
             self._client = self._pool = self._infer_stream = None
             for writer in (out_writer, rej_writer):
                 if writer.is_open:
@@ -434,6 +451,7 @@ class ChunkStreamer:
         self,
         reader: _ChunkReader,
         first_read: asyncio.Task[list[_Request] | None],
+        writing: ThreadPoolExecutor,
         out_writer: pq.ParquetWriter,
         rej_writer: pq.ParquetWriter,
         out_schema: pa.Schema,
@@ -453,10 +471,10 @@ class ChunkStreamer:
         async def next_read() -> list[_Request] | None:
             """The next read, encoded straight into a free shared memory read buffer when there is a pool."""
             if self._pool is None or not self._pool.read_buffer_count:
-                return await asyncio.to_thread(reader.next, None)
+                return await reader.read(None)
             buffer = await self._pool.acquire_read()
             try:
-                requests = await asyncio.to_thread(reader.next, buffer.arrays)
+                requests = await reader.read(buffer.arrays)
             except BaseException:
                 self._pool.release_read(buffer)
                 raise
@@ -483,8 +501,8 @@ class ChunkStreamer:
                     await ordered.put(task)
             await ordered.put(None)
 
-        out = _PartBuffer(out_writer, out_schema)
-        rej = _PartBuffer(rej_writer, rej_schema)
+        out = _PartBuffer(out_writer, out_schema, writing)
+        rej = _PartBuffer(rej_writer, rej_schema, writing)
         producer = asyncio.create_task(produce())
         started = last_log = time.monotonic()
         try:
@@ -673,11 +691,17 @@ class ChunkStreamer:
 
 
 class _PartBuffer:
-    """Record batches waiting to be written to a part file, flushed in large row groups."""
+    """Record batches waiting to be written to a part file, flushed in large row groups.
 
-    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema) -> None:
+    :param writer: the part's writer.
+    :param schema: the part's schema.
+    :param thread: where the row groups are encoded and written.
+    """
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema, thread: ThreadPoolExecutor) -> None:
         self.writer = writer
         self.schema = schema
+        self.thread = thread
         self.rows = 0
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
@@ -693,4 +717,5 @@ class _PartBuffer:
         if self._pending:
             table = pa.Table.from_batches(self._pending, schema=self.schema)
             self._pending, self._pending_rows = [], 0
-            await asyncio.to_thread(self.writer.write_table, table)
+            write: Callable[[pa.Table], None] = self.writer.write_table
+            await asyncio.get_running_loop().run_in_executor(self.thread, write, table)

@@ -127,3 +127,4 @@ def test_a_server_that_stays_down_fails_the_chunk_with_a_clear_message(manifest,
         runtime.stop(info)
     assert not list((tmp_path / "outputs").iterdir())  # no part, no temporary file
     assert not list((tmp_path / "rejects").iterdir())
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("chunk-read", "chunk-write"))]

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
@@ -69,9 +71,16 @@ def score(server, manifest, model: str, transport: str, shared_memory: str, tmp_
         client_factory=hook.get_async_client,
         url=server.grpc_url,
     )
+    pool_before, jemalloc = pa.default_memory_pool().backend_name, pa.jemalloc_memory_pool()
+    allocated = jemalloc.total_bytes_allocated()
     result = streamer.run(chunk.path, output_part_path(tmp_path, 0), rejects_part_path(tmp_path, 0))
     assert result.shared_memory is (shared_memory == "on")
     assert not list(Path("/dev/shm").glob(f"abi_{os.getpid()}_*")), "shared memory regions left behind"
+    # The chunk was decoded from jemalloc (see memory_pool), the process's own default is back, and the
+    # reader's and the writer's threads are gone.
+    assert jemalloc.total_bytes_allocated() - allocated >= chunk.rows * len(FEATURES) * 4
+    assert pa.default_memory_pool().backend_name == pool_before
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("chunk-read", "chunk-write"))]
     return result
 
 
