@@ -361,6 +361,9 @@ class ChunkStreamer:
                 self._client = client
                 self._pool = await self._open_pool(client, stack, reader.read_rows)
                 self._pool_used = self._pool is not None
+                # On the way out, the read under way (perhaps encoding into the pool) ends before the pool
+                # is unmapped: writing into an unmapped region would crash the task.
+                stack.callback(reader.close)
                 if self.settings.transport == "stream":
                     self._infer_stream = InferStream(client, self.headers)
                     stack.push_async_callback(self._infer_stream.close)

@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
 
-from airflow_batch_infer.client import streaming
+from airflow_batch_infer.client import streaming, tensors
 from airflow_batch_infer.client.shared_memory import SharedMemoryPool
 from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, StreamSettings
 from airflow_batch_infer.client.tensors import InputBinding, OutputBinding, bind_inputs, bind_outputs
@@ -56,12 +57,11 @@ def manifest(tmp_path_factory):
     return stage_parquet(root / "picky", root / "run")
 
 
-def score(server, manifest, model: str, transport: str, shared_memory: str, tmp_path: Path):
+def make_streamer(server, manifest, model: str, transport: str, shared_memory: str) -> ChunkStreamer:
     hook = TritonHook(url=server.grpc_url)
     metadata, config = hook.get_model_metadata(model), hook.get_model_config(model)
-    chunk = manifest.chunks[0]
-    schema = pq.read_schema(chunk.path)
-    streamer = ChunkStreamer(
+    schema = pq.read_schema(manifest.chunks[0].path)
+    return ChunkStreamer(
         inputs=bind_inputs({"features": FEATURES}, schema, metadata, config["max_batch_size"]),
         outputs=bind_outputs({"probability": "score"}, metadata, config["max_batch_size"]),
         settings=StreamSettings(
@@ -71,6 +71,16 @@ def score(server, manifest, model: str, transport: str, shared_memory: str, tmp_
         client_factory=hook.get_async_client,
         url=server.grpc_url,
     )
+
+
+def chunk_threads() -> list[str]:
+    """The streamer's reader and writer threads still alive."""
+    return [t.name for t in threading.enumerate() if t.name.startswith(("chunk-read", "chunk-write"))]
+
+
+def score(server, manifest, model: str, transport: str, shared_memory: str, tmp_path: Path):
+    chunk = manifest.chunks[0]
+    streamer = make_streamer(server, manifest, model, transport, shared_memory)
     pool_before, jemalloc = pa.default_memory_pool().backend_name, pa.jemalloc_memory_pool()
     allocated = jemalloc.total_bytes_allocated()
     result = streamer.run(chunk.path, output_part_path(tmp_path, 0), rejects_part_path(tmp_path, 0))
@@ -80,7 +90,7 @@ def score(server, manifest, model: str, transport: str, shared_memory: str, tmp_
     # reader's and the writer's threads are gone.
     assert jemalloc.total_bytes_allocated() - allocated >= chunk.rows * len(FEATURES) * 4
     assert pa.default_memory_pool().backend_name == pool_before
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("chunk-read", "chunk-write"))]
+    assert not chunk_threads()
     return result
 
 
@@ -145,6 +155,50 @@ def test_reads_encoded_in_shared_memory_give_every_row_once(
     features = np.column_stack([chunk.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
     expected = 1.0 / (1.0 + np.exp(-features.sum(axis=1)))
     np.testing.assert_allclose(outputs.column("score").to_numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_chunk_that_fails_waits_for_the_read_under_way_before_freeing_shared_memory(
+    server, manifest, tmp_path, monkeypatch
+) -> None:
+    # Reads of 4096 rows, requests of 2048: the third request (from the second read) fails the chunk while
+    # the third read is still being encoded into a shared memory read buffer. Freeing the region under it
+    # would crash the task with a segmentation fault instead of failing it with the model's error.
+    monkeypatch.setattr(streaming, "READ_ROWS", 4096)
+    reads = []
+    encode_batch, column_values = streaming.encode_batch, tensors._column_values
+
+    def counting_encode(batch, bindings, into=None):
+        reads.append(into is not None)
+        return encode_batch(batch, bindings, into)
+
+    def slow_column_values(column, dtype):
+        if len(reads) >= 3:
+            time.sleep(0.03)  # 16 columns: the third read takes about half a second
+        return column_values(column, dtype)
+
+    request, sent = ChunkStreamer._request, []
+
+    async def failing_request(self, tensors_, slot):
+        sent.append(len(reads))
+        if len(sent) == 3:
+            while len(reads) < 3:  # fail once the third read is being encoded
+                await asyncio.sleep(0.01)
+            raise streaming.InferenceError("the model failed this request")
+        return await request(self, tensors_, slot)
+
+    monkeypatch.setattr(streaming, "encode_batch", counting_encode)
+    monkeypatch.setattr(tensors, "_column_values", slow_column_values)
+    monkeypatch.setattr(ChunkStreamer, "_request", failing_request)
+    streamer = make_streamer(server, manifest, "risk_scorer", "stream", "on")
+    out, rej = output_part_path(tmp_path, 0), rejects_part_path(tmp_path, 0)
+    with pytest.raises(streaming.InferenceError, match="the model failed this request"):
+        streamer.run(manifest.chunks[0].path, out, rej)
+
+    assert reads == [False, True, True]  # the third read, into shared memory, was the last one begun
+    assert not list(Path("/dev/shm").glob(f"abi_{os.getpid()}_*")), "shared memory regions left behind"
+    assert not out.exists()
+    assert not rej.exists()
+    assert not chunk_threads()
 
 
 def test_a_restart_noticed_by_many_requests_registers_each_region_once(server) -> None:
