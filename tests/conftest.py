@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def processes_mentioning(path: str | Path) -> list[int]:
         if str(path) in cmdline and state != "Z":
             pids.append(int(proc.name))
     return pids
+
+
+def chunk_threads() -> list[str]:
+    """Names of the chunk streamer's reader and writer threads still alive in this process."""
+    return [t.name for t in threading.enumerate() if t.name.startswith(("chunk-read", "chunk-write"))]
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,8 @@ def reusing_memory_pool() -> Iterator[pa.MemoryPool]:
     A chunk is read, decoded and written as thousands of buffers of a few hundred kilobytes, each freed
     a moment after it is filled. jemalloc, as Arrow configures it, keeps freed pages for about a second and
     hands them out again. With mimalloc, pyarrow's default on Linux, about a fifth of the client's CPU went
-    to the kernel zeroing freshly faulted pages (``perf``, ``benchmarks/throughput.py``): jemalloc takes a
-    fifth less client CPU per row and about 40 MB less peak memory.
+    to the kernel zeroing freshly faulted pages (``perf`` on ``benchmarks/throughput.py``'s worker): with
+    jemalloc the client spends about a fifth less CPU per row.
 
     Nested and concurrent blocks share the pool; the last one out restores the previous default. Where
     pyarrow was built without jemalloc, or ``ARROW_DEFAULT_MEMORY_POOL`` names a pool, nothing changes.

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -720,5 +720,4 @@ class _PartBuffer:
         if self._pending:
             table = pa.Table.from_batches(self._pending, schema=self.schema)
             self._pending, self._pending_rows = [], 0
-            write: Callable[[pa.Table], None] = self.writer.write_table
-            await asyncio.get_running_loop().run_in_executor(self.thread, write, table)
+            await asyncio.get_running_loop().run_in_executor(self.thread, self.writer.write_table, table)

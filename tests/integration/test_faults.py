@@ -23,7 +23,7 @@ from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.runtimes import get_runtime
 from airflow_batch_infer.staging import output_part_path, rejects_part_path, stage_parquet
-from tests.conftest import MODEL_REPOSITORY, processes_mentioning
+from tests.conftest import MODEL_REPOSITORY, chunk_threads, processes_mentioning
 
 pytestmark = pytest.mark.integration
 
@@ -127,4 +127,4 @@ def test_a_server_that_stays_down_fails_the_chunk_with_a_clear_message(manifest,
         runtime.stop(info)
     assert not list((tmp_path / "outputs").iterdir())  # no part, no temporary file
     assert not list((tmp_path / "rejects").iterdir())
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("chunk-read", "chunk-write"))]
+    assert not chunk_threads()

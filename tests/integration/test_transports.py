@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from airflow_batch_infer.client.tensors import InputBinding, OutputBinding, bind
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.runtimes import get_runtime
 from airflow_batch_infer.staging import output_part_path, rejects_part_path, stage_parquet
-from tests.conftest import MODEL_REPOSITORY
+from tests.conftest import MODEL_REPOSITORY, chunk_threads
 
 pytestmark = pytest.mark.integration
 
@@ -71,11 +70,6 @@ def make_streamer(server, manifest, model: str, transport: str, shared_memory: s
         client_factory=hook.get_async_client,
         url=server.grpc_url,
     )
-
-
-def chunk_threads() -> list[str]:
-    """The streamer's reader and writer threads still alive."""
-    return [t.name for t in threading.enumerate() if t.name.startswith(("chunk-read", "chunk-write"))]
 
 
 def score(server, manifest, model: str, transport: str, shared_memory: str, tmp_path: Path):
