@@ -235,11 +235,14 @@ def _leaves(fields: Iterable[pa.Field], prefix: str = "") -> Iterator[tuple[str,
 def open_parquet(path: str | Path) -> pq.ParquetFile:
     """Open a run file for streaming: without pre-buffering, reading holds one row group, not the file.
 
-    On object storage the file is read in blocks through the location's connection.
+    On object storage the file is read in blocks through the location's connection. A local file is read
+    into buffers from pyarrow's current default memory pool (:func:`pa.OSFile`): given a path, pyarrow reads
+    through its local filesystem, whose buffers come from Arrow's own default pool (mimalloc) whatever
+    pyarrow's default is, and the infer task's reads then fault in and zero fresh pages for each row group.
     """
     if storage.is_remote(path):
         return pq.ParquetFile(storage.open_input(path), pre_buffer=False)
-    return pq.ParquetFile(path, pre_buffer=False)
+    return pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)
 
 
 def write_json_atomically(path: str | Path, data: dict[str, Any]) -> None:

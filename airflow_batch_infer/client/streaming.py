@@ -561,7 +561,7 @@ class ChunkStreamer:
         """Send one request's good rows, and sort every row into kept or rejected."""
         batch, tensors, good = request.batch, request.tensors, request.good
         if good.all():
-            kept_idx = np.arange(batch.num_rows)
+            kept_idx = range(batch.num_rows)  # no array of positions per request where every row is good
             rejected = batch.slice(0, 0)
             reject_reasons: list[str] = []
         else:
@@ -572,7 +572,7 @@ class ChunkStreamer:
             tensors = {name: values[kept_idx] for name, values in tensors.items()}
         slot = await self._pool.acquire() if self._pool else None
         try:
-            outputs, failed = await self._infer_rows(tensors, np.arange(len(kept_idx)), slot)
+            outputs, failed = await self._infer_rows(tensors, range(len(kept_idx)), slot)
         finally:
             if slot is not None:
                 self._pool.release(slot)
@@ -581,6 +581,7 @@ class ChunkStreamer:
         id_and_pass = batch.select([self.row_id_column, *self.passthrough_columns])
         if failed:
             failed_pos = np.array(sorted(failed), dtype=np.int64)
+            kept_idx = np.asarray(kept_idx)
             keep_mask = np.ones(len(kept_idx), dtype=bool)
             keep_mask[failed_pos] = False
             extra = batch.take(pa.array(kept_idx[failed_pos]))
@@ -593,7 +594,7 @@ class ChunkStreamer:
     async def _infer_rows(
         self,
         tensors: dict[str, np.ndarray],
-        positions: np.ndarray,
+        positions: Sequence[int],
         slot: Slot | None,
         reregistered: bool = False,
     ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
