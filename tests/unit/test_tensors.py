@@ -78,6 +78,23 @@ def test_encoding_sets_aside_nulls_nan_and_infinities() -> None:
     np.testing.assert_array_equal(tensors["features"][[0, 4]], [[1.0, 1.0, 0.5], [5.0, 5.0, 0.5]])
 
 
+@pytest.mark.parametrize("into_given", [False, True])
+def test_columns_land_side_by_side_in_row_order(into_given: bool) -> None:
+    rows = 20_123
+    rng = np.random.default_rng(3)
+    a, b, c = rng.random(rows), np.arange(rows), rng.random(rows, dtype=np.float32)
+    batch = pa.record_batch({"a": a, "b": b, "c": c})
+    bindings = bind_inputs({"features": ["a", "b", "c"]}, batch.schema, METADATA, 1024)
+    into = {"features": np.full((rows + 10, 3), -1.0, dtype=np.float32)} if into_given else None
+    tensors, good, _ = encode_batch(batch, bindings, into)
+    expected = np.column_stack([a, b, c]).astype(np.float32)
+    np.testing.assert_array_equal(tensors["features"], expected)
+    assert good.all()
+    if into is not None:
+        assert np.shares_memory(tensors["features"], into["features"])
+        assert (into["features"][rows:] == -1.0).all()  # nothing written past the batch's rows
+
+
 def test_large_finite_values_are_kept() -> None:
     # Their sum overflows float32 (the quick check for NaN and infinities); every row is still sent.
     batch = pa.record_batch({"a": [3e38, 3e38], "b": [1, 2], "c": pa.array([3e38, -1.0], pa.float32())})
