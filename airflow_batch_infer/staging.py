@@ -235,10 +235,11 @@ def _leaves(fields: Iterable[pa.Field], prefix: str = "") -> Iterator[tuple[str,
 def open_parquet(path: str | Path) -> pq.ParquetFile:
     """Open a run file for streaming: without pre-buffering, reading holds one row group, not the file.
 
-    On object storage the file is read in blocks through the location's connection. A local file is read
-    into buffers from pyarrow's current default memory pool (:func:`pa.OSFile`): given a path, pyarrow reads
-    through its local filesystem, whose buffers come from Arrow's own default pool (mimalloc) whatever
-    pyarrow's default is, and the infer task's reads then fault in and zero fresh pages for each row group.
+    On object storage the file is read in blocks through the location's connection. A local file is opened
+    as a :class:`pyarrow.OSFile`, whose read buffers come from pyarrow's current default memory pool (the
+    pool a chunk streams with). Given a path, pyarrow reads through its local filesystem, whose buffers
+    come from Arrow's process-wide pool (mimalloc) whatever pyarrow's default is: the infer task then
+    faulted in, and the kernel zeroed, fresh pages for every row group.
     """
     if storage.is_remote(path):
         return pq.ParquetFile(storage.open_input(path), pre_buffer=False)
