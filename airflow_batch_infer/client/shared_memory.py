@@ -15,8 +15,10 @@ references into it (offset and size):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import mmap
 import os
 import socket
 import uuid
@@ -26,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc.aio as aioclient
-import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
@@ -35,6 +36,7 @@ from airflow_batch_infer.processes import pid_alive
 
 log = logging.getLogger(__name__)
 REGION_PREFIX = "abi_"
+SHM_DIR = Path("/dev/shm")  # noqa: S108  # where Linux keeps POSIX shared memory objects (shm_open)
 ALIGN = 64  # bytes: every tensor's place in the region starts on a cache line
 
 
@@ -49,7 +51,7 @@ def server_is_local(url: str) -> bool:
         return False
 
 
-def remove_orphaned_regions(shm_dir: Path = Path("/dev/shm")) -> list[str]:  # noqa: S108
+def remove_orphaned_regions(shm_dir: Path = SHM_DIR) -> list[str]:
     """Unlink the regions of client processes that are gone (a task killed mid-chunk cannot clean up).
 
     Regions are named ``abi_<pid>_...`` after the process that made them.
@@ -71,11 +73,53 @@ def supports_shared_memory(inputs: Sequence[InputBinding], outputs: Sequence[Out
     return all(b.datatype != "BYTES" and b.width > 0 for b in bindings)
 
 
-@dataclass
 class _Region:
-    name: str
-    handle: object
-    byte_size: int
+    """One POSIX shared memory object, created and mapped here, that the server maps by its key.
+
+    Made as a file in ``/dev/shm``, which is what ``shm_open`` does on Linux, rather than with
+    ``tritonclient.utils.shared_memory``. That goes through ``multiprocessing.shared_memory``, which
+    (before Python 3.13) starts multiprocessing's resource tracker: a second Python interpreter per task
+    process, about 0.1 s of CPU. Regions of a killed task are removed by :func:`remove_orphaned_regions`.
+
+    :param name: the region's name, also its key (``/<name>``) and its file's name.
+    :param byte_size: its size.
+    :param shm_dir: where shared memory objects live.
+    """
+
+    def __init__(self, name: str, byte_size: int, shm_dir: Path = SHM_DIR) -> None:
+        self.name = name
+        self.byte_size = byte_size
+        self.path = shm_dir / name
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, byte_size)
+            self._map: mmap.mmap | None = mmap.mmap(fd, byte_size)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+
+    @property
+    def key(self) -> str:
+        """The key the server opens the region by (``shm_open``'s name)."""
+        return f"/{self.name}"
+
+    def array(self, dtype: np.dtype, shape: Sequence[int], offset: int) -> np.ndarray:
+        """An array over the region's memory at ``offset``: no copy."""
+        if self._map is None:
+            raise ValueError(f"Shared memory region {self.name} is closed.")
+        return np.ndarray(tuple(shape), dtype=dtype, buffer=self._map, offset=offset)
+
+    def destroy(self) -> None:
+        """Unmap the region and unlink it; every array over it must be gone first."""
+        try:
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 @dataclass
@@ -141,10 +185,9 @@ class SharedMemoryPool:
         self._prefix = f"{REGION_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
     async def _region(self, name: str, byte_size: int) -> _Region:
-        handle = shm.create_shared_memory_region(name, f"/{name}", byte_size, create_only=True)
-        region = _Region(name, handle, byte_size)
+        region = _Region(name, byte_size)
         self._regions.append(region)
-        await self.client.register_system_shared_memory(name, f"/{name}", byte_size, headers=self.headers)
+        await self.client.register_system_shared_memory(name, region.key, byte_size, headers=self.headers)
         return region
 
     def _layout(
@@ -160,9 +203,7 @@ class SharedMemoryPool:
     def _input_arrays(self, region: _Region, offsets: dict[str, int], rows: int) -> dict[str, np.ndarray]:
         """An array ``[rows, width]`` over each input tensor's place in ``region``."""
         return {
-            b.tensor: shm.get_contents_as_numpy(
-                region.handle, np.dtype(TRITON_NUMPY[b.datatype]), [rows, b.width], offsets[b.tensor]
-            )
+            b.tensor: region.array(np.dtype(TRITON_NUMPY[b.datatype]), [rows, b.width], offsets[b.tensor])
             for b in self.inputs
         }
 
@@ -180,7 +221,7 @@ class SharedMemoryPool:
                     continue
                 try:
                     await self.client.register_system_shared_memory(
-                        region.name, f"/{region.name}", region.byte_size, headers=self.headers
+                        region.name, region.key, region.byte_size, headers=self.headers
                     )
                 except InferenceServerException as error:
                     # Names are this pool's own (pid and a random part): one already known is this region.
@@ -231,7 +272,7 @@ class SharedMemoryPool:
             except (InferenceServerException, asyncio.CancelledError, OSError) as error:
                 log.warning("Could not unregister shared memory region %s: %s", region.name, error)
             try:
-                shm.destroy_shared_memory_region(region.handle)
+                region.destroy()
             except Exception as error:  # a region that cannot be unlinked must not hide the real error
                 log.warning("Could not remove shared memory region %s: %s", region.name, error)
         self._regions.clear()
@@ -293,11 +334,8 @@ class SharedMemoryPool:
     def outputs_of(self, slot: Slot, rows: int) -> dict[str, np.ndarray]:
         """Copy the outputs of the request that just completed out of ``slot``."""
         return {
-            b.tensor: shm.get_contents_as_numpy(
-                slot.region.handle,
-                np.dtype(TRITON_NUMPY[b.datatype]),
-                [rows, b.width],
-                offset=slot.output_offsets[b.tensor],
+            b.tensor: slot.region.array(
+                np.dtype(TRITON_NUMPY[b.datatype]), [rows, b.width], slot.output_offsets[b.tensor]
             ).copy()
             for b in self.outputs
         }

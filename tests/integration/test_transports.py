@@ -224,3 +224,35 @@ def test_regions_left_by_a_killed_client_are_removed(server, manifest, tmp_path)
     orphan.write_bytes(b"\0" * 64)
     score(server, manifest, "risk_scorer", "stream", "on", tmp_path)
     assert not orphan.exists()
+
+
+def test_shared_memory_starts_no_helper_process(server, manifest, tmp_path) -> None:
+    # multiprocessing.shared_memory (which tritonclient's helpers use) starts a resource tracker, a second
+    # Python process per task. The task process, fresh as Airflow starts it, must end the chunk with none.
+    import subprocess
+    import sys
+
+    script = f"""
+import os, pyarrow.parquet as pq
+from airflow_batch_infer.client.streaming import ChunkStreamer, StreamSettings
+from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
+from airflow_batch_infer.hooks.triton import TritonHook
+hook = TritonHook(url={server.grpc_url!r})
+metadata, config = hook.get_model_metadata("risk_scorer"), hook.get_model_config("risk_scorer")
+chunk = {str(manifest.chunks[0].path)!r}
+streamer = ChunkStreamer(
+    inputs=bind_inputs({{"features": {FEATURES!r}}}, pq.read_schema(chunk), metadata, 1024),
+    outputs=bind_outputs({{"probability": "score"}}, metadata, 1024),
+    settings=StreamSettings("risk_scorer", request_rows=2048, shared_memory="on"),
+    row_id_column="row_id", client_factory=hook.get_async_client, url={server.grpc_url!r},
+)
+result = streamer.run(chunk, {str(tmp_path / "out.parquet")!r}, {str(tmp_path / "rej.parquet")!r})
+children = [
+    p for p in os.listdir("/proc") if p.isdigit()
+    and f"PPid:\\t{{os.getpid()}}\\n" in open(f"/proc/{{p}}/status").read()
+]
+print(result.shared_memory, result.rows_out, len(children))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-3:] == ["True", "20000", "0"]
