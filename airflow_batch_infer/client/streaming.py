@@ -160,12 +160,13 @@ class _ReadLease:
 
 @dataclass
 class _Request:
-    """The rows of one request, encoded: tensors for every row, which rows are good, and why not."""
+    """The rows of one request, encoded: tensors for every row, which rows are good, and why the others
+    are not (by position in the request)."""
 
     batch: pa.RecordBatch
     tensors: dict[str, np.ndarray]
     good: np.ndarray
-    reasons: list[str | None]
+    reasons: dict[int, str]
     lease: _ReadLease | None = None
 
 
@@ -219,15 +220,19 @@ class _ChunkReader:
         if read is None:
             return None
         tensors, good, reasons = encode_batch(read, self.inputs, into)
+        size = self.request_rows
+        reasons_by_request: list[dict[int, str]] = [{} for _ in range(0, read.num_rows, size)]
+        for row, reason in reasons.items():
+            reasons_by_request[row // size][row % size] = reason
         requests = []
-        for start in range(0, read.num_rows, self.request_rows):
-            end = start + self.request_rows
+        for number, start in enumerate(range(0, read.num_rows, size)):
+            end = start + size
             requests.append(
                 _Request(
-                    batch=read.slice(start, self.request_rows),
+                    batch=read.slice(start, size),
                     tensors={name: values[start:end] for name, values in tensors.items()},
                     good=good[start:end],
-                    reasons=reasons[start:end] if not good[start:end].all() else [],
+                    reasons=reasons_by_request[number],
                 )
             )
         return requests
@@ -568,7 +573,7 @@ class ChunkStreamer:
             kept_idx = np.flatnonzero(good)
             bad_idx = np.flatnonzero(~good)
             rejected = batch.take(pa.array(bad_idx))
-            reject_reasons = [request.reasons[i] or "invalid row" for i in bad_idx]
+            reject_reasons = [request.reasons.get(int(i), "invalid row") for i in bad_idx]
             tensors = {name: values[kept_idx] for name, values in tensors.items()}
         slot = await self._pool.acquire() if self._pool else None
         try:

@@ -359,25 +359,25 @@ def encode_batch(
     batch: pa.RecordBatch,
     bindings: Sequence[InputBinding],
     into: Mapping[str, np.ndarray] | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray, list[str | None]]:
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, str]]:
     """Turn a record batch into input tensors, finding rows that cannot be sent.
 
     :param batch: rows to encode.
     :param bindings: checked input bindings.
     :param into: tensor → an array of at least ``rows`` rows to encode a fixed-size numeric tensor into
         (a shared memory region, say) instead of a new one.
-    :return: tensors for all rows (``[rows, width]``), a boolean mask of good rows, and for each row the
-        reason it is bad (``None`` when good).
+    :return: tensors for all rows (``[rows, width]``), a boolean mask of good rows, and the reason each bad
+        row is bad, by row number (nothing per good row: a read has tens of thousands).
     """
     n = batch.num_rows
     into = into or {}
     columns_by_name = dict(zip(batch.schema.names, batch.columns, strict=True))  # faster than by name
     good = np.ones(n, dtype=bool)
-    reasons: list[str | None] = [None] * n
+    reasons: dict[int, str] = {}
 
     def reject(mask: np.ndarray, reason: str) -> None:
         for i in np.flatnonzero(mask & good):
-            reasons[i] = reason
+            reasons[int(i)] = reason
         good[mask] = False
 
     tensors: dict[str, np.ndarray] = {}
