@@ -79,7 +79,7 @@ class _Region:
     Made as a file in ``/dev/shm``, which is what ``shm_open`` does on Linux, rather than with
     ``tritonclient.utils.shared_memory``. That goes through ``multiprocessing.shared_memory``, which
     (before Python 3.13) starts multiprocessing's resource tracker: a second Python interpreter per task
-    process, about 0.1 s of CPU. Regions of a killed task are removed by :func:`remove_orphaned_regions`.
+    process, about 80 ms of CPU. Regions of a killed task are removed by :func:`remove_orphaned_regions`.
 
     :param name: the region's name, also its key (``/<name>``) and its file's name.
     :param byte_size: its size.
