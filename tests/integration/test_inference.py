@@ -97,15 +97,24 @@ def test_the_server_batches_concurrent_requests(triton_server, tmp_path) -> None
 
     def counters() -> tuple[int, int]:
         stats = hook.get_inference_statistics(MODEL)["model_stats"][0]
-        return int(stats["inference_stats"]["success"]["count"]), int(stats["execution_count"])
+        # Counters still at zero are left out of the statistics (protobuf JSON), as on a fresh server.
+        success = stats.get("inference_stats", {}).get("success", {})
+        return int(success.get("count", 0)), int(stats.get("execution_count", 0))
 
-    requests_before, executions_before = counters()
-    result = run_chunk(
-        streamer(triton_server.grpc_url, manifest.chunks[0].path, request_rows=250, max_in_flight=32),
-        manifest,
-    )
-    requests_after, executions_after = counters()
-
+    for _attempt in range(2):
+        requests_before, executions_before = counters()
+        result = run_chunk(
+            streamer(triton_server.grpc_url, manifest.chunks[0].path, request_rows=250, max_in_flight=32),
+            manifest,
+        )
+        requests_after, executions_after = counters()
+        # A retry means the server failed under the chunk and its supervisor restarted it (seen once in
+        # CI: the Python backend crashed with SIGSEGV): the chunk is still whole, but the server's counters
+        # began again at zero and say nothing about batching. Run the chunk again on the restarted server.
+        if result.retries == 0:
+            break
+    assert result.rows_out == 40_000
+    assert result.retries == 0, "the server failed under two runs of the chunk in a row"
     assert result.requests == requests_after - requests_before == 160
     assert executions_after - executions_before < result.requests
 
