@@ -106,20 +106,23 @@ class _Region:
         return f"/{self.name}"
 
     def array(self, dtype: np.dtype, shape: Sequence[int], offset: int) -> np.ndarray:
-        """An array over the region's memory at ``offset``: no copy."""
+        """An array over the region's memory at ``offset``: no copy.
+
+        ``np.frombuffer`` holds the map's buffer for as long as the array (or a view of it) lives, so the
+        map cannot be closed under it (``np.ndarray(buffer=...)`` does not: a later read would crash).
+        """
         if self._map is None:
             raise ValueError(f"Shared memory region {self.name} is closed.")
-        return np.ndarray(tuple(shape), dtype=dtype, buffer=self._map, offset=offset)
+        return np.frombuffer(self._map, dtype, int(np.prod(shape)), offset).reshape(shape)
 
     def destroy(self) -> None:
-        """Unmap the region and unlink it; every array over it must be gone first."""
-        try:
-            if self._map is not None:
+        """Unlink the region and unmap it here (once the last array over it is gone, if some still are)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # arrays over it: the map closes when they are freed
                 self._map.close()
-                self._map = None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            self._map = None
 
 
 @dataclass
