@@ -13,6 +13,7 @@ from airflow_batch_infer.operators.infer import TritonInferenceOperator
 from airflow_batch_infer.operators.persist import PersistOutputsOperator
 from airflow_batch_infer.operators.server import StartTritonServerOperator, StopTritonServerOperator
 from airflow_batch_infer.operators.stage import StageInputsOperator
+from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 
 
 def batch_inference(
@@ -73,7 +74,8 @@ def batch_inference(
     :param passthrough_columns: input columns copied to the output table.
     :param request_rows: rows per gRPC request (default from the model config).
     :param max_in_flight: requests outstanding per task (default from the model config).
-    :param sink: warehouse kind (``duckdb``).
+    :param sink: warehouse kind (``duckdb``). For ``s3_parquet`` and ``athena``, whose tables are the
+        part files, parts are compressed wherever they are written.
     :param sink_options: keyword options of the sink.
     :param max_rejected_fraction: fail the run, writing nothing, when more rows than this were set aside.
     :param infer_retries: Airflow retries of each infer task (each rewrites only its chunk).
@@ -118,6 +120,9 @@ def batch_inference(
                 runtime_options=runtime_options,
                 **(start_options or {}),
             )
+        # The parts of a sink whose table is the parts are compressed wherever they are staged.
+        infer_kwargs = {"compress_parts": True} if sink in PARTS_ARE_THE_TABLE else {}
+        infer_kwargs.update(infer_options or {})
         infer = infer_operator.partial(
             task_id="infer",
             server=start.output if start else None,
@@ -130,7 +135,7 @@ def batch_inference(
             max_in_flight=max_in_flight,
             retries=infer_retries,
             map_index_template="chunk {{ task.chunk['index'] }}",
-            **(infer_options or {}),
+            **infer_kwargs,
         ).expand(chunk=stage.output)
         persist = PersistOutputsOperator(
             task_id="persist",

@@ -44,7 +44,7 @@ from airflow_batch_infer.client.tensors import (
     row_bytes,
 )
 from airflow_batch_infer.staging import atomic_target, commit, open_parquet, parquet_writer
-from airflow_batch_infer.storage import discard, remove_stale_temps
+from airflow_batch_infer.storage import discard, is_remote, remove_stale_temps
 
 REASON_COLUMN = "reject_reason"
 WRITE_ROWS = 262_144  # rows per output row group: large groups encode and read fast
@@ -274,6 +274,9 @@ class ChunkStreamer:
     :param url: the server's ``host:port``, to tell whether shared memory can be used.
     :param headers: headers sent with every request.
     :param logger: where progress and retries are logged.
+    :param compress_parts: Snappy on the parts' integer and text columns; ``None`` decides by where the
+        parts go: yes on object storage (bytes over the network and at rest), no on local disk, where a
+        part is read once by the persist task and compressing it cost a third of its write.
     """
 
     def __init__(
@@ -288,6 +291,7 @@ class ChunkStreamer:
         url: str | None = None,
         headers: dict[str, str] | None = None,
         logger: logging.Logger | None = None,
+        compress_parts: bool | None = None,
     ) -> None:
         self.inputs = list(inputs)
         self.outputs = list(outputs)
@@ -298,6 +302,7 @@ class ChunkStreamer:
         self.url = url
         self.headers = headers
         self.log = logger or logging.getLogger(__name__)
+        self.compress_parts = compress_parts
         self.requests = 0
         self.retries = 0
         self.tokens_out = 0
@@ -340,11 +345,11 @@ class ChunkStreamer:
         missing = [c for c in needed if c not in chunk_schema.names]
         if missing:
             raise InferenceError(f"Chunk {chunk_path} has no column(s) {missing}.")
-        # Parts are nullable whatever the chunk's columns are (non-nullable where a chunk held no nulls), so
-        # that every part of a run, and of every run, has the same schema.
-        keep_fields = [
-            chunk_schema.field(c).with_nullable(True) for c in [self.row_id_column, *self.passthrough_columns]
-        ]
+        # An output part's row id and passthrough columns are REQUIRED where the chunk's are (it held no
+        # nulls), and its model outputs always: no definition levels to encode took a quarter of the part's
+        # write. Parts of a run may so differ in nullability only; ``sinks.base.parts_schema`` allows that.
+        # Rejects parts, rare and small, are nullable throughout.
+        keep_fields = [chunk_schema.field(c) for c in [self.row_id_column, *self.passthrough_columns]]
         reject_fields = [chunk_schema.field(c).with_nullable(True) for c in needed]
         out_schema = pa.schema(keep_fields + [self._output_field(b) for b in self.outputs])
         rej_schema = pa.schema([reject_fields[0], pa.field(REASON_COLUMN, pa.string()), *reject_fields[1:]])
@@ -353,8 +358,9 @@ class ChunkStreamer:
             for stale in remove_stale_temps(final):
                 self.log.info("Removed %s, left by an earlier attempt at this chunk.", stale)
         out_tmp, rej_tmp = atomic_target(output_path), atomic_target(rejects_path)
-        out_writer = parquet_writer(out_tmp, out_schema)
-        rej_writer = parquet_writer(rej_tmp, rej_schema)
+        compress = is_remote(output_path) if self.compress_parts is None else self.compress_parts
+        out_writer = parquet_writer(out_tmp, out_schema, compress=compress)
+        rej_writer = parquet_writer(rej_tmp, rej_schema, compress=compress)
         rows_out = rows_rejected = 0
         reader = _ChunkReader(parquet, needed, self.inputs, self.settings.request_rows)
         # The first read decodes while the client connects and registers its shared memory.
@@ -446,14 +452,15 @@ class ChunkStreamer:
 
     @staticmethod
     def _output_field(binding: OutputBinding) -> pa.Field:
+        """The part column of a model output: never null (every row written has the model's answer)."""
         if binding.datatype == "BYTES":
-            return pa.field(binding.column, pa.string())
+            return pa.field(binding.column, pa.string(), nullable=False)
         value_type = pa.from_numpy_dtype(np.dtype(TRITON_NUMPY[binding.datatype]))
         if binding.width == 1:
-            return pa.field(binding.column, value_type)
+            return pa.field(binding.column, value_type, nullable=False)
         if binding.width > 1:
-            return pa.field(binding.column, pa.list_(value_type, binding.width))
-        return pa.field(binding.column, pa.list_(value_type))
+            return pa.field(binding.column, pa.list_(value_type, binding.width), nullable=False)
+        return pa.field(binding.column, pa.list_(value_type), nullable=False)
 
     async def _stream(
         self,
@@ -565,7 +572,7 @@ class ChunkStreamer:
     async def _infer_batch(self, request: _Request) -> _Piece:
         """Send one request's good rows, and sort every row into kept or rejected."""
         batch, tensors, good = request.batch, request.tensors, request.good
-        if good.all():
+        if not request.reasons:  # every bad row has a reason: none means every row is good
             kept_idx = range(batch.num_rows)  # no array of positions per request where every row is good
             rejected = batch.slice(0, 0)
             reject_reasons: list[str] = []

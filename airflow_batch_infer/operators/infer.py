@@ -51,6 +51,8 @@ class TritonInferenceOperator(BaseOperator):
     :param input_templates: BYTES input tensor → ``str.format`` template over the row's columns (a prompt).
     :param input_constants: input tensor → one value sent with every row (a generation parameter).
     :param token_count_output: output tensor counting generated tokens; tokens/s is then logged too.
+    :param compress_parts: Snappy on the parts' integer and text columns; ``None`` (the default) compresses
+        parts on object storage and not those on local disk, read once by the persist task.
     """
 
     template_fields: Sequence[str] = (
@@ -86,6 +88,7 @@ class TritonInferenceOperator(BaseOperator):
         input_templates: Mapping[str, str] | None = None,
         input_constants: Mapping[str, Any] | None = None,
         token_count_output: str | None = None,
+        compress_parts: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -107,6 +110,7 @@ class TritonInferenceOperator(BaseOperator):
         self.input_templates = dict(input_templates or {})
         self.input_constants = dict(input_constants or {})
         self.token_count_output = token_count_output
+        self.compress_parts = compress_parts
 
     def _url(self) -> str | None:
         if isinstance(self.server, Mapping):
@@ -199,6 +203,7 @@ class TritonInferenceOperator(BaseOperator):
             url=hook.url,
             headers=hook.headers,
             logger=self.log,
+            compress_parts=self.compress_parts,
         )
         result = streamer.run(
             chunk_path,

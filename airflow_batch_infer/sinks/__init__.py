@@ -7,7 +7,14 @@ from typing import Any
 
 from airflow_batch_infer.sinks.base import PersistResult, SchemaMismatchError, WarehouseSink
 
-__all__ = ["SINKS", "PersistResult", "SchemaMismatchError", "WarehouseSink", "get_sink"]
+__all__ = [
+    "PARTS_ARE_THE_TABLE",
+    "SINKS",
+    "PersistResult",
+    "SchemaMismatchError",
+    "WarehouseSink",
+    "get_sink",
+]
 
 # Sink name → "module:class"; imported on use, so that a sink's client library is needed only by its users.
 SINKS = {
@@ -17,6 +24,10 @@ SINKS = {
     "redshift": "airflow_batch_infer.sinks.redshift:RedshiftSink",
     "athena": "airflow_batch_infer.sinks.athena:AthenaSink",
 }
+
+# Sinks whose table is made of the part files themselves, as they are: their parts are worth compressing
+# wherever they are written (a scan is paid by the byte).
+PARTS_ARE_THE_TABLE = frozenset({"s3_parquet", "athena"})
 
 
 def get_sink(name: str, **options: Any) -> WarehouseSink:

@@ -132,7 +132,11 @@ def check_partition_column_absent(partition_column: str, names: Sequence[str]) -
 
 
 def parts_schema(parts: Sequence[str | Path]) -> pa.Schema:
-    """The schema that every part shares (read from the footers); a part that differs is named."""
+    """The schema that every part shares (read from the footers); a part that differs is named.
+
+    Parts may differ in nullability only: a part's column is REQUIRED where its chunk held no nulls. The
+    schema returned has every column nullable, as the tables and datasets that the sinks write have.
+    """
     from airflow_batch_infer.staging import open_parquet
 
     if not parts:
@@ -140,6 +144,7 @@ def parts_schema(parts: Sequence[str | Path]) -> pa.Schema:
     schema = None
     for part in parts:
         found = open_parquet(part).schema_arrow.remove_metadata()
+        found = pa.schema([f.with_nullable(True) for f in found])
         if schema is None:
             schema = found
         elif not found.equals(schema):

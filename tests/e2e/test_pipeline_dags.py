@@ -184,3 +184,35 @@ def test_a_model_that_will_not_load_fails_the_start_task_and_leaves_nothing_runn
     assert "failed to load 'risk_scorer'" in logs[0].read_text()
     assert "INVALID_PROTOBUF" in logs[0].read_text()
     assert not (tmp_path / "w.duckdb").exists()
+
+
+@pytest.mark.parametrize(
+    ("sink", "infer_options", "compress_parts"),
+    [
+        ("duckdb", None, None),  # by where the parts go: uncompressed on local disk
+        ("postgres", None, None),
+        ("s3_parquet", None, True),  # the dataset is made of the parts themselves
+        ("athena", None, True),
+        ("athena", {"compress_parts": False}, False),  # the user's word wins
+    ],
+)
+def test_parts_are_compressed_for_sinks_whose_table_is_the_parts(
+    sink: str, infer_options: dict | None, compress_parts: bool | None
+) -> None:
+    from airflow.sdk import DAG
+
+    from airflow_batch_infer.task_group import batch_inference
+
+    with DAG(dag_id=f"parts_for_{sink}", schedule=None, start_date=LOGICAL_DATE) as dag:
+        batch_inference(
+            source="/data/in",
+            model_name="risk_scorer",
+            model_repository=MODEL_REPOSITORY,
+            inputs={"features": FEATURES},
+            table="scores",
+            sink=sink,
+            infer_options=infer_options,
+        )
+
+    infer = dag.get_task("batch_inference.infer")
+    assert infer.partial_kwargs.get("compress_parts") == compress_parts

@@ -7,6 +7,7 @@ only connections and arguments differ from the embedded default.
 from __future__ import annotations
 
 import pendulum
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
@@ -98,4 +99,9 @@ def test_the_demo_dag_points_at_s3_and_postgres_by_params_alone(
         (rows, rows)
     ]
     staged = aws_client("s3").list_objects_v2(Bucket=bucket, Prefix="staging/")["Contents"]
-    assert any(o["Key"].endswith("outputs/part-00001.parquet") for o in staged)
+    part = next(o["Key"] for o in staged if o["Key"].endswith("outputs/part-00001.parquet"))
+    # A part on object storage travels and rests compressed: Snappy on its ids, which every reader knows.
+    body = aws_client("s3").get_object(Bucket=bucket, Key=part)["Body"].read()
+    group = pq.ParquetFile(pa.BufferReader(body)).metadata.row_group(0)
+    codecs = {group.column(i).path_in_schema: group.column(i).compression for i in range(group.num_columns)}
+    assert codecs == {"row_id": "SNAPPY", "transaction_id": "SNAPPY", "risk_score": "UNCOMPRESSED"}

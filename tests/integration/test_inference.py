@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
@@ -19,6 +20,7 @@ from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, I
 from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
+from airflow_batch_infer.sinks import get_sink
 from airflow_batch_infer.staging import Manifest, output_part_path, rejects_part_path, stage_parquet
 
 pytestmark = pytest.mark.integration
@@ -119,6 +121,61 @@ def test_the_server_batches_concurrent_requests(triton_server, tmp_path) -> None
     assert executions_after - executions_before < result.requests
 
 
+def test_parts_are_required_where_their_chunk_has_no_nulls_and_persist_as_one_table(
+    triton_server, tmp_path
+) -> None:
+    rows = 6_000
+    write_transactions(tmp_path / "in", rows, files=2)
+    second = sorted((tmp_path / "in").glob("*.parquet"))[1]
+    table = pq.read_table(second)
+    ids = table.column("transaction_id").to_pylist()
+    ids[::10] = [None] * len(ids[::10])  # the second file, so the second chunk, has null passthroughs
+    pq.write_table(table.set_column(0, "transaction_id", pa.array(ids, pa.int64())), second)
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=rows // 2)
+    results = [
+        run_chunk(streamer(triton_server.grpc_url, chunk.path), manifest, chunk.index)
+        for chunk in manifest.chunks
+    ]
+
+    def layout(path: str) -> dict[str, tuple[int, str]]:
+        """Each column's maximum definition level (0: REQUIRED) and codec."""
+        meta = pq.ParquetFile(path)
+        group = meta.metadata.row_group(0)
+        return {
+            meta.schema.column(i).path: (
+                meta.schema.column(i).max_definition_level,
+                group.column(i).compression,
+            )
+            for i in range(group.num_columns)
+        }
+
+    # Row ids and scores are never null; the passthrough is REQUIRED where its chunk held no null. A part
+    # on local disk is read once by the persist task: stored uncompressed.
+    assert [layout(r.output_path) for r in results] == [
+        {
+            "row_id": (0, "UNCOMPRESSED"),
+            "transaction_id": (0, "UNCOMPRESSED"),
+            "risk_score": (0, "UNCOMPRESSED"),
+        },
+        {
+            "row_id": (0, "UNCOMPRESSED"),
+            "transaction_id": (1, "UNCOMPRESSED"),
+            "risk_score": (0, "UNCOMPRESSED"),
+        },
+    ]
+    database = tmp_path / "w.duckdb"
+    persisted = get_sink("duckdb", table="scores", database=str(database)).replace_partition(
+        "2026-11-30", [r.output_path for r in results], [r.rejects_path for r in results]
+    )
+    assert (persisted.rows, persisted.rejected) == (rows, 0)
+    with duckdb.connect(str(database), read_only=True) as con:
+        stored = con.execute("SELECT row_id, transaction_id FROM scores ORDER BY row_id").fetchall()
+    source = pq.read_table(tmp_path / "in").column("transaction_id").to_pylist()
+    assert [row_id for row_id, _ in stored] == list(range(rows))
+    assert [transaction_id for _, transaction_id in stored] == source
+    assert sum(t is None for t in source) == 300
+
+
 def test_bad_rows_are_set_aside_with_a_reason_and_the_rest_scored(
     triton_server, tmp_path, model_repository
 ) -> None:
@@ -197,7 +254,8 @@ def test_the_mapping_is_checked_against_the_served_model(triton_server, tmp_path
         unknown.execute({})
 
 
-def test_the_operator_scores_its_chunk(triton_server, tmp_path) -> None:
+@pytest.mark.parametrize(("compress_parts", "codec"), [(None, "UNCOMPRESSED"), (True, "SNAPPY")])
+def test_the_operator_scores_its_chunk(triton_server, tmp_path, compress_parts, codec) -> None:
     manifest = stage(tmp_path, 30_000, chunk_rows=10_000)
     operator = TritonInferenceOperator(
         task_id="infer",
@@ -206,11 +264,14 @@ def test_the_operator_scores_its_chunk(triton_server, tmp_path) -> None:
         model_name=MODEL,
         inputs={"features": FEATURES},
         outputs={"probability": "risk_score"},
+        compress_parts=compress_parts,
     )
     result = operator.execute({})
     assert (result["index"], result["rows_out"], result["rows_rejected"]) == (1, 10_000, 0)
     ids = pq.read_table(result["output_path"]).column("row_id").to_pylist()
     assert ids == list(range(10_000, 20_000))
+    # Local parts are stored uncompressed unless asked for (a sink whose table is the parts asks).
+    assert pq.read_metadata(result["output_path"]).row_group(0).column(0).compression == codec
 
 
 def test_a_retry_removes_what_a_killed_attempt_left_and_rewrites_its_chunk(triton_server, tmp_path) -> None:

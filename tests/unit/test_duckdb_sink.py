@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_batch_infer.sinks import SchemaMismatchError, get_sink
-from airflow_batch_infer.sinks.base import qualified_table, validate_identifier
+from airflow_batch_infer.sinks.base import parts_schema, qualified_table, validate_identifier
 
 
 def parts(folder: Path, name: str, ids: list[list[int]], **extra: pa.Array) -> list[Path]:
@@ -113,3 +113,32 @@ def test_identifiers_are_quoted() -> None:
     with pytest.raises(ValueError, match="Invalid partition column"):
         get_sink("duckdb", table="t", partition_column="part-col")
     assert validate_identifier("_ok1") == "_ok1"
+
+
+def test_parts_may_differ_in_nullability_but_not_in_types(tmp_path: Path) -> None:
+    # A part's column is REQUIRED where its chunk held no nulls: parts of one run may differ so.
+    required = pa.schema(
+        [pa.field("row_id", pa.int64(), nullable=False), pa.field("note", pa.string(), False)]
+    )
+    optional = pa.schema([pa.field("row_id", pa.int64(), nullable=False), pa.field("note", pa.string())])
+    first, second, odd = tmp_path / "p0.parquet", tmp_path / "p1.parquet", tmp_path / "p2.parquet"
+    pq.write_table(pa.table({"row_id": [1, 2], "note": ["a", "b"]}, schema=required), first)
+    pq.write_table(pa.table({"row_id": [3, 4], "note": ["c", None]}, schema=optional), second)
+    pq.write_table(pa.table({"row_id": [5], "note": [1.5]}), odd)
+
+    assert parts_schema([first, second]) == pa.schema([("row_id", pa.int64()), ("note", pa.string())])
+    with pytest.raises(SchemaMismatchError, match=r"p2\.parquet"):
+        parts_schema([first, odd])
+
+    db = tmp_path / "w.duckdb"
+    result = get_sink("duckdb", table="notes", database=str(db)).replace_partition(
+        "p", [first, second], rejects(tmp_path, [])
+    )
+    assert result.rows == 4
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT row_id, note FROM notes ORDER BY row_id").fetchall() == [
+            (1, "a"),
+            (2, "b"),
+            (3, "c"),
+            (4, None),
+        ]

@@ -85,16 +85,18 @@ def test_chunk_files_are_laid_out_for_a_fast_read_and_parts_for_any_reader(tmp_p
     staged = pq.read_table(manifest.chunks[0].path, columns=["key", "x", "note"])
     assert staged.equals(table.cast(staged.schema))
 
-    # Output parts are published as they are (s3_parquet, athena, redshift): plain values and Snappy.
-    part = tmp_path / "part.parquet"
-    writer = parquet_writer(part, table.schema)
-    writer.write_table(table)
-    writer.close()
-    layouts = _column_layouts(part)
-    assert layouts["key"] == ("SNAPPY", {"RLE", "PLAIN"})
-    assert layouts["x"] == ("UNCOMPRESSED", {"RLE", "PLAIN"})
-    assert layouts["note"][0] == "SNAPPY"
-    assert pq.read_table(part).equals(table)
+    # Output parts are published as they are (s3_parquet, athena, redshift): plain values and Snappy, or
+    # plain values alone (a part on local disk), which every Parquet reader knows.
+    for compress, codec in ((True, "SNAPPY"), (False, "UNCOMPRESSED")):
+        part = tmp_path / f"part-{codec}.parquet"
+        writer = parquet_writer(part, table.schema, compress=compress)
+        writer.write_table(table)
+        writer.close()
+        layouts = _column_layouts(part)
+        assert layouts["key"] == (codec, {"RLE", "PLAIN"})
+        assert layouts["x"] == ("UNCOMPRESSED", {"RLE", "PLAIN"})
+        assert layouts["note"][0] == codec
+        assert pq.read_table(part).equals(table)
 
 
 def _definition_levels(path: str | Path) -> dict[str, int]:
