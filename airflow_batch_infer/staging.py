@@ -192,10 +192,10 @@ def parquet_writer(
         delta-encoded, which makes them several times smaller than LZ4 does and reads three times faster;
         text is LZ4. Otherwise (output and rejects parts, which sinks such as ``s3_parquet``, ``athena``
         and ``redshift`` publish as they are) only encodings and codecs every Parquet reader knows: plain
-        values and Snappy.
+        values, Snappy or none.
     :param compress: for a part, Snappy on its integer and text columns; without it, a part is stored
-        uncompressed (still plain values every reader knows): the choice for parts on a local disk, read
-        once by the persist task, where Snappy cost a third of the part's write for a file a third smaller.
+        uncompressed: the choice for parts on a local disk, read once by the persist task, where Snappy
+        took two fifths of the part's write for a file two fifths smaller.
     """
     text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
     leaves = list(_leaves(schema))

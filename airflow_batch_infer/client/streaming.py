@@ -276,7 +276,7 @@ class ChunkStreamer:
     :param logger: where progress and retries are logged.
     :param compress_parts: Snappy on the parts' integer and text columns; ``None`` decides by where the
         parts go: yes on object storage (bytes over the network and at rest), no on local disk, where a
-        part is read once by the persist task and compressing it cost a third of its write.
+        part is read once by the persist task and compressing it took two fifths of its write.
     """
 
     def __init__(
