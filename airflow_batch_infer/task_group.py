@@ -13,7 +13,6 @@ from airflow_batch_infer.operators.infer import TritonInferenceOperator
 from airflow_batch_infer.operators.persist import PersistOutputsOperator
 from airflow_batch_infer.operators.server import StartTritonServerOperator, StopTritonServerOperator
 from airflow_batch_infer.operators.stage import StageInputsOperator
-from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 
 
 def batch_inference(
@@ -120,9 +119,6 @@ def batch_inference(
                 runtime_options=runtime_options,
                 **(start_options or {}),
             )
-        # The parts of a sink whose table is the parts are compressed wherever they are staged.
-        infer_kwargs = {"compress_parts": True} if sink in PARTS_ARE_THE_TABLE else {}
-        infer_kwargs.update(infer_options or {})
         infer = infer_operator.partial(
             task_id="infer",
             server=start.output if start else None,
@@ -135,7 +131,8 @@ def batch_inference(
             max_in_flight=max_in_flight,
             retries=infer_retries,
             map_index_template="chunk {{ task.chunk['index'] }}",
-            **infer_kwargs,
+            sink=sink,  # the parts of a sink whose table is the parts are compressed wherever they are
+            **(infer_options or {}),
         ).expand(chunk=stage.output)
         persist = PersistOutputsOperator(
             task_id="persist",

@@ -13,6 +13,7 @@ from airflow_batch_infer.client.sizing import resolve_sizes
 from airflow_batch_infer.client.streaming import ChunkStreamer, StreamSettings
 from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
+from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 from airflow_batch_infer.staging import (
     ChunkDescriptor,
     Manifest,
@@ -52,7 +53,10 @@ class TritonInferenceOperator(BaseOperator):
     :param input_constants: input tensor → one value sent with every row (a generation parameter).
     :param token_count_output: output tensor counting generated tokens; tokens/s is then logged too.
     :param compress_parts: Snappy on the parts' integer and text columns; ``None`` (the default) compresses
-        parts on object storage and not those on local disk, read once by the persist task.
+        parts on object storage and not those on local disk, read once by the persist task, unless ``sink``
+        says otherwise.
+    :param sink: the sink that will persist the parts, if known (templated): for ``s3_parquet`` and
+        ``athena``, whose tables are the part files themselves, parts are compressed wherever they are.
     """
 
     template_fields: Sequence[str] = (
@@ -64,6 +68,7 @@ class TritonInferenceOperator(BaseOperator):
         "max_in_flight",
         "shared_memory",
         "transport",
+        "sink",
     )
     ui_color = "#d6f5c9"
 
@@ -89,6 +94,7 @@ class TritonInferenceOperator(BaseOperator):
         input_constants: Mapping[str, Any] | None = None,
         token_count_output: str | None = None,
         compress_parts: bool | None = None,
+        sink: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -111,6 +117,14 @@ class TritonInferenceOperator(BaseOperator):
         self.input_constants = dict(input_constants or {})
         self.token_count_output = token_count_output
         self.compress_parts = compress_parts
+        self.sink = sink
+
+    def parts_compressed(self) -> bool | None:
+        """Whether to compress the parts: as asked, else yes for a sink whose table is the parts, else
+        ``None`` (by where they are written)."""
+        if self.compress_parts is not None:
+            return self.compress_parts
+        return True if self.sink in PARTS_ARE_THE_TABLE else None
 
     def _url(self) -> str | None:
         if isinstance(self.server, Mapping):
@@ -203,7 +217,7 @@ class TritonInferenceOperator(BaseOperator):
             url=hook.url,
             headers=hook.headers,
             logger=self.log,
-            compress_parts=self.compress_parts,
+            compress_parts=self.parts_compressed(),
         )
         result = streamer.run(
             chunk_path,

@@ -187,23 +187,24 @@ def test_a_model_that_will_not_load_fails_the_start_task_and_leaves_nothing_runn
 
 
 @pytest.mark.parametrize(
-    ("sink", "infer_options", "compress_parts"),
+    ("sink", "infer_options", "compressed"),
     [
         ("duckdb", None, None),  # by where the parts go: uncompressed on local disk
         ("postgres", None, None),
         ("s3_parquet", None, True),  # the dataset is made of the parts themselves
         ("athena", None, True),
         ("athena", {"compress_parts": False}, False),  # the user's word wins
+        ("{{ params.sink }}", None, True),  # a templated sink, rendered per run (here: athena)
     ],
 )
 def test_parts_are_compressed_for_sinks_whose_table_is_the_parts(
-    sink: str, infer_options: dict | None, compress_parts: bool | None
+    sink: str, infer_options: dict | None, compressed: bool | None
 ) -> None:
     from airflow.sdk import DAG
 
     from airflow_batch_infer.task_group import batch_inference
 
-    with DAG(dag_id=f"parts_for_{sink}", schedule=None, start_date=LOGICAL_DATE) as dag:
+    with DAG(dag_id="parts_compression", schedule=None, start_date=LOGICAL_DATE) as dag:
         batch_inference(
             source="/data/in",
             model_name="risk_scorer",
@@ -214,5 +215,9 @@ def test_parts_are_compressed_for_sinks_whose_table_is_the_parts(
             infer_options=infer_options,
         )
 
-    infer = dag.get_task("batch_inference.infer")
-    assert infer.partial_kwargs.get("compress_parts") == compress_parts
+    mapped = dag.get_task("batch_inference.infer")
+    # The task as a run unmaps it (the server's address left out: an XCom of the start task).
+    kwargs = {k: v for k, v in mapped.partial_kwargs.items() if k not in ("task_id", "server")}
+    operator = mapped.operator_class(task_id="infer", chunk={}, **kwargs)
+    operator.render_template_fields({"params": {"sink": "athena"}})  # as a run's Params would
+    assert operator.parts_compressed() == compressed
