@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +48,21 @@ def processes_mentioning(path: str | Path) -> list[int]:
         if str(path) in cmdline and state != "Z":
             pids.append(int(proc.name))
     return pids
+
+
+def column_layouts(source: str | Path | pa.NativeFile) -> dict[str, tuple[str, set[str]]]:
+    """Each column's codec and encodings in a Parquet file's first row group, as a reader sees them."""
+    group = pq.ParquetFile(source).metadata.row_group(0)
+    return {
+        group.column(i).path_in_schema: (group.column(i).compression, set(group.column(i).encodings))
+        for i in range(group.num_columns)
+    }
+
+
+def definition_levels(source: str | Path | pa.NativeFile) -> dict[str, int]:
+    """Each Parquet column's maximum definition level: 0 for a REQUIRED column, 1 for an optional one."""
+    schema = pq.ParquetFile(source).schema
+    return {schema.column(i).path: schema.column(i).max_definition_level for i in range(len(schema))}
 
 
 def chunk_threads() -> list[str]:

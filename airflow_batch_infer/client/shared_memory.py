@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import mmap
 import os
 import socket
@@ -113,10 +114,8 @@ class _Region:
         """
         if self._map is None:
             raise ValueError(f"Shared memory region {self.name} is closed.")
-        count = 1
-        for dim in shape:  # not np.prod: a reduction's set-up costs more than a request's other arithmetic
-            count *= int(dim)
-        return np.frombuffer(self._map, dtype, count, offset).reshape(shape)
+        # math.prod, not np.prod: a numpy reduction's set-up costs more than a request's other arithmetic.
+        return np.frombuffer(self._map, dtype, int(math.prod(shape)), offset).reshape(shape)
 
     def destroy(self) -> None:
         """Unlink the region and unmap it here (once the last array over it is gone, if some still are)."""

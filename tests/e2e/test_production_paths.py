@@ -13,7 +13,7 @@ import pytest
 from transactions_data import FEATURES, write_transactions
 
 from tests.aws_fixtures import PG_CONN_ID, aws_client, aws_conn, bucket, moto_endpoint, pg_query, pg_schema
-from tests.conftest import MODEL_REPOSITORY, register_dag, task_states
+from tests.conftest import MODEL_REPOSITORY, column_layouts, register_dag, task_states
 
 __all__ = ["aws_conn", "bucket", "moto_endpoint", "pg_schema"]  # fixtures used by name
 
@@ -102,6 +102,5 @@ def test_the_demo_dag_points_at_s3_and_postgres_by_params_alone(
     part = next(o["Key"] for o in staged if o["Key"].endswith("outputs/part-00001.parquet"))
     # A part on object storage travels and rests compressed: Snappy on its ids, which every reader knows.
     body = aws_client("s3").get_object(Bucket=bucket, Key=part)["Body"].read()
-    group = pq.ParquetFile(pa.BufferReader(body)).metadata.row_group(0)
-    codecs = {group.column(i).path_in_schema: group.column(i).compression for i in range(group.num_columns)}
+    codecs = {column: codec for column, (codec, _) in column_layouts(pa.BufferReader(body)).items()}
     assert codecs == {"row_id": "SNAPPY", "transaction_id": "SNAPPY", "risk_score": "UNCOMPRESSED"}

@@ -22,6 +22,7 @@ from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
 from airflow_batch_infer.sinks import get_sink
 from airflow_batch_infer.staging import Manifest, output_part_path, rejects_part_path, stage_parquet
+from tests.conftest import column_layouts, definition_levels
 
 pytestmark = pytest.mark.integration
 
@@ -137,35 +138,17 @@ def test_parts_are_required_where_their_chunk_has_no_nulls_and_persist_as_one_ta
         for chunk in manifest.chunks
     ]
 
-    def layout(path: str) -> dict[str, tuple[int, str]]:
-        """Each column's maximum definition level (0: REQUIRED) and codec."""
-        meta = pq.ParquetFile(path)
-        group = meta.metadata.row_group(0)
-        return {
-            meta.schema.column(i).path: (
-                meta.schema.column(i).max_definition_level,
-                group.column(i).compression,
-            )
-            for i in range(group.num_columns)
-        }
-
     # Row ids and scores are never null; the passthrough is REQUIRED where its chunk held no null. A part
     # on local disk is read once by the persist task: stored uncompressed.
-    assert [layout(r.output_path) for r in results] == [
-        {
-            "row_id": (0, "UNCOMPRESSED"),
-            "transaction_id": (0, "UNCOMPRESSED"),
-            "risk_score": (0, "UNCOMPRESSED"),
-        },
-        {
-            "row_id": (0, "UNCOMPRESSED"),
-            "transaction_id": (1, "UNCOMPRESSED"),
-            "risk_score": (0, "UNCOMPRESSED"),
-        },
+    parts = [r.output_path for r in results]
+    assert [definition_levels(p) for p in parts] == [
+        {"row_id": 0, "transaction_id": 0, "risk_score": 0},
+        {"row_id": 0, "transaction_id": 1, "risk_score": 0},
     ]
+    assert {codec for p in parts for codec, _ in column_layouts(p).values()} == {"UNCOMPRESSED"}
     database = tmp_path / "w.duckdb"
     persisted = get_sink("duckdb", table="scores", database=str(database)).replace_partition(
-        "2026-11-30", [r.output_path for r in results], [r.rejects_path for r in results]
+        "2026-11-30", parts, [r.rejects_path for r in results]
     )
     assert (persisted.rows, persisted.rejected) == (rows, 0)
     with duckdb.connect(str(database), read_only=True) as con:

@@ -19,6 +19,7 @@ from airflow_batch_infer.staging import (
     run_directory,
     stage_parquet,
 )
+from tests.conftest import column_layouts, definition_levels
 
 
 def write_files(folder: Path, sizes: list[int]) -> int:
@@ -53,15 +54,6 @@ def test_chunks_hold_every_row_once_with_sequential_ids(tmp_path: Path) -> None:
     assert Manifest.load(tmp_path / "run").chunks == manifest.chunks
 
 
-def _column_layouts(path: str | Path) -> dict[str, tuple[str, set[str]]]:
-    """Each column's codec and encodings, as a reader of the file sees them."""
-    group = pq.read_metadata(path).row_group(0)
-    return {
-        group.column(i).path_in_schema: (group.column(i).compression, set(group.column(i).encodings))
-        for i in range(group.num_columns)
-    }
-
-
 def test_chunk_files_are_laid_out_for_a_fast_read_and_parts_for_any_reader(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -75,13 +67,13 @@ def test_chunk_files_are_laid_out_for_a_fast_read_and_parts_for_any_reader(tmp_p
     )
     pq.write_table(table, folder / "f.parquet")
     manifest = stage_parquet(folder, tmp_path / "run", chunk_rows=n)
-    chunk = _column_layouts(manifest.chunks[0].path)
+    chunk = column_layouts(manifest.chunks[0].path)
     # Ids delta-encoded and features plain, both uncompressed: the infer task decodes them fastest.
     assert chunk["row_id"] == ("UNCOMPRESSED", {"RLE", "DELTA_BINARY_PACKED"})
     assert chunk["key"] == ("UNCOMPRESSED", {"RLE", "DELTA_BINARY_PACKED"})
     assert chunk["x"] == ("UNCOMPRESSED", {"RLE", "PLAIN"})
     # Columns without nulls are REQUIRED: no definition levels to decode.
-    assert _definition_levels(manifest.chunks[0].path) == {"row_id": 0, "key": 0, "x": 0, "note": 0}
+    assert definition_levels(manifest.chunks[0].path) == {"row_id": 0, "key": 0, "x": 0, "note": 0}
     staged = pq.read_table(manifest.chunks[0].path, columns=["key", "x", "note"])
     assert staged.equals(table.cast(staged.schema))
 
@@ -92,17 +84,11 @@ def test_chunk_files_are_laid_out_for_a_fast_read_and_parts_for_any_reader(tmp_p
         writer = parquet_writer(part, table.schema, compress=compress)
         writer.write_table(table)
         writer.close()
-        layouts = _column_layouts(part)
+        layouts = column_layouts(part)
         assert layouts["key"] == (codec, {"RLE", "PLAIN"})
         assert layouts["x"] == ("UNCOMPRESSED", {"RLE", "PLAIN"})
         assert layouts["note"][0] == codec
         assert pq.read_table(part).equals(table)
-
-
-def _definition_levels(path: str | Path) -> dict[str, int]:
-    """Each column's maximum definition level: 0 for a REQUIRED column, 1 for an optional one."""
-    schema = pq.ParquetFile(path).schema
-    return {schema.column(i).path: schema.column(i).max_definition_level for i in range(len(schema))}
 
 
 def test_a_column_whose_first_nulls_come_late_in_a_chunk_keeps_every_value(tmp_path: Path) -> None:
@@ -115,7 +101,7 @@ def test_a_column_whose_first_nulls_come_late_in_a_chunk_keeps_every_value(tmp_p
     one_chunk = stage_parquet(folder, tmp_path / "one", chunk_rows=100)
     assert [c.rows for c in one_chunk.chunks] == [6]
     path = one_chunk.chunks[0].path
-    assert _definition_levels(path) == {"row_id": 0, "key": 0, "x": 1}
+    assert definition_levels(path) == {"row_id": 0, "key": 0, "x": 1}
     staged = pq.read_table(path)
     assert staged.column("key").to_pylist() == [0, 1, 2, 3, 4, 5]
     assert staged.column("x").to_pylist() == [0.5, 1.5, 2.5, None, 4.5, None]
@@ -123,7 +109,7 @@ def test_a_column_whose_first_nulls_come_late_in_a_chunk_keeps_every_value(tmp_p
     assert sorted(p.name for p in Path(path).parent.iterdir()) == ["chunk-00000.parquet"]  # no temp left
 
     two_chunks = stage_parquet(folder, tmp_path / "two", chunk_rows=3)
-    assert [_definition_levels(c.path)["x"] for c in two_chunks.chunks] == [0, 1]
+    assert [definition_levels(c.path)["x"] for c in two_chunks.chunks] == [0, 1]
     values = [v for c in two_chunks.chunks for v in pq.read_table(c.path).column("x").to_pylist()]
     assert values == [0.5, 1.5, 2.5, None, 4.5, None]
 
