@@ -128,6 +128,22 @@ def size(path: str | Path) -> int:
     return int(fs.size(fs_path))
 
 
+def pin(path: str | Path) -> dict[str, Any]:
+    """What identifies this version of a file: its ``size`` and ``version``.
+
+    The version is the modification time in nanoseconds for a local file; for an object, its version id
+    where the bucket keeps versions, else its ETag. A file rewritten in place gets another pin.
+    """
+    if not is_remote(path):
+        stat = Path(path).stat()
+        return {"size": stat.st_size, "version": str(stat.st_mtime_ns)}
+    fs, fs_path = filesystem(path)
+    fs.invalidate_cache(fs_path)
+    info = fs.info(fs_path)
+    version = info.get("VersionId") or info.get("ETag") or info.get("LastModified") or ""
+    return {"size": int(info["size"]), "version": str(version).strip('"')}
+
+
 def open_input(path: str | Path) -> IO[bytes]:
     """Open a file for reading; objects are read in blocks (random access for Parquet footers)."""
     if not is_remote(path):

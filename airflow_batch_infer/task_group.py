@@ -28,7 +28,8 @@ def batch_inference(
     triton_conn_id: str = TritonHook.default_conn_name,
     partition: str | None = None,
     staging_root: str | None = None,
-    chunk_rows: int | str = 250_000,
+    chunk_rows: int | str = "auto",
+    snapshot: str = "reference",
     columns: list[str] | None = None,
     row_id_column: str | None = None,
     passthrough_columns: Sequence[str] = (),
@@ -67,7 +68,10 @@ def batch_inference(
     :param triton_conn_id: ``triton`` connection for TLS and headers.
     :param partition: the run's partition key (default: from the run's dates).
     :param staging_root: root folder of run snapshots.
-    :param chunk_rows: rows per chunk (one mapped infer task each).
+    :param chunk_rows: rows per chunk (one mapped infer task each); ``"auto"`` makes one chunk per infer
+        task that can run at once (see :class:`StageInputsOperator`).
+    :param snapshot: ``"reference"`` (pin the Parquet input, copy nothing) or ``"copy"`` (chunk files, for
+        an ETL that rewrites its files in place); SQL input is always copied.
     :param columns: input columns to stage (all when ``None``).
     :param row_id_column: the input's own unique row id (a ``row_id`` column is added when ``None``).
     :param passthrough_columns: input columns copied to the output table.
@@ -108,6 +112,8 @@ def batch_inference(
             columns=columns,
             row_id_column=row_id_column,
             partition=partition,
+            snapshot=snapshot,
+            workers_share_host=runtime == "local",
         )
         start = None
         if runtime is not None:

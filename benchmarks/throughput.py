@@ -154,7 +154,7 @@ def chunk_for(rows: int) -> Path:
     started = time.monotonic()
     shutil.rmtree(root, ignore_errors=True)
     write_transactions(root / "source", rows)
-    manifest = stage_parquet(root / "source", root / "run", chunk_rows=rows)
+    manifest = stage_parquet(root / "source", root / "run", chunk_rows=rows, snapshot="copy")
     if len(manifest.chunks) != 1 or Path(manifest.chunks[0].path) != chunk:
         raise RuntimeError(f"Expected one chunk of {rows} rows, got {[c.rows for c in manifest.chunks]}.")
     shutil.rmtree(root / "source")

@@ -39,7 +39,17 @@ with DAG(
             pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$",
             description="Output table, or schema.table.",
         ),
-        "chunk_rows": Param(250_000, type="integer", minimum=1, description="Rows per mapped infer task."),
+        "chunk_rows": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            description="Rows per mapped infer task. Empty: one chunk per infer task that can run at once.",
+        ),
+        "snapshot": Param(
+            "reference",
+            enum=["reference", "copy"],
+            description="reference: pin the input files and read them in place; copy: copy the rows first.",
+        ),
         "request_rows": Param(
             None, type=["null", "integer"], minimum=1, description="Rows per gRPC request (default: model's)."
         ),
@@ -72,7 +82,8 @@ with DAG(
         passthrough_columns=["transaction_id"],
         table="{{ params.table }}",
         partition="{{ params.partition or '' }}",
-        chunk_rows="{{ params.chunk_rows }}",
+        chunk_rows="{{ params.chunk_rows or 'auto' }}",
+        snapshot="{{ params.snapshot }}",
         request_rows="{{ params.request_rows or '' }}",
         max_in_flight="{{ params.max_in_flight or '' }}",
         staging_root="{{ params.staging_root or '' }}",

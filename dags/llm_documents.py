@@ -78,5 +78,8 @@ def write_documents(target: str | Path, count: int, files: int = 2, seed: int = 
     table = documents(count, seed)
     bounds = np.linspace(0, count, files + 1, dtype=np.int64)
     for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-        pq.write_table(table.slice(int(lo), int(hi - lo)), target / f"part-{i:03d}.parquet")
+        # Row groups of 500 documents: a chunk (read by reference) ends at a row group.
+        pq.write_table(
+            table.slice(int(lo), int(hi - lo)), target / f"part-{i:03d}.parquet", row_group_size=500
+        )
     return target

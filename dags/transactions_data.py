@@ -19,13 +19,16 @@ TRANSACTIONS_PATH = batch_infer_home() / "etl" / "transactions"
 TRANSACTIONS = Asset(name="transactions_features", uri="demo://etl/transactions")
 
 
-def write_transactions(target: str | Path, rows: int, files: int = 4, seed: int = 7) -> int:
+def write_transactions(
+    target: str | Path, rows: int, files: int = 4, seed: int = 7, row_group_rows: int = 131_072
+) -> int:
     """Write ``rows`` transactions as ``files`` Parquet files in ``target`` (replacing earlier ones).
 
     :param target: output folder.
     :param rows: rows in all.
     :param files: number of files.
     :param seed: random seed; the same seed gives the same rows.
+    :param row_group_rows: rows per Parquet row group (chunks by reference end at row-group boundaries).
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
@@ -42,5 +45,5 @@ def write_transactions(target: str | Path, rows: int, files: int = 4, seed: int 
         }
         features = rng.standard_normal((n, len(FEATURES)), dtype=np.float32)
         columns.update({name: pa.array(features[:, j]) for j, name in enumerate(FEATURES)})
-        pq.write_table(pa.table(columns), target / f"part-{i:03d}.parquet", row_group_size=131_072)
+        pq.write_table(pa.table(columns), target / f"part-{i:03d}.parquet", row_group_size=row_group_rows)
     return rows

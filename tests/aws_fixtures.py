@@ -173,13 +173,8 @@ def write_run_parts(
     """
     import pyarrow as pa
 
-    from airflow_batch_infer.staging import (
-        atomic_target,
-        commit,
-        output_part_path,
-        parquet_writer,
-        rejects_part_path,
-    )
+    from airflow_batch_infer.parquet_files import parquet_writer
+    from airflow_batch_infer.staging import atomic_target, commit, output_part_path, rejects_part_path
 
     outputs, rejects = [], []
     for index, ids in enumerate(ids_per_chunk):

@@ -1,4 +1,4 @@
-"""The streaming inference loop: one chunk file in, one output part and one rejects part out.
+"""The streaming inference loop: one chunk in, one output part and one rejects part out.
 
 The chunk is read ahead in a thread of its own, a few requests' worth at a time, and encoded there into
 tensors (straight into shared memory when the server is on this host); the rows go out as many concurrent
@@ -26,6 +26,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
+from airflow_batch_infer.chunk_input import ChunkInput, StagedChunk
 from airflow_batch_infer.client.memory_pool import reusing_memory_pool
 from airflow_batch_infer.client.retry import RetryPolicy, error_status, is_bad_input, is_transient
 from airflow_batch_infer.client.shared_memory import (
@@ -43,7 +44,8 @@ from airflow_batch_infer.client.tensors import (
     encode_batch,
     row_bytes,
 )
-from airflow_batch_infer.staging import atomic_target, commit, open_parquet, parquet_writer
+from airflow_batch_infer.parquet_files import parquet_writer
+from airflow_batch_infer.staging import atomic_target, commit
 from airflow_batch_infer.storage import discard, is_remote, remove_stale_temps
 
 REASON_COLUMN = "reject_reason"
@@ -178,32 +180,21 @@ class _ChunkReader:
     memory. Reads run one at a time in the reader's own thread, so that their buffers come from, and go
     back to, one thread's share of the memory pool.
 
-    :param parquet: the chunk.
+    :param chunk: the chunk.
     :param columns: columns to read.
     :param inputs: input bindings.
     :param request_rows: rows per request; a read is a multiple of it.
     """
 
     def __init__(
-        self, parquet: pq.ParquetFile, columns: list[str], inputs: Sequence[InputBinding], request_rows: int
+        self, chunk: ChunkInput, columns: list[str], inputs: Sequence[InputBinding], request_rows: int
     ) -> None:
         self.inputs = inputs
         self.request_rows = request_rows
-        metadata = parquet.metadata
-        read_row_bytes = sum(row_bytes(b) for b in inputs if b.width > 0)
-        if metadata.num_row_groups and metadata.row_group(0).num_rows:
-            group = metadata.row_group(0)
-            wanted = set(columns)
-            size = sum(
-                group.column(i).total_uncompressed_size
-                for i in range(group.num_columns)
-                if group.column(i).path_in_schema.split(".")[0] in wanted
-            )
-            read_row_bytes = max(read_row_bytes, size / group.num_rows)
+        read_row_bytes = max(sum(row_bytes(b) for b in inputs if b.width > 0), chunk.bytes_per_row(columns))
         fit = int(READ_BYTES / read_row_bytes) if read_row_bytes else READ_ROWS
         self.read_rows = max(request_rows, min(READ_ROWS, fit) // request_rows * request_rows)
-        # use_threads=False: a few columns decode faster in this thread than handed to a pool.
-        self._reads = parquet.iter_batches(batch_size=self.read_rows, columns=columns, use_threads=False)
+        self._reads = chunk.iter_batches(self.read_rows, columns)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-read")
 
     async def read(self, into: Mapping[str, np.ndarray] | None) -> list[_Request] | None:
@@ -320,31 +311,36 @@ class ChunkStreamer:
         return list(seen)
 
     def run(
-        self, chunk_path: str | Path, output_path: str | Path, rejects_path: str | Path, index: int = 0
+        self,
+        chunk: ChunkInput | str | Path,
+        output_path: str | Path,
+        rejects_path: str | Path,
+        index: int = 0,
     ) -> ChunkResult:
-        """Stream ``chunk_path`` and write both parts atomically (a temporary file, then one rename or
-        one upload). Paths may be local or object storage locations (``s3://conn@bucket/key``).
+        """Stream ``chunk`` and write both parts atomically (a temporary file, then one rename or one
+        upload). Paths may be local or object storage locations (``s3://conn@bucket/key``).
 
-        :param chunk_path: the chunk's Parquet file.
+        :param chunk: the chunk (:func:`~airflow_batch_infer.chunk_input.open_chunk`), or a Parquet file.
         :param output_path: final path of the output part.
         :param rejects_path: final path of the rejects part.
         :param index: chunk number, for the log and the result.
         """
         with reusing_memory_pool():
-            return asyncio.run(self._run(chunk_path, output_path, rejects_path, index))
+            if not isinstance(chunk, ChunkInput):
+                chunk = StagedChunk(chunk)
+            return asyncio.run(self._run(chunk, output_path, rejects_path, index))
 
     async def _run(
-        self, chunk_path: str | Path, output_path: str | Path, rejects_path: str | Path, index: int
+        self, chunk: ChunkInput, output_path: str | Path, rejects_path: str | Path, index: int
     ) -> ChunkResult:
         started = time.monotonic()
-        parquet = open_parquet(chunk_path)
-        total = parquet.metadata.num_rows
+        total = chunk.num_rows
         needed = [self.row_id_column, *self.passthrough_columns]
         needed += [c for c in self.input_columns if c not in needed]
-        chunk_schema = parquet.schema_arrow
+        chunk_schema = chunk.schema
         missing = [c for c in needed if c not in chunk_schema.names]
         if missing:
-            raise InferenceError(f"Chunk {chunk_path} has no column(s) {missing}.")
+            raise InferenceError(f"Chunk {chunk.description} has no column(s) {missing}.")
         # An output part's row id and passthrough columns are REQUIRED where the chunk's are (it held no
         # nulls), and its model outputs always: no definition levels to encode took a quarter of the part's
         # write. Parts of a run may so differ in nullability only; ``sinks.base.parts_schema`` allows that.
@@ -362,7 +358,7 @@ class ChunkStreamer:
         out_writer = parquet_writer(out_tmp, out_schema, compress=compress)
         rej_writer = parquet_writer(rej_tmp, rej_schema, compress=compress)
         rows_out = rows_rejected = 0
-        reader = _ChunkReader(parquet, needed, self.inputs, self.settings.request_rows)
+        reader = _ChunkReader(chunk, needed, self.inputs, self.settings.request_rows)
         # The first read decodes while the client connects and registers its shared memory.
         first_read = asyncio.create_task(reader.read(None))
         # One thread encodes and writes both parts' row groups, off the event loop.

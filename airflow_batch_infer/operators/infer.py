@@ -6,8 +6,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 from tritonclient.utils import InferenceServerException
 
+from airflow_batch_infer.chunk_input import ChunkInput, open_chunk
 from airflow_batch_infer.client.retry import RetryPolicy
 from airflow_batch_infer.client.sizing import resolve_sizes
 from airflow_batch_infer.client.streaming import ChunkStreamer, StreamSettings
@@ -17,8 +19,7 @@ from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 from airflow_batch_infer.staging import (
     ChunkDescriptor,
     Manifest,
-    check_inside,
-    open_parquet,
+    SourceChangedError,
     output_part_path,
     rejects_part_path,
 )
@@ -157,10 +158,19 @@ class TritonInferenceOperator(BaseOperator):
         :param config: the model's configuration as loaded (``max_batch_size``, batching, instances).
         """
 
+    @staticmethod
+    def _open_chunk(descriptor: ChunkDescriptor, manifest: Manifest) -> ChunkInput:
+        """The chunk to score; a pinned input file that changed since staging fails the task for good (a
+        retry would find the same file)."""
+        try:
+            return open_chunk(descriptor, manifest)
+        except SourceChangedError as error:
+            raise AirflowFailException(str(error)) from error
+
     def execute(self, context: Any) -> dict[str, Any]:
         descriptor = ChunkDescriptor.from_dict(self.chunk)
         manifest = Manifest.load(descriptor.run_dir)
-        chunk_path = check_inside(descriptor.path, descriptor.run_dir)
+        chunk = self._open_chunk(descriptor, manifest)
         hook = TritonHook(self.triton_conn_id, url=self._url())
         try:
             metadata, config = self._model_contract(hook)
@@ -171,7 +181,7 @@ class TritonInferenceOperator(BaseOperator):
         optional = [i["name"] for i in config.get("input", []) if i.get("optional")]
         inputs = bind_inputs(
             self.inputs,
-            open_parquet(chunk_path).schema_arrow,
+            chunk.schema,
             metadata,
             max_batch,
             templates=self.input_templates,
@@ -201,7 +211,7 @@ class TritonInferenceOperator(BaseOperator):
             "Chunk %d: %s rows from %s to model %r at %s, %d rows a request, %d requests in flight",
             descriptor.index,
             f"{descriptor.rows:,}",
-            chunk_path,
+            chunk.description,
             self.model_name,
             hook.url,
             request_rows,
@@ -220,7 +230,7 @@ class TritonInferenceOperator(BaseOperator):
             compress_parts=self.parts_compressed(),
         )
         result = streamer.run(
-            chunk_path,
+            chunk,
             output_part_path(descriptor.run_dir, descriptor.index),
             rejects_part_path(descriptor.run_dir, descriptor.index),
             descriptor.index,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.sinks import get_sink
 from airflow_batch_infer.staging import (
@@ -16,7 +18,6 @@ from airflow_batch_infer.staging import (
     ChunkDescriptor,
     Manifest,
     RunPath,
-    open_parquet,
     output_part_path,
     rejects_part_path,
     run_file,
@@ -128,8 +129,15 @@ class PersistOutputsOperator(BaseOperator):
         sink = get_sink(
             self.sink, table=self.table, partition_column=self.partition_column, **self._sink_options()
         )
+        started = time.monotonic()
         result = sink.replace_partition(partition, outputs, rejects)
-        summary = result.to_dict() | {"total_rows": manifest.total_rows, "chunks": len(manifest.chunks)}
+        seconds = time.monotonic() - started
+        summary = result.to_dict() | {
+            "total_rows": manifest.total_rows,
+            "chunks": len(manifest.chunks),
+            "persist_seconds": round(seconds, 3),
+            "persist_rows_per_second": round(manifest.total_rows / seconds, 1) if seconds else None,
+        }
         if self.results:
             # Index by length: iterating Airflow's lazy XCom sequence probes one item past its end.
             seconds = sum(float(self.results[i]["seconds"]) for i in range(len(self.results)))
@@ -138,7 +146,8 @@ class PersistOutputsOperator(BaseOperator):
             )
         write_json_atomically(run_file(run_dir, SUMMARY), summary)
         self.log.info(
-            "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before",
+            "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before; "
+            "%.2f s, %s rows/s",
             partition,
             f"{result.rows:,}",
             result.table,
@@ -146,5 +155,7 @@ class PersistOutputsOperator(BaseOperator):
             result.rejects_table,
             result.location,
             f"{result.replaced:,}" if result.replaced >= 0 else "an unknown number of",
+            seconds,
+            f"{manifest.total_rows / seconds:,.0f}" if seconds else "-",
         )
         return summary

@@ -1,7 +1,8 @@
-"""StageInputsOperator: snapshot the input (Parquet files or a SQL query) into chunk files and a manifest."""
+"""StageInputsOperator: snapshot the input (Parquet files or a SQL query) as chunks and a manifest."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from airflow_batch_infer import storage
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.sources import ParquetSource, Source, SQLQuerySource
-from airflow_batch_infer.staging import run_directory, stage_source
+from airflow_batch_infer.staging import SNAPSHOTS, run_directory, stage_source
 
 
 def _given(value: Any) -> Any:
@@ -19,14 +20,35 @@ def _given(value: Any) -> Any:
     return None if value in (None, "", "None") else value
 
 
+def parallel_infer_tasks(workers_share_host: bool) -> int:
+    """How many infer tasks can run at once: the executor's slots for one DAG run (``[core] parallelism``
+    and ``max_active_tasks_per_dag``), and, when the workers and the server share one host (the local
+    runtime), at most its cores.
+
+    :param workers_share_host: whether every infer task runs on the host of the stage task and the server.
+    """
+    slots = min(
+        conf.getint("core", "parallelism", fallback=32),
+        conf.getint("core", "max_active_tasks_per_dag", fallback=16),
+    )
+    if workers_share_host:
+        slots = min(slots, os.cpu_count() or 1)
+    return max(1, slots)
+
+
 class StageInputsOperator(BaseOperator):
-    """Snapshot the input into chunk files plus ``manifest.json``; return one descriptor per chunk.
+    """Snapshot the input and write ``manifest.json``; return one descriptor per chunk.
 
     The input is either Parquet (``source``: files or folders, local or on object storage, hive partitions
-    understood, only ``columns`` read) or the rows of a SQL query (``sql`` on ``sql_conn_id``), read once.
-    The snapshot lives under ``<staging_root>/<dag_id>/<partition>/<run_id>/``, on local disk or object
-    storage (``s3://bucket/prefix``). The descriptors (path, rows, bytes) are what the mapped infer task
-    expands over; rows never go through XCom. The chunk count is kept within ``[core] max_map_length``.
+    understood) or the rows of a SQL query (``sql`` on ``sql_conn_id``), read once. Parquet files are
+    pinned by reference (``snapshot="reference"``, the default): the manifest records each file's size and
+    version and each chunk's row-group ranges, reading only footers, and the infer tasks read the rows
+    straight from the files (a file changed in between fails its chunk). ``snapshot="copy"``, and every
+    SQL query, copies the rows into chunk files instead. The manifest lives under
+    ``<staging_root>/<dag_id>/<partition>/<run_id>/``, on local disk or object storage
+    (``s3://bucket/prefix``). The descriptors (rows, bytes, row-group ranges or a chunk file) are what the
+    mapped infer task expands over; rows never go through XCom. The chunk count is kept within
+    ``[core] max_map_length``.
 
     :param source: a Parquet file or folder, or a list of them: local paths or URLs (``s3://bucket/key``).
     :param source_conn_id: Airflow connection for a ``source`` on object storage (an ``aws`` connection).
@@ -38,10 +60,20 @@ class StageInputsOperator(BaseOperator):
     :param sql_database: the DuckDB file queried when ``sql_conn_id`` is ``None``.
     :param staging_root: root of run snapshots (default ``$BATCH_INFER_HOME/staging``); may be a URL.
     :param staging_conn_id: Airflow connection for a ``staging_root`` on object storage.
-    :param chunk_rows: rows per chunk, raised when needed to stay within ``max_map_length``.
+    :param chunk_rows: rows per chunk, raised when needed to stay within ``max_map_length``; ``"auto"``
+        (the default) makes one chunk per infer task that can run at once (``parallel_tasks``), of at least
+        500,000 rows and at most 25,000,000 (then whole rounds of ``parallel_tasks`` chunks). Chunks by
+        reference end at row-group boundaries.
     :param columns: columns to stage (all when ``None``).
-    :param row_id_column: the input's own unique row id; when ``None`` a ``row_id`` column is added.
+    :param row_id_column: the input's own unique row id; when ``None`` a ``row_id`` column of int64 ids
+        is added (0, 1, 2... over the files in the manifest's order and their rows).
     :param partition: the run's partition key (default: from the run's data interval or logical date).
+    :param snapshot: ``"reference"`` (pin the Parquet files, copy nothing) or ``"copy"`` (chunk files: for
+        an ETL that rewrites its files in place). SQL queries are always copied.
+    :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``; ``None`` takes the
+        executor's slots (:func:`parallel_infer_tasks`).
+    :param workers_share_host: the infer tasks and the server run on this host (the local runtime), so at
+        most its cores count as slots.
     """
 
     template_fields: Sequence[str] = (
@@ -56,6 +88,7 @@ class StageInputsOperator(BaseOperator):
         "chunk_rows",
         "columns",
         "partition",
+        "snapshot",
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql"}
@@ -72,13 +105,21 @@ class StageInputsOperator(BaseOperator):
         sql_database: str | None = None,
         staging_root: str | None = None,
         staging_conn_id: str | None = None,
-        chunk_rows: int | str = 250_000,
+        chunk_rows: int | str = "auto",
         columns: list[str] | None = None,
         row_id_column: str | None = None,
         partition: str | None = None,
+        snapshot: str = "reference",
+        parallel_tasks: int | None = None,
+        workers_share_host: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if "{{" not in str(snapshot) and snapshot not in SNAPSHOTS:
+            raise ValueError(f"snapshot must be one of {list(SNAPSHOTS)}, got {snapshot!r}.")
+        self.snapshot = snapshot
+        self.parallel_tasks = parallel_tasks
+        self.workers_share_host = workers_share_host
         self.source = source
         self.source_conn_id = source_conn_id
         self.sql = sql
@@ -112,22 +153,30 @@ class StageInputsOperator(BaseOperator):
         run_dir = run_directory(root, self.dag_id, partition, context["run_id"])
         max_chunks = conf.getint("core", "max_map_length", fallback=1024)
         source = self._source()
+        parallel = self.parallel_tasks or parallel_infer_tasks(self.workers_share_host)
         manifest = stage_source(
             source,
             run_dir,
-            chunk_rows=int(self.chunk_rows),
+            chunk_rows=_given(self.chunk_rows) or "auto",
             columns=self.columns or None,
             row_id_column=self.row_id_column,
             max_chunks=max_chunks,
+            snapshot=_given(self.snapshot) or "reference",
+            parallel_tasks=parallel,
         )
         if not manifest.chunks:
             raise ValueError(f"The input {source.description} has no rows: nothing to score.")
         self.log.info(
-            "Staged %s rows from %s into %d chunk(s) of up to %s rows under %s (partition %s)",
+            "Staged %s rows from %s (%s) into %d chunk(s) of about %s rows (%d infer tasks at once) under "
+            "%s (partition %s)",
             f"{manifest.total_rows:,}",
             source.description,
+            f"{len(manifest.files)} file(s) pinned, nothing copied"
+            if manifest.snapshot == "reference"
+            else "rows copied into chunk files",
             len(manifest.chunks),
             f"{manifest.chunk_rows:,}",
+            parallel,
             run_dir,
             partition,
         )

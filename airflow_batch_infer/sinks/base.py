@@ -137,7 +137,7 @@ def parts_schema(parts: Sequence[str | Path]) -> pa.Schema:
     Parts may differ in nullability only: a part's column is REQUIRED where its chunk held no nulls. The
     schema returned has every column nullable, as the tables and datasets that the sinks write have.
     """
-    from airflow_batch_infer.staging import open_parquet
+    from airflow_batch_infer.parquet_files import open_parquet
 
     if not parts:
         raise ValueError("No part files to persist.")
@@ -155,14 +155,14 @@ def parts_schema(parts: Sequence[str | Path]) -> pa.Schema:
 
 def parts_rows(parts: Sequence[str | Path]) -> int:
     """Rows in the parts, from their footers."""
-    from airflow_batch_infer.staging import open_parquet
+    from airflow_batch_infer.parquet_files import open_parquet
 
     return sum(open_parquet(p).metadata.num_rows for p in parts)
 
 
 def iter_part_batches(parts: Sequence[str | Path], batch_rows: int = 50_000) -> Iterator[pa.RecordBatch]:
     """The parts' rows as record batches, one part after the other: memory holds one batch."""
-    from airflow_batch_infer.staging import open_parquet
+    from airflow_batch_infer.parquet_files import open_parquet
 
     for part in parts:
         yield from open_parquet(part).iter_batches(batch_size=batch_rows)

@@ -35,6 +35,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.sinks.base import (
     PersistResult,
     SchemaMismatchError,
@@ -44,7 +45,6 @@ from airflow_batch_infer.sinks.base import (
     parts_rows,
     parts_schema,
 )
-from airflow_batch_infer.staging import open_parquet
 
 SUCCESS = "_SUCCESS"
 SCHEMA_FILE = "_common_metadata"

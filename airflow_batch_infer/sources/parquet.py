@@ -78,6 +78,26 @@ class ParquetSource(Source):
     def schema(self) -> pa.Schema:
         return self.dataset.schema
 
+    def files(self) -> list[tuple[str, ds.ParquetFileFragment]]:
+        """Every file of the input as (location, fragment), sorted by location.
+
+        A location is what :mod:`~airflow_batch_infer.storage` opens: the local path, or the URL with the
+        input's connection (``s3://conn@bucket/key``).
+        """
+        found = []
+        for fragment in self.dataset.get_fragments():
+            found.append((self._location_of(fragment.path), fragment))
+        return sorted(found, key=lambda pair: pair[0])
+
+    def _location_of(self, fs_path: str) -> str:
+        if not storage.is_remote(self.paths[0]):
+            return fs_path
+        for path in self.paths:
+            base = storage.filesystem(path)[1].rstrip("/")
+            if fs_path == base or fs_path.startswith(base + "/"):
+                return str(path).rstrip("/") + fs_path[len(base) :]
+        raise StagingError(f"File {fs_path} is not below any input path of {self._described}.")
+
     def count_rows(self) -> int:
         try:
             return self.dataset.count_rows()

@@ -39,7 +39,7 @@ def demo(cluster: CeleryCluster) -> CeleryCluster:
 
 def write_input(cluster: CeleryCluster, name: str, rows: int) -> Path:
     folder = cluster.root / "inputs" / name
-    write_transactions(folder, rows, files=3)
+    write_transactions(folder, rows, files=4, row_group_rows=5_000)  # chunks end at row groups
     return folder
 
 

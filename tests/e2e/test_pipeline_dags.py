@@ -40,7 +40,7 @@ def partition_counts(table: str) -> dict[str, tuple[int, int]]:
 
 def test_every_row_lands_once_and_a_rerun_replaces_its_partition(demo_dag, tmp_path) -> None:
     rows = 30_000
-    write_transactions(tmp_path / "in", rows, files=3)
+    write_transactions(tmp_path / "in", rows, files=3, row_group_rows=2_000)
     conf = {"input_path": str(tmp_path / "in"), "chunk_rows": 8_000, "table": "scores_e2e"}
     first = demo_dag.test(logical_date=LOGICAL_DATE, run_conf=conf)
     assert first.state == "success", task_states(first)
@@ -77,7 +77,7 @@ def test_a_failing_infer_task_still_stops_the_server(airflow_db, tmp_path) -> No
     index = table.schema.get_field_index("f05")
     broken = table.set_column(index, "f05", pc.cast(table.column("f05"), pa.string()))
     (tmp_path / "broken").mkdir()
-    pq.write_table(broken, tmp_path / "broken" / "part.parquet")
+    pq.write_table(broken, tmp_path / "broken" / "part.parquet", row_group_size=3_000)
 
     with DAG(dag_id="e2e_failing_infer", schedule=None, start_date=LOGICAL_DATE) as dag:
         batch_inference(

@@ -79,7 +79,7 @@ def test_the_demo_dag_points_at_s3_and_postgres_by_params_alone(
     from tests.conftest import load_dag
 
     rows = 4_000
-    write_transactions(tmp_path / "etl", rows, files=1)
+    write_transactions(tmp_path / "etl", rows, files=1, row_group_rows=2_000)
     for path in sorted((tmp_path / "etl").glob("*.parquet")):
         aws_client("s3").put_object(Bucket=bucket, Key=f"etl/{path.name}", Body=path.read_bytes())
     conf = {

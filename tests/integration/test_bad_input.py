@@ -71,14 +71,19 @@ def test_too_many_rows_set_aside_fail_the_run_and_write_nothing(triton_server, t
 
 def test_a_chunk_outside_its_run_folder_is_refused(triton_server, tmp_path: Path) -> None:
     write_transactions(tmp_path / "in", 100, files=1)
-    manifest = stage_parquet(tmp_path / "in", tmp_path / "run")
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", snapshot="copy")
     forged = manifest.chunks[0].to_dict() | {"path": str(tmp_path / "in" / "part-000.parquet")}
     with pytest.raises(StagingError, match="is outside the staging folder"):
+        infer(triton_server, forged)
+    # By reference, a descriptor names files by their index in the run's manifest, never by path.
+    pinned = stage_parquet(tmp_path / "in", tmp_path / "pinned").chunks[0].to_dict()
+    forged = pinned | {"slices": [{"file": 7, "row_groups": [0, 1], "first_row": 0}]}
+    with pytest.raises(StagingError, match="names file 7, not in the manifest"):
         infer(triton_server, forged)
 
 
 def test_a_chunk_that_is_not_complete_is_not_persisted(triton_server, tmp_path: Path) -> None:
-    write_transactions(tmp_path / "in", 3_000, files=1)
+    write_transactions(tmp_path / "in", 3_000, files=1, row_group_rows=1_000)
     manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=1_000)
     chunks = [c.to_dict() for c in manifest.chunks]
     infer(triton_server, chunks[0])

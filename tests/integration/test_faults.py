@@ -35,7 +35,7 @@ PATIENT = RetryPolicy(max_attempts=10, max_delay=60, initial_wait=0.25, max_wait
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     write_transactions(root / "in", ROWS, files=1)
-    return stage_parquet(root / "in", root / "run", chunk_rows=ROWS)
+    return stage_parquet(root / "in", root / "run", chunk_rows=ROWS, snapshot="copy")
 
 
 def tritonserver_pid(info) -> int:

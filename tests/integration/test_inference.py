@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
 
+from airflow_batch_infer.chunk_input import ChunkInput, open_chunk
 from airflow_batch_infer.client.retry import RetryPolicy
 from airflow_batch_infer.client.sizing import resolve_sizes
 from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, InferenceError, StreamSettings
@@ -38,16 +39,24 @@ def reference_scores(model_repository: Path, features: np.ndarray) -> np.ndarray
 
 
 def stage(tmp_path: Path, rows: int, chunk_rows: int | None = None) -> Manifest:
-    write_transactions(tmp_path / "in", rows, files=2)
+    """Two input files in row groups of 5,000 rows, pinned by reference (the stage task's default)."""
+    write_transactions(tmp_path / "in", rows, files=2, row_group_rows=5_000)
     return stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=chunk_rows or rows)
 
 
-def streamer(url: str, chunk_path: str, **settings: object) -> ChunkStreamer:
+def chunk_of(manifest: Manifest, index: int = 0) -> ChunkInput:
+    return open_chunk(manifest.chunks[index], manifest)
+
+
+def chunk_table(manifest: Manifest, index: int = 0) -> pa.Table:
+    """The chunk's rows, read as the infer task reads them."""
+    return pa.Table.from_batches(list(chunk_of(manifest, index).iter_batches(65_536, list(manifest.schema))))
+
+
+def streamer(url: str, chunk: ChunkInput, **settings: object) -> ChunkStreamer:
     hook = TritonHook(url=url)
     metadata, config = hook.get_model_metadata(MODEL), hook.get_model_config(MODEL)
-    inputs = bind_inputs(
-        {"features": FEATURES}, pq.read_schema(chunk_path), metadata, config["max_batch_size"]
-    )
+    inputs = bind_inputs({"features": FEATURES}, chunk.schema, metadata, config["max_batch_size"])
     outputs = bind_outputs({"probability": "risk_score"}, metadata, config["max_batch_size"])
     rows, in_flight = resolve_sizes(
         config, settings.pop("request_rows", None), settings.pop("max_in_flight", None)
@@ -64,9 +73,10 @@ def streamer(url: str, chunk_path: str, **settings: object) -> ChunkStreamer:
 
 
 def run_chunk(s: ChunkStreamer, manifest: Manifest, index: int = 0):
-    chunk = manifest.chunks[index]
     return s.run(
-        chunk.path, output_part_path(manifest.run_dir, index), rejects_part_path(manifest.run_dir, index)
+        chunk_of(manifest, index),
+        output_part_path(manifest.run_dir, index),
+        rejects_part_path(manifest.run_dir, index),
     )
 
 
@@ -75,9 +85,7 @@ def test_outputs_equal_the_model_run_directly(
     triton_server, tmp_path, model_repository, shared_memory
 ) -> None:
     manifest = stage(tmp_path, 60_000)
-    s = streamer(
-        triton_server.grpc_url, manifest.chunks[0].path, shared_memory=shared_memory, request_rows=4096
-    )
+    s = streamer(triton_server.grpc_url, chunk_of(manifest), shared_memory=shared_memory, request_rows=4096)
     result = run_chunk(s, manifest)
 
     assert (result.rows, result.rows_out, result.rows_rejected) == (60_000, 60_000, 0)
@@ -86,7 +94,7 @@ def test_outputs_equal_the_model_run_directly(
     outputs = pq.read_table(result.output_path)
     assert outputs.column_names == ["row_id", "transaction_id", "risk_score"]
     assert outputs.column("row_id").to_pylist() == list(range(60_000))
-    chunk = pq.read_table(manifest.chunks[0].path)
+    chunk = chunk_table(manifest)
     assert outputs.column("transaction_id").equals(chunk.column("transaction_id"))
     features = np.column_stack([chunk.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
     expected = reference_scores(model_repository, features)
@@ -107,7 +115,7 @@ def test_the_server_batches_concurrent_requests(triton_server, tmp_path) -> None
     for _attempt in range(2):
         requests_before, executions_before = counters()
         result = run_chunk(
-            streamer(triton_server.grpc_url, manifest.chunks[0].path, request_rows=250, max_in_flight=32),
+            streamer(triton_server.grpc_url, chunk_of(manifest), request_rows=250, max_in_flight=32),
             manifest,
         )
         requests_after, executions_after = counters()
@@ -134,7 +142,7 @@ def test_parts_are_required_where_their_chunk_has_no_nulls_and_persist_as_one_ta
     pq.write_table(table.set_column(0, "transaction_id", pa.array(ids, pa.int64())), second)
     manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=rows // 2)
     results = [
-        run_chunk(streamer(triton_server.grpc_url, chunk.path), manifest, chunk.index)
+        run_chunk(streamer(triton_server.grpc_url, chunk_of(manifest, chunk.index)), manifest, chunk.index)
         for chunk in manifest.chunks
     ]
 
@@ -175,7 +183,7 @@ def test_bad_rows_are_set_aside_with_a_reason_and_the_rest_scored(
     pq.write_table(table, tmp_path / "bad" / "part.parquet")
     manifest = stage_parquet(tmp_path / "bad", tmp_path / "run", chunk_rows=rows)
 
-    result = run_chunk(streamer(triton_server.grpc_url, manifest.chunks[0].path, request_rows=1000), manifest)
+    result = run_chunk(streamer(triton_server.grpc_url, chunk_of(manifest), request_rows=1000), manifest)
 
     assert (result.rows_out, result.rows_rejected) == (rows - 3, 3)
     rejects = pq.read_table(result.rejects_path).to_pydict()
@@ -196,7 +204,7 @@ def test_bad_rows_are_set_aside_with_a_reason_and_the_rest_scored(
 def test_an_unreachable_server_fails_after_retries_and_leaves_no_part(triton_server, tmp_path) -> None:
     manifest = stage(tmp_path, 2_000)
     s = streamer(
-        triton_server.grpc_url, manifest.chunks[0].path, retry=RetryPolicy(max_attempts=3, initial_wait=0.05)
+        triton_server.grpc_url, chunk_of(manifest), retry=RetryPolicy(max_attempts=3, initial_wait=0.05)
     )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -265,7 +273,7 @@ def test_a_retry_removes_what_a_killed_attempt_left_and_rewrites_its_chunk(trito
     leftover.write_bytes(b"half a parquet file")
     final.write_bytes(b"an older attempt's part")
 
-    result = run_chunk(streamer(triton_server.grpc_url, manifest.chunks[0].path), manifest)
+    result = run_chunk(streamer(triton_server.grpc_url, chunk_of(manifest)), manifest)
 
     assert not leftover.exists()
     assert pq.read_metadata(result.output_path).num_rows == result.rows_out == 5_000

@@ -14,13 +14,15 @@ import pytest
 import s3fs
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.chunk_input import open_chunk
 from airflow_batch_infer.operators.persist import IncompleteRunError, PersistOutputsOperator
 from airflow_batch_infer.operators.stage import StageInputsOperator
+from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.staging import (
     Manifest,
+    SourceChangedError,
     StagingError,
     check_inside,
-    open_parquet,
     run_directory,
     stage_parquet,
 )
@@ -31,9 +33,9 @@ __all__ = ["aws_conn", "bucket", "moto_endpoint"]  # fixtures used by name
 CONTEXT = {"run_id": "manual__2026-11-21", "logical_date": pendulum.datetime(2026, 11, 21, tz="UTC")}
 
 
-def put_parquet(bucket: str, key: str, table: pa.Table) -> int:
+def put_parquet(bucket: str, key: str, table: pa.Table, row_group_rows: int | None = None) -> int:
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    pq.write_table(table, buffer, row_group_size=row_group_rows)
     aws_client("s3").put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
     return len(buffer.getvalue())
 
@@ -63,7 +65,9 @@ def test_hive_folders_on_s3_are_staged_reading_only_the_columns_asked_for(
     )
 
     run = run_directory(s3_url(bucket, "staging"), "dag", "2026-11-21", "manual__1")
-    manifest = stage_parquet(s3_url(bucket, "in"), run, chunk_rows=15_000, columns=["x", "country"])
+    manifest = stage_parquet(
+        s3_url(bucket, "in"), run, chunk_rows=15_000, columns=["x", "country"], snapshot="copy"
+    )
 
     assert sizes > 8_000_000
     assert sum(fetched) < sizes / 10, f"read {sum(fetched):,} bytes of {sizes:,} for 2 small columns"
@@ -87,9 +91,58 @@ def test_hive_folders_on_s3_are_staged_reading_only_the_columns_asked_for(
     }
     assert storage.size(loaded.chunks[0].path) == loaded.chunks[0].bytes
 
-    restaged = stage_parquet(s3_url(bucket, "in"), run, chunk_rows=30_000, columns=["x"])
+    restaged = stage_parquet(s3_url(bucket, "in"), run, chunk_rows=30_000, columns=["x"], snapshot="copy")
     assert len(restaged.chunks) == 2
     assert len([k for k in keys(bucket, "staging/") if "/chunks/" in k]) == 2
+
+
+def test_objects_on_s3_are_pinned_by_reference_and_read_in_place(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(5)
+    sizes = 0
+    for country, start in (("DE", 0), ("FR", 20_000)):
+        ids = np.arange(start, start + 20_000)
+        blob = pa.array([rng.bytes(200) for _ in ids], pa.binary())  # incompressible, never read
+        table = pa.table({"key": ids, "x": ids * 0.5, "blob": blob})
+        sizes += put_parquet(bucket, f"in/country={country}/part.parquet", table, row_group_rows=5_000)
+    fetched = []
+    original = s3fs.core.S3File._fetch_range
+    monkeypatch.setattr(
+        s3fs.core.S3File,
+        "_fetch_range",
+        lambda self, start, end: fetched.append(end - start) or original(self, start, end),
+    )
+
+    run = run_directory(s3_url(bucket, "staging"), "dag", "2026-11-21", "manual__2")
+    manifest = stage_parquet(s3_url(bucket, "in"), run, chunk_rows=15_000, columns=["x", "country"])
+
+    # Footers only (a ranged read or two a file, of the file's last 64 KiB), and nothing written but the
+    # manifest.
+    assert len(fetched) <= 4, fetched
+    assert sum(fetched) < sizes / 20, f"read {sum(fetched):,} bytes of {sizes:,} at stage"
+    assert keys(bucket, "staging/") == ["staging/dag/2026-11-21/manual__2/manifest.json"]
+    assert [c.rows for c in manifest.chunks] == [15_000, 15_000, 10_000]
+    assert [f["path"] for f in manifest.files] == [
+        f"s3://aws_test@{bucket}/in/country={country}/part.parquet" for country in ("DE", "FR")
+    ]
+    etag = aws_client("s3").head_object(Bucket=bucket, Key="in/country=DE/part.parquet")["ETag"]
+    assert manifest.files[0]["version"] == etag.strip('"')
+
+    loaded = Manifest.load(run)
+    read = [open_chunk(c, loaded) for c in loaded.chunks]
+    rows = pa.concat_tables(
+        pa.Table.from_batches(list(chunk.iter_batches(4_096, ["row_id", "x", "country"]))) for chunk in read
+    )
+    assert rows.column("row_id").to_pylist() == list(range(40_000))
+    assert rows.column("x").to_pylist() == [i * 0.5 for i in range(40_000)]
+    assert rows.column("country").to_pylist() == ["DE"] * 20_000 + ["FR"] * 20_000
+
+    # The ETL overwrites an object: the chunks that read it fail, saying so; the others still read.
+    put_parquet(bucket, "in/country=FR/part.parquet", pa.table({"key": [1], "x": [0.5], "blob": [b"x"]}))
+    with pytest.raises(SourceChangedError, match=r"country=FR/part\.parquet changed after the stage task"):
+        open_chunk(loaded.chunks[2], loaded)
+    assert open_chunk(loaded.chunks[0], loaded).num_rows == 15_000
 
 
 def test_paths_on_s3_stay_inside_their_run(bucket: str) -> None:
@@ -116,6 +169,7 @@ def test_a_run_staged_on_s3_is_persisted_once_however_often_it_is_persisted(buck
         chunk_rows=1000,
         row_id_column="transaction_id",
         partition="2026-11-21",
+        snapshot="copy",
     )
     chunks = stage.execute(CONTEXT)
     assert [c["rows"] for c in chunks] == [1000, 1000, 500]

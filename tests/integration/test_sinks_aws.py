@@ -14,11 +14,11 @@ import pyarrow as pa
 import pytest
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.sinks import SchemaMismatchError, get_sink
 from airflow_batch_infer.sinks import athena as athena_sink
 from airflow_batch_infer.sinks import redshift as redshift_sink
 from airflow_batch_infer.sinks import s3_parquet as s3_parquet_sink
-from airflow_batch_infer.staging import open_parquet
 from tests.aws_fixtures import (
     AWS_CONN_ID,
     aws_client,

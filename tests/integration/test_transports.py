@@ -53,7 +53,7 @@ def manifest(tmp_path_factory):
     table = table.set_column(table.schema.get_field_index("f00"), "f00", [f00])
     (root / "picky").mkdir()
     pq.write_table(table, root / "picky" / "part.parquet")
-    return stage_parquet(root / "picky", root / "run")
+    return stage_parquet(root / "picky", root / "run", snapshot="copy")
 
 
 def make_streamer(server, manifest, model: str, transport: str, shared_memory: str) -> ChunkStreamer:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_batch_infer.client.memory_pool import reusing_memory_pool
-from airflow_batch_infer.staging import open_parquet
+from airflow_batch_infer.parquet_files import open_parquet
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from airflow_batch_infer.chunk_input import open_chunk
+from airflow_batch_infer.parquet_files import parquet_writer
 from airflow_batch_infer.staging import (
     Manifest,
     StagingError,
     check_inside,
-    parquet_writer,
     plan_chunk_rows,
     run_directory,
     stage_parquet,
@@ -33,12 +34,18 @@ def write_files(folder: Path, sizes: list[int]) -> int:
 
 
 def read_all_chunks(manifest: Manifest) -> pa.Table:
-    return pa.concat_tables(pq.read_table(c.path) for c in manifest.chunks)
+    """Every staged row, read as the infer tasks read them (chunk files, or pinned row groups)."""
+    columns = list(manifest.schema)
+    tables = [
+        pa.Table.from_batches(list(open_chunk(c, manifest).iter_batches(1_000, columns)))
+        for c in manifest.chunks
+    ]
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def test_chunks_hold_every_row_once_with_sequential_ids(tmp_path: Path) -> None:
     total = write_files(tmp_path / "in", [3000, 4500, 3000])
-    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=4000)
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=4000, snapshot="copy")
 
     assert [c.rows for c in manifest.chunks] == [4000, 4000, 2500]
     assert manifest.total_rows == total == 10_500
@@ -66,7 +73,7 @@ def test_chunk_files_are_laid_out_for_a_fast_read_and_parts_for_any_reader(tmp_p
         }
     )
     pq.write_table(table, folder / "f.parquet")
-    manifest = stage_parquet(folder, tmp_path / "run", chunk_rows=n)
+    manifest = stage_parquet(folder, tmp_path / "run", chunk_rows=n, snapshot="copy")
     chunk = column_layouts(manifest.chunks[0].path)
     # Ids delta-encoded and features plain, both uncompressed: the infer task decodes them fastest.
     assert chunk["row_id"] == ("UNCOMPRESSED", {"RLE", "DELTA_BINARY_PACKED"})
@@ -98,7 +105,7 @@ def test_a_column_whose_first_nulls_come_late_in_a_chunk_keeps_every_value(tmp_p
     pq.write_table(pa.table({"key": [0, 1, 2], "x": [0.5, 1.5, 2.5]}), folder / "f0.parquet")
     pq.write_table(pa.table({"key": [3, 4, 5], "x": [None, 4.5, None]}), folder / "f1.parquet")
 
-    one_chunk = stage_parquet(folder, tmp_path / "one", chunk_rows=100)
+    one_chunk = stage_parquet(folder, tmp_path / "one", chunk_rows=100, snapshot="copy")
     assert [c.rows for c in one_chunk.chunks] == [6]
     path = one_chunk.chunks[0].path
     assert definition_levels(path) == {"row_id": 0, "key": 0, "x": 1}
@@ -108,7 +115,7 @@ def test_a_column_whose_first_nulls_come_late_in_a_chunk_keeps_every_value(tmp_p
     assert pq.read_metadata(path).num_rows == 6
     assert sorted(p.name for p in Path(path).parent.iterdir()) == ["chunk-00000.parquet"]  # no temp left
 
-    two_chunks = stage_parquet(folder, tmp_path / "two", chunk_rows=3)
+    two_chunks = stage_parquet(folder, tmp_path / "two", chunk_rows=3, snapshot="copy")
     assert [definition_levels(c.path)["x"] for c in two_chunks.chunks] == [0, 1]
     values = [v for c in two_chunks.chunks for v in pq.read_table(c.path).column("x").to_pylist()]
     assert values == [0.5, 1.5, 2.5, None, 4.5, None]
@@ -116,15 +123,18 @@ def test_a_column_whose_first_nulls_come_late_in_a_chunk_keeps_every_value(tmp_p
 
 def test_chunk_count_stays_within_max_map_length(tmp_path: Path) -> None:
     write_files(tmp_path / "in", [1000])
-    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=10, max_chunks=7)
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=10, max_chunks=7, snapshot="copy")
     assert len(manifest.chunks) <= 7
     assert sum(c.rows for c in manifest.chunks) == 1000
     assert plan_chunk_rows(1000, 10, 7) == 143
 
 
-def test_column_subset_and_own_row_id(tmp_path: Path) -> None:
+@pytest.mark.parametrize("snapshot", ["reference", "copy"])
+def test_column_subset_and_own_row_id(tmp_path: Path, snapshot: str) -> None:
     write_files(tmp_path / "in", [50])
-    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", columns=["x"], row_id_column="key")
+    manifest = stage_parquet(
+        tmp_path / "in", tmp_path / "run", columns=["x"], row_id_column="key", snapshot=snapshot
+    )
     table = read_all_chunks(manifest)
     assert table.column_names == ["key", "x"]
     assert manifest.row_id_column == "key"
@@ -146,19 +156,20 @@ def test_existing_row_id_column_is_not_overwritten(tmp_path: Path) -> None:
         stage_parquet(tmp_path / "in", tmp_path / "run")
 
 
-def test_hive_partition_folders_become_columns(tmp_path: Path) -> None:
+@pytest.mark.parametrize("snapshot", ["reference", "copy"])
+def test_hive_partition_folders_become_columns(tmp_path: Path, snapshot: str) -> None:
     for country, n in (("DE", 3), ("FR", 4)):
         folder = tmp_path / "in" / f"country={country}"
         folder.mkdir(parents=True)
         pq.write_table(pa.table({"x": np.ones(n)}), folder / "part.parquet")
-    table = read_all_chunks(stage_parquet(tmp_path / "in", tmp_path / "run"))
+    table = read_all_chunks(stage_parquet(tmp_path / "in", tmp_path / "run", snapshot=snapshot))
     assert sorted(table.column("country").to_pylist()) == ["DE"] * 3 + ["FR"] * 4
 
 
 def test_restaging_replaces_the_snapshot(tmp_path: Path) -> None:
     write_files(tmp_path / "in", [100])
-    stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=10)
-    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=50)
+    stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=10, snapshot="copy")
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=50, snapshot="copy")
     assert len(list((tmp_path / "run" / "chunks").glob("*.parquet"))) == len(manifest.chunks) == 2
 
 
@@ -207,13 +218,16 @@ def test_an_empty_input_is_refused_by_the_stage_task(tmp_path: Path) -> None:
         operator.execute({"run_id": "manual__1", "partition_key": "2026-11-21"})
 
 
-def test_duplicate_or_null_row_ids_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("snapshot", ["reference", "copy"])
+def test_duplicate_or_null_row_ids_are_refused(tmp_path: Path, snapshot: str) -> None:
     (tmp_path / "dups").mkdir()
     pq.write_table(pa.table({"tx": [1, 2, 3, 2, 2], "x": [0.0] * 5}), tmp_path / "dups" / "a.parquet")
     with pytest.raises(StagingError, match=r"Row id column 'tx' is not unique: 2 \(3 times\)"):
-        stage_parquet(tmp_path / "dups", tmp_path / "run", row_id_column="tx", chunk_rows=2)
+        stage_parquet(
+            tmp_path / "dups", tmp_path / "run", row_id_column="tx", chunk_rows=2, snapshot=snapshot
+        )
 
     (tmp_path / "nulls").mkdir()
     pq.write_table(pa.table({"tx": [1, None, 3], "x": [0.0] * 3}), tmp_path / "nulls" / "a.parquet")
     with pytest.raises(StagingError, match="has 1 null"):
-        stage_parquet(tmp_path / "nulls", tmp_path / "run", row_id_column="tx")
+        stage_parquet(tmp_path / "nulls", tmp_path / "run", row_id_column="tx", snapshot=snapshot)

@@ -1,0 +1,152 @@
+"""A snapshot by reference: Parquet input files pinned by the manifest, chunks as row-group ranges.
+
+Stage reads each file's footer and nothing else, so its cost grows with the number of files and row
+groups, not with the rows. Every file is pinned by its size and version (modification time, or the
+object's version id or ETag); a chunk is a list of row-group ranges of those files, cut at row-group
+boundaries into about ``chunk_rows`` rows. The infer task reads its row groups straight from the source
+(:mod:`airflow_batch_infer.chunk_input`) and fails its chunk if a pinned file changed since.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from airflow_batch_infer import storage
+from airflow_batch_infer.sources.parquet import ParquetSource
+from airflow_batch_infer.staging import (
+    DEFAULT_ROW_ID_COLUMN,
+    ChunkDescriptor,
+    Manifest,
+    StagingError,
+    check_unique_ids,
+    plan_chunk_rows,
+)
+
+
+def pin_files(
+    source: ParquetSource,
+    run_dir: str | Path,
+    chunk_rows: int | str,
+    keep: list[str] | None,
+    row_id_column: str | None,
+    max_chunks: int,
+    parallel_tasks: int,
+) -> Manifest:
+    """Pin ``source``'s files and cut their row groups into chunks; the caller writes the manifest.
+
+    :param source: the Parquet input.
+    :param run_dir: the run's staging folder.
+    :param chunk_rows: rows per chunk, or ``"auto"``.
+    :param keep: the columns staged (``None``: all), the row id column included.
+    :param row_id_column: the input's own row id column (``None``: ids are generated at read time).
+    :param max_chunks: upper bound on the chunk count.
+    :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
+    """
+    files = pinned_files(source)
+    total = sum(f["rows"] for f in files)
+    rows_per_chunk = plan_chunk_rows(total, chunk_rows, max_chunks, parallel_tasks)
+    generated_ids = row_id_column is None
+    if not generated_ids and files:
+        check_unique_ids([f["path"] for f in files], row_id_column)
+    schema = source.schema()
+    if keep is not None:
+        schema = pa.schema([schema.field(c) for c in keep])
+    if generated_ids:
+        schema = schema.insert(0, pa.field(DEFAULT_ROW_ID_COLUMN, pa.int64(), nullable=False))
+    return Manifest(
+        run_dir=str(run_dir),
+        source=source.description,
+        row_id_column=row_id_column or DEFAULT_ROW_ID_COLUMN,
+        total_rows=total,
+        chunk_rows=rows_per_chunk,
+        schema={f.name: str(f.type) for f in schema},
+        chunks=row_group_chunks(str(run_dir), files, rows_per_chunk, generated_ids),
+        snapshot="reference",
+        files=files,
+        generated_ids=generated_ids,
+    )
+
+
+def pinned_files(source: ParquetSource) -> list[dict[str, Any]]:
+    """Each file of ``source`` that holds rows, pinned: read from its footer, never its rows.
+
+    The pin is taken before the footer is read, so a file rewritten in between fails its chunk later
+    rather than being read with a stale footer.
+    """
+    files = []
+    first_row = 0
+    for location, fragment in source.files():
+        pinned = storage.pin(location)
+        try:
+            metadata = fragment.metadata
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StagingError(f"Cannot read the footer of {location}: {err}") from err
+        if not metadata.num_rows:
+            continue
+        groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+        files.append(
+            {
+                "path": location,
+                **pinned,
+                "rows": metadata.num_rows,
+                "row_groups": [g.num_rows for g in groups],
+                "row_group_bytes": [g.total_byte_size for g in groups],
+                "first_row": first_row,
+                "partition": _partition_values(fragment),
+            }
+        )
+        first_row += metadata.num_rows
+    return files
+
+
+def row_group_chunks(
+    run_dir: str, files: list[dict[str, Any]], rows_per_chunk: int, generated_ids: bool
+) -> list[ChunkDescriptor]:
+    """Cut the files' row groups, in order, into chunks of at least ``rows_per_chunk`` rows (the last may
+    hold fewer); a chunk's row groups of one file form one slice.
+
+    :param run_dir: the run's staging folder.
+    :param files: the pinned files.
+    :param rows_per_chunk: rows a chunk reaches before it is closed.
+    :param generated_ids: whether the chunks' first ids are known (generated ids).
+    """
+    chunks: list[ChunkDescriptor] = []
+    slices: list[dict[str, Any]] = []
+    rows = size = 0
+
+    def close() -> None:
+        nonlocal slices, rows, size
+        if slices:
+            first = slices[0]["first_row"] if generated_ids else -1
+            chunks.append(ChunkDescriptor(run_dir, len(chunks), "", rows, size, first, slices))
+        slices, rows, size = [], 0, 0
+
+    for number, pinned in enumerate(files):
+        row = pinned["first_row"]
+        for group, (group_rows, group_bytes) in enumerate(
+            zip(pinned["row_groups"], pinned["row_group_bytes"], strict=True)
+        ):
+            last = slices[-1] if slices else None
+            if last is not None and last["file"] == number and last["row_groups"][1] == group:
+                last["row_groups"][1] = group + 1
+            else:
+                slices.append({"file": number, "row_groups": [group, group + 1], "first_row": row})
+            row += group_rows
+            rows += group_rows
+            size += group_bytes
+            if rows >= rows_per_chunk:
+                close()
+    close()
+    return chunks
+
+
+def _partition_values(fragment: ds.ParquetFileFragment) -> dict[str, Any]:
+    """Hive partition column → value, from the fragment's folder names (``country=DE/`` → ``DE``)."""
+    expression = fragment.partition_expression
+    if expression is None:
+        return {}
+    return {name: value for name, value in ds.get_partition_keys(expression).items() if value is not None}
