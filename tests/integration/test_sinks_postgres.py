@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pendulum
+import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +24,7 @@ from airflow_batch_infer.staging import (
     stage_source,
     write_json_atomically,
 )
-from tests.aws_fixtures import PG_CONN_ID, pg_query, pg_schema, write_run_parts
+from tests.aws_fixtures import PG_CONN_ID, PG_DSN, pg_query, pg_schema, write_run_parts
 
 __all__ = ["pg_schema"]  # fixture used by name
 
@@ -175,6 +178,167 @@ def test_values_survive_the_copy(pg_schema: str, tmp_path: Path) -> None:
         (2, "", [None, 2.0], False, -1),
         (3, None, None, None, None),
     ]
+
+
+def write_parts(directory: Path, outputs: pa.Table) -> tuple[list[Path], list[Path]]:
+    """One output part holding ``outputs`` and one empty rejects part."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(outputs, directory / "out.parquet")
+    pq.write_table(
+        pa.table({"row_id": pa.array([], pa.int64()), "reject_reason": pa.array([], pa.string())}),
+        directory / "rej.parquet",
+    )
+    return [directory / "out.parquet"], [directory / "rej.parquet"]
+
+
+def column_types(schema: str, table: str) -> list[tuple[str, str]]:
+    return pg_query(
+        "SELECT column_name, udt_name FROM information_schema.columns WHERE table_schema = %s "
+        "AND table_name = %s ORDER BY ordinal_position",
+        (schema, table),
+    )
+
+
+def test_a_table_named_with_or_without_its_schema_is_one_table_with_one_lock(
+    pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``t`` found through search_path and ``<schema>.t`` replace one partition and wait on one lock."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PG_PATH",
+        f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{pg_schema}",
+    )
+    outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2, 3]])
+    bare = get_sink("postgres", table="t", postgres_conn_id="pg_path")
+
+    first = bare.replace_partition("p", outputs, rejects)
+    second = sink(pg_schema, "t").replace_partition("p", outputs, rejects)
+
+    assert (first.rows, first.replaced, second.rows, second.replaced) == (3, 0, 3, 3)
+    assert partition_counts(pg_schema, "t") == {"p": (3, 3)}
+    waiting = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND classid = to_regclass(%s) AND objsubid = 2"
+    )
+    qualified = f'"{pg_schema}"."t"'
+    with psycopg.connect(**PG_DSN) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(to_regclass(%s)::oid::int, hashtext('p'))", (qualified,))
+        results = []
+        worker = threading.Thread(
+            target=lambda: results.append(bare.replace_partition("p", outputs, rejects))
+        )
+        worker.start()
+        deadline = time.monotonic() + 20
+        while pg_query(waiting, (qualified,)) != [(1,)] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pg_query(waiting, (qualified,)) == [(1,)]
+        assert results == []
+    worker.join(30)
+    assert (results[0].rows, results[0].replaced) == (3, 3)
+    assert partition_counts(pg_schema, "t") == {"p": (3, 3)}
+
+
+EXACT = pa.table(
+    {
+        "row_id": pa.array([1, 2, 3], pa.int64()),
+        "score": pa.array([0.1, -1.5, None], pa.float32()),
+        "wide": pa.array([0.1, 1e-300, None], pa.float64()),
+        "count": pa.array([7, -(2**31), None], pa.int32()),
+        "label": pa.array(['say "hi", then\nbye,', "", None]),
+        "flag": pa.array([True, False, None]),
+        "embedding": pa.array([[0.25, -1.5], [None, 3.0], None], pa.list_(pa.float32(), 2)),
+    }
+)
+EXACT_SELECT = (
+    "SELECT row_id::text, score::text, wide::text, count, label, flag, embedding::text FROM {} ORDER BY 1"
+)
+
+
+def test_values_and_types_land_exactly_in_a_new_table(pg_schema: str, tmp_path: Path) -> None:
+    outputs, rejects = write_parts(tmp_path / "parts", EXACT)
+    sink(pg_schema, "exact").replace_partition("p", outputs, rejects)
+
+    assert column_types(pg_schema, "exact") == [
+        ("batch_partition", "text"),
+        ("row_id", "int8"),
+        ("score", "float4"),
+        ("wide", "float8"),
+        ("count", "int4"),
+        ("label", "text"),
+        ("flag", "bool"),
+        ("embedding", "_float4"),
+    ]
+    assert pg_query(EXACT_SELECT.format(f'"{pg_schema}".exact')) == [
+        ("1", "0.1", "0.1", 7, 'say "hi", then\nbye,', True, "{0.25,-1.5}"),
+        ("2", "-1.5", "1e-300", -(2**31), "", False, "{NULL,3}"),
+        ("3", None, None, None, None, None, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("score", "wide", "embedding", "tiny"),
+    [
+        ("double precision", "double precision", "double precision[]", "1e-300"),  # cast in Arrow
+        # Floats as the text that PostgreSQL parses, as the CSV load sent them.
+        ("numeric", "numeric", "numeric[]", "0." + "0" * 299 + "1"),
+    ],
+)
+def test_values_land_exactly_in_an_existing_table_of_wider_types(
+    pg_schema: str, tmp_path: Path, score: str, wide: str, embedding: str, tiny: str
+) -> None:
+    table = "wider_" + score.split()[0]
+    pg_query(
+        f'CREATE TABLE "{pg_schema}".{table} (batch_partition varchar(20) NOT NULL, row_id numeric, '
+        f"score {score}, wide {wide}, count bigint, label varchar, flag boolean, embedding {embedding}, "
+        "loaded_at timestamptz NOT NULL DEFAULT now())"
+    )
+    outputs, rejects = write_parts(tmp_path / "parts", EXACT)
+    wider = sink(pg_schema, table)
+    wider.replace_partition("p", outputs, rejects)
+    again = wider.replace_partition("p", outputs, rejects)
+
+    assert (again.rows, again.replaced) == (3, 3)
+    assert pg_query(EXACT_SELECT.format(f'"{pg_schema}".{table}')) == [
+        ("1", "0.1", "0.1", 7, 'say "hi", then\nbye,', True, "{0.25,-1.5}"),
+        ("2", "-1.5", tiny, -(2**31), "", False, "{NULL,3}"),
+        ("3", None, None, None, None, None, None),
+    ]
+
+
+def test_a_partition_column_of_another_type_is_matched_by_its_type(pg_schema: str, tmp_path: Path) -> None:
+    pg_query(
+        f'CREATE TABLE "{pg_schema}".dated '
+        "(batch_partition date NOT NULL, row_id bigint, score real, label text)"
+    )
+    outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2]])
+    dated = sink(pg_schema, "dated")
+    dated.replace_partition("2026-11-21", outputs, rejects)
+    again = dated.replace_partition("2026-11-21", outputs, rejects)
+
+    assert (again.rows, again.replaced) == (2, 2)
+    assert pg_query(f'SELECT batch_partition::text, count(*) FROM "{pg_schema}".dated GROUP BY 1') == [
+        ("2026-11-21", 2)
+    ]
+
+
+def test_a_type_that_does_not_fit_is_named_and_nothing_is_written(pg_schema: str, tmp_path: Path) -> None:
+    pg_query(
+        f'CREATE TABLE "{pg_schema}".ints (batch_partition text, row_id bigint, score real, wide real, '
+        "count bigint, label text, flag boolean, embedding integer[])"
+    )
+    outputs, rejects = write_parts(tmp_path / "parts", EXACT)
+    with pytest.raises(
+        SchemaMismatchError,
+        match=r"Column 'wide' of table .*ints is real but the outputs hold double precision",
+    ):
+        sink(pg_schema, "ints").replace_partition("p", outputs, rejects)
+    pg_query(f'ALTER TABLE "{pg_schema}".ints ALTER COLUMN wide TYPE double precision')
+    with pytest.raises(
+        SchemaMismatchError,
+        match=r"Column 'embedding' of table .*ints is integer\[\] but the outputs hold real\[\]",
+    ):
+        sink(pg_schema, "ints").replace_partition("p", outputs, rejects)
+    assert pg_query(f'SELECT count(*) FROM "{pg_schema}".ints') == [(0,)]
+    assert pg_query("SELECT to_regclass(%s)", (f'"{pg_schema}".ints_rejects',)) == [(None,)]
 
 
 def test_the_persist_operator_writes_to_postgres_from_params(pg_schema: str, tmp_path: Path) -> None:
