@@ -1,5 +1,8 @@
 """A real Airflow 3 cluster for the distributed tests: CeleryExecutor, PostgreSQL, Redis, two workers.
 
+``make bench-e2e`` runs it with the LocalExecutor instead (``executor="LocalExecutor"``: no Celery
+workers, no Redis), as a scheduler on one machine would.
+
 :class:`CeleryCluster` starts every component as its own process (scheduler, api-server, dag-processor,
 triggerer, two ``airflow celery worker``) on a private ``AIRFLOW_HOME`` and ``BATCH_INFER_HOME`` under a
 temporary folder, with a fresh PostgreSQL database and a Redis database number of its own, and stops all
@@ -102,10 +105,26 @@ class CeleryCluster:
     :param root: an empty temporary folder for ``AIRFLOW_HOME``, ``BATCH_INFER_HOME`` and the logs.
     :param workers: number of Celery workers (``w1``, ``w2``, ...).
     :param concurrency: task slots per worker (``-c``).
+    :param executor: ``CeleryExecutor``, or ``LocalExecutor`` (the scheduler runs the tasks; no workers).
+    :param parallelism: ``[core] parallelism``.
+    :param extra_env: more settings for every component.
     """
 
-    def __init__(self, root: Path, workers: int = 2, concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        root: Path,
+        workers: int = 2,
+        concurrency: int = 2,
+        executor: str = "CeleryExecutor",
+        parallelism: int = 8,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
+        self.executor = executor
+        self.parallelism = parallelism
+        self.extra_env = dict(extra_env or {})
+        if executor != "CeleryExecutor":
+            workers = 0
         self.airflow_home = root / "airflow"
         self.batch_infer_home = root / "home"
         self.logs = root / "components"
@@ -141,8 +160,8 @@ class CeleryCluster:
                 ),
                 "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-                "AIRFLOW__CORE__PARALLELISM": "8",
+                "AIRFLOW__CORE__EXECUTOR": self.executor,
+                "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
                 "AIRFLOW__CORE__FERNET_KEY": _fernet_key(self.token),
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
@@ -165,7 +184,7 @@ class CeleryCluster:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        return env
+        return env | self.extra_env
 
     # ------------------------------------------------------------------ start / stop
 
@@ -174,7 +193,8 @@ class CeleryCluster:
         for folder in (self.airflow_home, self.batch_infer_home, self.logs):
             folder.mkdir(parents=True, exist_ok=True)
         self._create_database()
-        self._claim_redis_db()
+        if self.workers:
+            self._claim_redis_db()
         airflow = str(Path(sys.executable).with_name("airflow"))
         migrate = subprocess.run(
             [airflow, "db", "migrate"],
