@@ -265,9 +265,10 @@ def check_unique_ids(paths: Sequence[str], column: str) -> None:
     :param column: the row id column.
     """
     quoted = '"' + column.replace('"', '""') + '"'
-    with duckdb.connect() as con:
-        con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/abi-duckdb'")
-        con.execute("SET memory_limit = '256MB'")
+    with (
+        tempfile.TemporaryDirectory(prefix="abi-duckdb-") as spill,  # private: no shared fixed /tmp path
+        duckdb.connect(config={"memory_limit": "256MB", "temp_directory": spill}) as con,
+    ):
         files = {"files": storage.duckdb_readable(con, paths)}
         nulls = con.execute(
             f"SELECT count(*) FROM read_parquet($files) WHERE {quoted} IS NULL", files

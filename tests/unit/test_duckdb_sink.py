@@ -142,3 +142,23 @@ def test_parts_may_differ_in_nullability_but_not_in_types(tmp_path: Path) -> Non
             (3, "c"),
             (4, None),
         ]
+
+
+def test_a_partition_larger_than_the_memory_limit_still_lands_whole(tmp_path: Path) -> None:
+    db = tmp_path / "w.duckdb"
+    ids = [list(range(i * 400_000, (i + 1) * 400_000)) for i in range(3)]
+    note = pa.array([f"row {i} of a wide text column" for i in range(400_000)])
+    outs = parts(tmp_path / "a", "out", ids, note=note)
+    sink = get_sink("duckdb", table="scores", database=str(db), memory_limit="32MB")
+
+    result = sink.replace_partition("2026-11-21", outs, rejects(tmp_path / "a", []))
+
+    assert (result.rows, result.replaced) == (1_200_000, 0)
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute(
+            "SELECT count(DISTINCT row_id), min(row_id), max(row_id) FROM scores"
+        ).fetchone() == (
+            1_200_000,
+            0,
+            1_199_999,
+        )
