@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_PARTITION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=+-]{0,127}$")
+_PARTITION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=+-]{0,127}")
 
 
 def resolve_partition(context: Any, explicit: str | None = None) -> str:
@@ -32,8 +32,12 @@ def resolve_partition(context: Any, explicit: str | None = None) -> str:
 
 
 def validate_partition(key: str) -> str:
-    """Refuse partition keys that are not short plain text (they name folders and SQL values)."""
-    if not _PARTITION.match(key):
+    """Refuse partition keys that are not short plain text (they name folders and SQL values).
+
+    The whole key must match (``fullmatch``: ``$`` alone would let ``"2026-11-21\n"`` through as a second
+    partition).
+    """
+    if not isinstance(key, str) or not _PARTITION.fullmatch(key):
         raise ValueError(
             f"Partition key {key!r} is not valid: use up to 128 letters, digits and . _ : = + - "
             "(for example 2026-11-21)."

@@ -24,6 +24,7 @@ into a local temporary file first, then renamed (local) or uploaded in one PUT (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import posixpath
@@ -157,11 +158,15 @@ def run_file(run_dir: str | Path, *parts: str) -> RunPath:
 
 
 def run_directory(staging_root: str | Path, dag_id: str, partition: str, run_id: str) -> RunPath:
-    """The folder of one run: ``<staging_root>/<dag_id>/<partition>/<run_id>``.
+    """The folder of one run: ``<staging_root>/<dag_id>/<partition>/<run_id>-<hash>``.
+
+    The run id is made safe for a path and followed by 8 hex digits of its SHA-256, so that two run ids
+    that read the same once made safe (``manual__12:00`` and ``manual__12_00``) never share a folder.
 
     :param staging_root: a local folder, or an object store location (``s3://conn@bucket/prefix``).
     """
-    return run_file(staging_root, safe_name(dag_id), safe_name(partition), safe_name(run_id))
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    return run_file(staging_root, safe_name(dag_id), safe_name(partition), f"{safe_name(run_id)}-{digest}")
 
 
 def output_part_path(run_dir: str | Path, index: int) -> RunPath:

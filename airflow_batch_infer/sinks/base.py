@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 REJECTS_SUFFIX = "_rejects"
 
 
@@ -25,7 +25,7 @@ def validate_identifier(name: str, what: str = "identifier") -> str:
     :param name: the identifier, possibly from a DAG Param.
     :param what: what it names, for the error message (``table``, ``column``).
     """
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):  # "t\n" is not "t"
         raise ValueError(
             f"Invalid {what} name {name!r}: use letters, digits and underscores, starting with a letter "
             "or underscore, at most 63 characters."

@@ -89,7 +89,7 @@ def scored_ids(cluster: CeleryCluster, table: str, partition: str) -> list[int]:
 
 def run_folder(cluster: CeleryCluster, run_id: str) -> Path:
     """The run's staging folder (chunks, outputs, rejects, manifest)."""
-    found = [p for p in (cluster.batch_infer_home / "staging" / DAG_ID).glob(f"*/{run_id}") if p.is_dir()]
+    found = [p for p in (cluster.batch_infer_home / "staging" / DAG_ID).glob(f"*/{run_id}-*") if p.is_dir()]
     assert len(found) == 1, found
     return found[0]
 

@@ -102,7 +102,7 @@ def test_an_existing_table_that_does_not_fit_is_named(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("name", ["scores; DROP TABLE x", "1scores", 'a"b', "a.b.c", ""])
+@pytest.mark.parametrize("name", ["scores; DROP TABLE x", "1scores", 'a"b', "a.b.c", "", "scores\n"])
 def test_identifiers_from_params_are_validated(name: str) -> None:
     with pytest.raises(ValueError, match="Invalid table name"):
         qualified_table(name)
@@ -113,6 +113,15 @@ def test_identifiers_are_quoted() -> None:
     with pytest.raises(ValueError, match="Invalid partition column"):
         get_sink("duckdb", table="t", partition_column="part-col")
     assert validate_identifier("_ok1") == "_ok1"
+
+
+@pytest.mark.parametrize("key", ["2026-11-21\n", "2026-11-21\n\n", "../2026", "", "2026 11 21"])
+def test_a_partition_key_must_be_plain_text_whole(key: str) -> None:
+    from airflow_batch_infer.partition import validate_partition
+
+    with pytest.raises(ValueError, match="is not valid"):
+        validate_partition(key)
+    assert validate_partition("2026-11-21") == "2026-11-21"
 
 
 def test_parts_may_differ_in_nullability_but_not_in_types(tmp_path: Path) -> None:

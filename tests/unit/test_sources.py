@@ -128,5 +128,6 @@ def test_stage_operator_takes_exactly_one_input(warehouse: Path, tmp_path: Path)
     chunks = query.execute(CONTEXT)
     assert [c["rows"] for c in chunks] == [300, 300, 300, 100]
     run_dir = Path(chunks[0]["run_dir"])
-    assert run_dir.relative_to(tmp_path / "staging").parts[1:] == ("2026-11-21", "manual__2026-11-21")
+    assert run_dir.relative_to(tmp_path / "staging").parts[1] == "2026-11-21"
+    assert run_dir.name.startswith("manual__2026-11-21-")
     assert Manifest.load(run_dir).total_rows == 1000

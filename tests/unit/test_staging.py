@@ -184,7 +184,10 @@ def test_not_parquet_and_missing_input(tmp_path: Path) -> None:
 
 def test_paths_outside_the_run_are_refused(tmp_path: Path) -> None:
     run = run_directory(tmp_path, "dag", "2026-11-21", "manual__2026-11-21T00:00:00+00:00")
-    assert run.parts[-1] == "manual__2026-11-21T00_00_00_00_00"
+    assert run.parts[-1].startswith("manual__2026-11-21T00_00_00_00_00-")
+    # Run ids that read the same once made safe for a path still get folders of their own.
+    assert run != run_directory(tmp_path, "dag", "2026-11-21", "manual__2026-11-21T00_00_00_00_00")
+    assert run == run_directory(tmp_path, "dag", "2026-11-21", "manual__2026-11-21T00:00:00+00:00")
     assert check_inside(run / "chunks" / "c.parquet", run) == (run / "chunks" / "c.parquet").resolve()
     with pytest.raises(StagingError, match="outside the staging folder"):
         check_inside(run / ".." / ".." / "other" / "c.parquet", run)
