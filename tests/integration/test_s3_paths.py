@@ -45,24 +45,36 @@ def keys(bucket: str, prefix: str) -> list[str]:
     return sorted(o["Key"] for o in listed.get("Contents", []))
 
 
-def test_hive_folders_on_s3_are_staged_reading_only_the_columns_asked_for(
-    bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def put_hive_input(bucket: str, row_group_rows: int | None = None) -> int:
+    """Two hive folders (``country=DE``, ``country=FR``) of 20,000 rows each under ``in/``: ``key``, ``x``
+    and an incompressible ``blob`` that is never read. Returns the bytes put."""
     rng = np.random.default_rng(3)
     sizes = 0
     for country, start in (("DE", 0), ("FR", 20_000)):
         ids = np.arange(start, start + 20_000)
-        blob = pa.array([rng.bytes(200) for _ in ids], pa.binary())  # incompressible, never staged
-        sizes += put_parquet(
-            bucket, f"in/country={country}/part.parquet", pa.table({"key": ids, "x": ids * 0.5, "blob": blob})
-        )
-    fetched = []
+        blob = pa.array([rng.bytes(200) for _ in ids], pa.binary())
+        table = pa.table({"key": ids, "x": ids * 0.5, "blob": blob})
+        sizes += put_parquet(bucket, f"in/country={country}/part.parquet", table, row_group_rows)
+    return sizes
+
+
+def ranged_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the ranged GETs s3fs makes from now on (the list fills as they happen)."""
+    fetched: list[int] = []
     original = s3fs.core.S3File._fetch_range
     monkeypatch.setattr(
         s3fs.core.S3File,
         "_fetch_range",
         lambda self, start, end: fetched.append(end - start) or original(self, start, end),
     )
+    return fetched
+
+
+def test_hive_folders_on_s3_are_staged_reading_only_the_columns_asked_for(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = put_hive_input(bucket)
+    fetched = ranged_reads(monkeypatch)
 
     run = run_directory(s3_url(bucket, "staging"), "dag", "2026-11-21", "manual__1")
     run_key = run.split(f"@{bucket}/", 1)[1]
@@ -98,20 +110,8 @@ def test_hive_folders_on_s3_are_staged_reading_only_the_columns_asked_for(
 def test_objects_on_s3_are_pinned_by_reference_and_read_in_place(
     bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rng = np.random.default_rng(5)
-    sizes = 0
-    for country, start in (("DE", 0), ("FR", 20_000)):
-        ids = np.arange(start, start + 20_000)
-        blob = pa.array([rng.bytes(200) for _ in ids], pa.binary())  # incompressible, never read
-        table = pa.table({"key": ids, "x": ids * 0.5, "blob": blob})
-        sizes += put_parquet(bucket, f"in/country={country}/part.parquet", table, row_group_rows=5_000)
-    fetched = []
-    original = s3fs.core.S3File._fetch_range
-    monkeypatch.setattr(
-        s3fs.core.S3File,
-        "_fetch_range",
-        lambda self, start, end: fetched.append(end - start) or original(self, start, end),
-    )
+    sizes = put_hive_input(bucket, row_group_rows=5_000)
+    fetched = ranged_reads(monkeypatch)
 
     run = run_directory(s3_url(bucket, "staging"), "dag", "2026-11-21", "manual__2")
     manifest = stage_parquet(s3_url(bucket, "in"), run, chunk_rows=15_000, columns=["x", "country"])
