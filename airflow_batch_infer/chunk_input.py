@@ -109,9 +109,9 @@ class PinnedChunk(ChunkInput):
             field = None
             for pinned, parquet in self._files.values():
                 if name in pinned["partition"]:
-                    field = field or pa.field(
-                        name, self._types[name] or pa.scalar(pinned["partition"][name]).type
-                    )
+                    value = pinned["partition"][name]
+                    field = field or pa.field(name, self._types[name] or pa.scalar(value).type)
+                    nullable = nullable or value is None  # a __HIVE_DEFAULT_PARTITION__ folder
                     continue
                 file_field = parquet.schema_arrow.field(name)
                 field = field or file_field

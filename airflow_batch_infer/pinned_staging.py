@@ -145,8 +145,7 @@ def row_group_chunks(
 
 
 def _partition_values(fragment: ds.ParquetFileFragment) -> dict[str, Any]:
-    """Hive partition column → value, from the fragment's folder names (``country=DE/`` → ``DE``)."""
+    """Hive partition column → value, from the fragment's folder names (``country=DE/`` → ``DE``;
+    ``country=__HIVE_DEFAULT_PARTITION__/`` → ``None``)."""
     expression = fragment.partition_expression
-    if expression is None:
-        return {}
-    return {name: value for name, value in ds.get_partition_keys(expression).items() if value is not None}
+    return {} if expression is None else dict(ds.get_partition_keys(expression))

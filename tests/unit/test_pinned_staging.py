@@ -190,3 +190,15 @@ def test_auto_chunks_by_reference_balance_the_slots(tmp_path: Path) -> None:
     assert [c.rows for c in manifest.chunks] == [600_000, 600_000]
     with pytest.raises(ValueError, match="chunk_rows must be a number of rows or 'auto'"):
         stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows="many")
+
+
+def test_a_null_hive_partition_reads_as_nulls(tmp_path: Path) -> None:
+    for country in ("DE", "__HIVE_DEFAULT_PARTITION__"):
+        folder = tmp_path / "in" / f"country={country}"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"x": [1.0, 2.0]}), folder / "part.parquet")
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=10)
+
+    chunk = open_chunk(manifest.chunks[0], manifest)
+    assert chunk.schema.field("country").nullable
+    assert read_chunk(manifest, 0).column("country").to_pylist() == ["DE", "DE", None, None]
