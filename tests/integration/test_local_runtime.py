@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ import tritonclient.grpc as grpcclient
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.local import LocalTritonRuntime, check_server_numpy
+from airflow_batch_infer.runtimes.local_processes import free_ports, http_get
 from tests.conftest import processes_mentioning
 
 pytestmark = pytest.mark.integration
@@ -276,3 +279,86 @@ def test_server_env_build_is_safe_when_concurrent(tmp_path: Path) -> None:
     LocalTritonRuntime(server_env=str(env)).ensure_server_env()
     assert (env / "pyvenv.cfg").stat().st_mtime_ns == mtime
     assert (env / ".batch-infer-server-env").read_text() == marker
+
+
+def _wait_until_gone(marker: str | Path, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_mentioning(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_the_server_dies_with_its_supervisor(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    server_id = info.handle["server_id"]
+    roles = {Path(f"/proc/{pid}/exe").resolve().name for pid in processes_mentioning(tmp_path)}
+    assert "tritonserver" in roles
+    assert "triton_python_backend_stub" in roles
+    supervisor = info.handle["pid"]
+    assert os.getsid(supervisor) == supervisor  # a session of its own: a task's Ctrl-C does not reach it
+
+    os.kill(supervisor, signal.SIGKILL)
+    # tritonserver gets SIGKILL from the kernel (parent-death signal); its stubs follow it.
+    assert _wait_until_gone(tmp_path, 10) == []
+    assert not runtime.is_running(info)
+    assert runtime.stop(info) is False
+    assert processes_mentioning(f"--id={server_id}") == []
+
+
+def test_stop_finds_the_server_by_its_id_and_kills_a_keeper_that_does_not_answer(
+    runtime: LocalTritonRuntime, tmp_path: Path
+) -> None:
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    supervisor = info.handle["pid"]
+    os.kill(supervisor, signal.SIGSTOP)  # a hung keeper: SIGTERM does nothing
+    # Teardown from another worker whose copy of the handle lost the pid: the id is enough.
+    handle = dict(info.handle, pid=None)
+    stopped = get_runtime("local", work_root=str(tmp_path / "servers")).stop(
+        ServerInfo.from_dict(dict(info.to_dict(), handle=handle))
+    )
+    assert stopped is True
+    assert processes_mentioning(tmp_path) == []
+    assert _shm_regions(info.handle["shm_prefix"]) == []
+    assert not (Path(info.handle["workdir"]) / "models").exists()
+
+
+def test_stop_fails_when_the_server_still_answers_on_its_port(
+    runtime: LocalTritonRuntime, tmp_path: Path
+) -> None:
+    """A server that is not among this host's processes but still answers as itself is not 'stopped'."""
+    server_id = "abi-0123456789ab"
+    http_port = free_ports(1)[0]
+    body = json.dumps({"name": server_id})
+    script = (
+        "import http.server, sys\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers(); self.wfile.write(sys.argv[2].encode())\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+    )
+    impostor = subprocess.Popen([sys.executable, "-c", script, str(http_port), body])
+    try:
+        deadline = time.monotonic() + 10
+        while http_get(f"http://127.0.0.1:{http_port}/v2")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Its supervisor: a process that names the server id (a stand-in that exits on SIGTERM).
+        keeper = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)", f"--id={server_id}"], start_new_session=True
+        )
+        info = ServerInfo(
+            "local",
+            "127.0.0.1:1",
+            f"http://127.0.0.1:{http_port}",
+            "http://127.0.0.1:1/metrics",
+            {"pid": keeper.pid, "server_id": server_id, "shm_prefix": f"{server_id}-shm-"},
+        )
+        while not processes_mentioning(f"--id={server_id}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(
+            RuntimeError, match=rf"{server_id} still answers at http://127\.0\.0\.1:{http_port}"
+        ):
+            runtime.stop(info)
+        keeper.wait(timeout=10)
+    finally:
+        impostor.kill()
+        impostor.wait()
