@@ -83,6 +83,9 @@ class LocalTritonRuntime(TritonRuntime):
         then need a ``triton`` connection with ``ssl`` and the CA (and their own certificate).
     :param lease_timeout: seconds the server lives without a lease renewal before its supervisor stops it
         (see :func:`airflow_batch_infer.runtimes.lease.renew`); ``0`` for no lease.
+    :param auto_complete_config: let Triton complete Python models' configs from their
+        ``auto_complete_config``; it starts one extra stub per model (about 1.3 s of each start), so it is
+        off and each ``config.pbtxt`` must declare its inputs, outputs and batching.
     """
 
     name = "local"
@@ -98,6 +101,7 @@ class LocalTritonRuntime(TritonRuntime):
         max_restarts: int = 5,
         grpc_tls: dict[str, str] | None = None,
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+        auto_complete_config: bool = False,
     ) -> None:
         self.server_env = Path(server_env).expanduser() if server_env else triton_server_env()
         self.work_root = Path(work_root).expanduser() if work_root else batch_infer_home() / "servers"
@@ -107,6 +111,7 @@ class LocalTritonRuntime(TritonRuntime):
         self.onnx_intra_op_threads = int(onnx_intra_op_threads)
         self.max_restarts = int(max_restarts)
         self.lease_timeout = float(lease_timeout or 0)
+        self.auto_complete_config = bool(auto_complete_config)
         self.grpc_tls = dict(grpc_tls or {})
         unknown = set(self.grpc_tls) - {"server_cert", "server_key", "root_cert"}
         if unknown or (self.grpc_tls and not {"server_cert", "server_key"} <= set(self.grpc_tls)):
