@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from airflow_batch_infer.runtimes.base import ServerInfo
+from airflow_batch_infer.runtimes.base import DEFAULT_LEASE_TIMEOUT, ServerInfo
 
 log = logging.getLogger(__name__)
 
-#: Default ``lease_timeout`` of a server: 30 minutes without a renewal.
-DEFAULT_LEASE_TIMEOUT = 1800.0
+__all__ = ["DEFAULT_LEASE_TIMEOUT", "renew"]
+
 LEASE_FILE = "lease"
 
 
@@ -54,7 +54,7 @@ def read_lease(path: Path) -> tuple[float, float] | None:
 def renew_local(handle: dict[str, Any]) -> bool:
     """Renew a local server's lease (touch its file); ``False`` when it has none or is on another host."""
     path = lease_path(handle)
-    if path is None:
+    if path is None or not handle.get("lease_timeout"):
         return False
     host = handle.get("hostname")
     if host and host != socket.gethostname():

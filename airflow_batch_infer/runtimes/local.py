@@ -247,9 +247,11 @@ class LocalTritonRuntime(TritonRuntime):
 
         :param info: what :meth:`start` returned.
         """
-        if not info.handle.get("lease_timeout"):
-            return False
         return renew_local(info.handle)
+
+    def sweep(self) -> list[str]:
+        """Remove the shared-memory regions of local servers that are gone (never those of a live one)."""
+        return remove_orphaned_server_shm()
 
     # ------------------------------------------------------------------ stop and inspect
 

@@ -12,8 +12,8 @@ exec), so that the server dies with its supervisor whatever kills the supervisor
   starting task has written the ready file.
 - The lease file's modification time is the run's last sign of life (the start task, each infer task while
   it streams, persist renew it). When it is older than ``--lease-timeout`` seconds, the supervisor stops the
-  server, removes its shared memory and model repository copy, writes why in the ``stopped`` file next to
-  the lease, and exits.
+  server, removes its shared memory, model repository copy and lease, writes why in the ``stopped`` file
+  next to the lease, and exits.
 - SIGTERM or SIGINT stop the server (SIGTERM, then SIGKILL after ``--stop-grace`` seconds) and the supervisor.
 
 Standard library only.
@@ -171,6 +171,9 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 Path(self.workdir, "stopped").write_text(f"{time.time():.3f} {why}\n")
             shutil.rmtree(Path(self.workdir) / "models", ignore_errors=True)
+        if self.lease_file:  # a late renewal then says the server is gone, instead of renewing nothing
+            with contextlib.suppress(OSError):
+                os.unlink(self.lease_file)
         _log("server stopped: lease expired")
         return LEASE_EXPIRED_EXIT
 
