@@ -489,14 +489,17 @@ def test_select_orphans() -> None:
     ]
     asked = []
 
-    def run_is_active(dag_id: str, run_id: str) -> bool:
+    def run_state(dag_id: str, run_id: str) -> str:
         asked.append((dag_id, run_id))
-        return run_id == running.run_id
+        return "running" if run_id == running.run_id else "success"
 
-    orphans = select_orphans(servers, run_is_active, now=1000, min_age=600)
+    orphans = select_orphans(servers, run_state, now=1000, min_age=600)
     assert [(info.handle["server_id"], reason) for info, reason in orphans] == [
-        ("old-ended", "DAG run nightly / scheduled__2026-11-20T00:00:00+00:00 is no longer queued or running")
+        (
+            "old-ended",
+            "DAG run nightly / scheduled__2026-11-20T00:00:00+00:00 is no longer queued or running (success)",
+        )
     ]
     assert ("nightly", running.run_id) in asked
-    with_unowned = select_orphans(servers, run_is_active, now=1000, min_age=600, stop_unowned=True)
+    with_unowned = select_orphans(servers, run_state, now=1000, min_age=600, stop_unowned=True)
     assert [info.handle["server_id"] for info, _ in with_unowned] == ["old-ended", "unowned"]
