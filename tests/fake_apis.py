@@ -280,6 +280,10 @@ class FakeKubernetes(FakeApi):
         if method == "DELETE":
             del store[(namespace, name)]
             return 200, obj, None
+        if method == "PATCH" and isinstance(body, dict):  # a merge patch of labels and annotations
+            for key in ("labels", "annotations"):
+                obj["metadata"].setdefault(key, {}).update((body.get("metadata") or {}).get(key) or {})
+            return 200, obj, None
         return 404, self._status(404, "NotFound", f"unsupported {method} {path}"), None
 
     def set_pod_status(self, name: str, status: dict[str, Any], namespace: str = "default") -> None:

@@ -18,7 +18,12 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.base import (
+    DEFAULT_LEASE_TIMEOUT,
+    ServerInfo,
+    ServerStartError,
+    TritonRuntime,
+)
 from airflow_batch_infer.runtimes.containers import (
     CONTAINER_MODEL_REPOSITORY,
     GRPC_PORT,
@@ -37,6 +42,7 @@ from airflow_batch_infer.runtimes.labels import (
     MANAGED_BY_KEY,
     SERVER_ID_KEY,
     ServerOwner,
+    lease_from_labels,
     new_server_id,
     server_labels,
 )
@@ -74,13 +80,14 @@ def build_container_spec(
     gpus: int | str | list[str] = 1,
     shm_size: str = "1g",
     network: str | None = None,
-    host_ip: str = "0.0.0.0",  # noqa: S104 (published on the Docker host, as `docker run -p` does)
+    host_ip: str = "127.0.0.1",
     host_ports: dict[str, int] | None = None,
     environment: dict[str, str] | None = None,
     volumes: list[str] | None = None,
     extra_args: list[str] | None = None,
     log_verbose: int = 0,
     s3_endpoint_url: str | None = None,
+    lease_timeout: float = 0,
 ) -> ContainerSpec:
     """The container that serves ``models``: a pure function of the runtime's options.
 
@@ -93,7 +100,9 @@ def build_container_spec(
     :param shm_size: shared memory of the container (Python backend tensors, ensembles), e.g. ``"2g"``.
     :param network: a Docker network to join; the server is then reached by its name there and its
         ports are not published.
-    :param host_ip: address the published ports bind on the Docker host.
+    :param host_ip: address the published ports bind on the Docker host: loopback by default, so that only
+        the host's own workers reach the server; a private address (never ``0.0.0.0`` on a shared network)
+        for workers elsewhere, or better a ``network`` shared with the workers.
     :param host_ports: fixed host ports (``{"http": 8000, "grpc": 8001, "metrics": 8002}``); free ones
         chosen by Docker when ``None``.
     :param environment: environment variables of the server.
@@ -101,6 +110,7 @@ def build_container_spec(
     :param extra_args: more tritonserver flags.
     :param log_verbose: Triton's ``--log-verbose`` level.
     :param s3_endpoint_url: endpoint of an S3-compatible store holding the repository.
+    :param lease_timeout: recorded as the ``airflow-batch-infer/lease-timeout`` label (0: none).
     """
     from docker.types import DeviceRequest, Ulimit
 
@@ -141,7 +151,7 @@ def build_container_spec(
         "command": tritonserver_command(
             repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
         ),
-        "labels": server_labels(server_id, owner),
+        "labels": server_labels(server_id, owner, lease_timeout),
         "environment": dict(environment or {}),
         "ports": list(_PORTS.values()),
         "detach": True,
@@ -163,7 +173,9 @@ class DockerTritonRuntime(TritonRuntime):
         by its container name and no port is published.
     :param advertise_host: host name the workers use for published ports; by default the host of a
         ``tcp://`` ``docker_url``, else ``127.0.0.1``.
-    :param host_ip: address the published ports bind on the Docker host.
+    :param host_ip: address the published ports bind on the Docker host: loopback by default, so that only
+        the host's own workers reach the server; a private address (never ``0.0.0.0`` on a shared network)
+        for workers elsewhere, or better a ``network`` shared with the workers.
     :param host_ports: fixed host ports (``{"http": ..., "grpc": ..., "metrics": ...}``); Docker picks free
         ones when ``None``.
     :param model_repository: where the server reads its models when not the path the DAG names: a path on
@@ -180,6 +192,8 @@ class DockerTritonRuntime(TritonRuntime):
     :param tls_ca_cert: CA certificate file for a TLS Docker Engine (with the two below).
     :param tls_client_cert: client certificate file.
     :param tls_client_key: client key file.
+    :param lease_timeout: recorded as a label. Docker labels cannot change, so a container's lease cannot
+        be renewed: the reaper stops a container once its run is no longer queued or running.
     """
 
     name = "docker"
@@ -193,7 +207,7 @@ class DockerTritonRuntime(TritonRuntime):
         shm_size: str = "1g",
         network: str | None = None,
         advertise_host: str | None = None,
-        host_ip: str = "0.0.0.0",  # noqa: S104 (same default as `docker run -p`)
+        host_ip: str = "127.0.0.1",
         host_ports: dict[str, int] | None = None,
         model_repository: str | None = None,
         aws_conn_id: str | None = None,
@@ -208,8 +222,10 @@ class DockerTritonRuntime(TritonRuntime):
         tls_ca_cert: str | None = None,
         tls_client_cert: str | None = None,
         tls_client_key: str | None = None,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     ) -> None:
         require_provider("airflow.providers.docker", "docker")
+        self.lease_timeout = float(lease_timeout or 0)
         if pull not in ("missing", "always", "never"):
             raise ValueError(f"pull must be 'missing', 'always' or 'never', not {pull!r}.")
         self.image = image
@@ -271,6 +287,7 @@ class DockerTritonRuntime(TritonRuntime):
             extra_args=self.extra_args,
             log_verbose=self.log_verbose,
             s3_endpoint_url=endpoint,
+            lease_timeout=self.lease_timeout,
         )
 
     def launch(
@@ -450,6 +467,7 @@ class DockerTritonRuntime(TritonRuntime):
                         "owner": owner.to_dict() if owner else None,
                         "started_at": float(item.get("Created") or 0),
                         "state": item.get("State"),
+                        **lease_from_labels(labels),
                     },
                 )
             )

@@ -19,7 +19,12 @@ import time
 from functools import cached_property
 from typing import Any
 
-from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.base import (
+    DEFAULT_LEASE_TIMEOUT,
+    ServerInfo,
+    ServerStartError,
+    TritonRuntime,
+)
 from airflow_batch_infer.runtimes.containers import (
     GRPC_PORT,
     HTTP_PORT,
@@ -30,8 +35,10 @@ from airflow_batch_infer.runtimes.containers import (
     tritonserver_command,
 )
 from airflow_batch_infer.runtimes.labels import (
+    LEASE_RENEWED_KEY,
     SERVER_ID_KEY,
     ServerOwner,
+    lease_from_labels,
     new_server_id,
     server_labels,
 )
@@ -144,6 +151,7 @@ def build_run_task(
     subnets: list[str] | None = None,
     security_groups: list[str] | None = None,
     assign_public_ip: bool = False,
+    lease_timeout: float = 0,
 ) -> dict[str, Any]:
     """Keyword arguments of ``run_task`` for one server: a pure function.
 
@@ -160,8 +168,13 @@ def build_run_task(
     :param subnets: subnets of an ``awsvpc`` task.
     :param security_groups: security groups of an ``awsvpc`` task (must admit 8000-8002 from workers).
     :param assign_public_ip: give an ``awsvpc`` task a public address.
+    :param lease_timeout: seconds without a lease renewal before the reaper stops the task (tags
+        ``airflow-batch-infer/lease-timeout`` and ``lease-renewed-at``; 0 for no lease).
     """
     env = dict(environment or {})
+    tags = server_labels(server_id, owner, lease_timeout)
+    if lease_timeout and lease_timeout > 0:
+        tags[LEASE_RENEWED_KEY] = f"{time.time():.0f}"
     if owner is not None:
         env[OWNER_ENV] = json.dumps(owner.to_dict(), sort_keys=True)
     kwargs: dict[str, Any] = {
@@ -169,7 +182,7 @@ def build_run_task(
         "taskDefinition": task_definition,
         "count": 1,
         "startedBy": STARTED_BY,
-        "tags": [{"key": k, "value": ecs_tag_value(v)} for k, v in server_labels(server_id, owner).items()],
+        "tags": [{"key": k, "value": ecs_tag_value(v)} for k, v in tags.items()],
         "overrides": {
             "containerOverrides": [
                 {
@@ -231,6 +244,8 @@ class EcsTritonRuntime(TritonRuntime):
     :param startup_timeout: seconds from launch until the models must be ready (placement, image pull and
         model load included).
     :param stop_grace_period: seconds between SIGTERM and SIGKILL (at most 120 on ECS).
+    :param lease_timeout: seconds the task may go without a lease renewal (its ``lease-renewed-at`` tag)
+        before the reaper stops it; 0 for no lease. ECS has no deadline of its own: run the reaper DAG.
     """
 
     name = "ecs"
@@ -265,8 +280,10 @@ class EcsTritonRuntime(TritonRuntime):
         log_verbose: int = 0,
         startup_timeout: float = 1800,
         stop_grace_period: float = 30,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     ) -> None:
         self.cluster = cluster
+        self.lease_timeout = float(lease_timeout or 0)
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
         self.task_definition = task_definition
@@ -381,6 +398,7 @@ class EcsTritonRuntime(TritonRuntime):
             subnets=self.subnets,
             security_groups=self.security_groups,
             assign_public_ip=self.assign_public_ip,
+            lease_timeout=self.lease_timeout,
         )
 
     def launch(
@@ -582,10 +600,21 @@ class EcsTritonRuntime(TritonRuntime):
                             "owner": owner.to_dict() if owner else None,
                             "started_at": created.timestamp() if hasattr(created, "timestamp") else 0.0,
                             "state": task.get("lastStatus"),
+                            **lease_from_labels(tags),
                         },
                     )
                 )
         return servers
+
+    def renew_lease(self, info: ServerInfo) -> bool:
+        """Renew the task's lease: set its ``airflow-batch-infer/lease-renewed-at`` tag to now."""
+        if not self.lease_timeout or not info.handle.get("task_arn"):
+            return False
+        self.ecs.tag_resource(
+            resourceArn=info.handle["task_arn"],
+            tags=[{"key": LEASE_RENEWED_KEY, "value": f"{time.time():.0f}"}],
+        )
+        return True
 
 
 def _owner_from_overrides(task: dict[str, Any]) -> ServerOwner | None:

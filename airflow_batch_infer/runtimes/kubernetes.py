@@ -17,7 +17,12 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.base import (
+    DEFAULT_LEASE_TIMEOUT,
+    ServerInfo,
+    ServerStartError,
+    TritonRuntime,
+)
 from airflow_batch_infer.runtimes.containers import (
     GRPC_PORT,
     HTTP_PORT,
@@ -29,11 +34,14 @@ from airflow_batch_infer.runtimes.containers import (
     tritonserver_command,
 )
 from airflow_batch_infer.runtimes.labels import (
+    LEASE_RENEWED_KEY,
+    LEASE_TIMEOUT_KEY,
     MANAGED_BY,
     MANAGED_BY_KEY,
     SERVER_ID_KEY,
     ServerOwner,
     k8s_labels,
+    lease_from_labels,
     new_server_id,
 )
 
@@ -105,6 +113,8 @@ def build_pod(
     extra_args: list[str] | None = None,
     log_verbose: int = 0,
     stop_grace_period: int = 30,
+    lease_timeout: float = 0,
+    active_deadline_seconds: int | None = None,
 ) -> V1Pod:
     """The server's Pod: a pure function of the runtime's options.
 
@@ -136,6 +146,10 @@ def build_pod(
     :param extra_args: more tritonserver flags.
     :param log_verbose: Triton's ``--log-verbose`` level.
     :param stop_grace_period: seconds between SIGTERM and SIGKILL when deleted.
+    :param lease_timeout: seconds without a lease renewal before the reaper deletes the Pod (annotations
+        ``airflow-batch-infer/lease-timeout`` and ``lease-renewed-at``, the latter patched by each renewal).
+    :param active_deadline_seconds: the Pod's hard bound: Kubernetes kills it this long after it started,
+        whatever happens to Airflow (``None``: no bound).
     """
     from kubernetes import client as k8s
 
@@ -204,7 +218,12 @@ def build_pod(
             name=server_id,
             namespace=namespace,
             labels=k8s_labels(server_id, owner),
-            annotations={**(owner.labels() if owner else {}), **(annotations or {})} or None,
+            annotations={
+                **(owner.labels() if owner else {}),
+                **_lease_annotations(lease_timeout),
+                **(annotations or {}),
+            }
+            or None,
         ),
         spec=k8s.V1PodSpec(
             restart_policy="Never",  # a server that dies is reported, not restarted mid-job
@@ -217,8 +236,15 @@ def build_pod(
             termination_grace_period_seconds=int(stop_grace_period),
             priority_class_name=priority_class_name,
             enable_service_links=False,
+            active_deadline_seconds=int(active_deadline_seconds) if active_deadline_seconds else None,
         ),
     )
+
+
+def _lease_annotations(lease_timeout: float) -> dict[str, str]:
+    if not lease_timeout or lease_timeout <= 0:
+        return {}
+    return {LEASE_TIMEOUT_KEY: f"{float(lease_timeout):g}", LEASE_RENEWED_KEY: f"{time.time():.0f}"}
 
 
 def build_service(
@@ -291,6 +317,10 @@ class KubernetesTritonRuntime(TritonRuntime):
     :param startup_timeout: seconds from launch until the models must be ready (scheduling, image pull and
         model load included).
     :param stop_grace_period: seconds between SIGTERM and SIGKILL when stopping.
+    :param lease_timeout: seconds the Pod may go without a lease renewal before the reaper deletes it
+        (annotations; each renewal patches ``airflow-batch-infer/lease-renewed-at``); 0 for no lease.
+    :param active_deadline_seconds: the Pod's ``activeDeadlineSeconds``, a hard bound that Kubernetes
+        enforces whatever happens to Airflow and the reaper; ``None`` for none. Raise it for longer jobs.
     """
 
     name = "kubernetes"
@@ -323,6 +353,8 @@ class KubernetesTritonRuntime(TritonRuntime):
         log_verbose: int = 0,
         startup_timeout: float = 1200,
         stop_grace_period: float = 30,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+        active_deadline_seconds: int | None = 86400,
     ) -> None:
         require_provider("airflow.providers.cncf.kubernetes", "kubernetes")
         self._namespace = namespace
@@ -349,7 +381,10 @@ class KubernetesTritonRuntime(TritonRuntime):
             "extra_args": extra_args,
             "log_verbose": int(log_verbose),
             "stop_grace_period": int(stop_grace_period),
+            "lease_timeout": float(lease_timeout or 0),
+            "active_deadline_seconds": active_deadline_seconds,
         }
+        self.lease_timeout = float(lease_timeout or 0)
         self.model_repository = model_repository
         self.cluster_domain = cluster_domain
         self.startup_timeout = float(startup_timeout)
@@ -549,8 +584,27 @@ class KubernetesTritonRuntime(TritonRuntime):
             info = self._server_info(meta.name, owner, created)
             info.handle["namespace"] = meta.namespace or self.namespace
             info.handle["state"] = pod.status.phase if pod.status else None
+            info.handle.update(lease_from_labels(meta.annotations))
             servers.append(info)
         return servers
+
+    def renew_lease(self, info: ServerInfo) -> bool:
+        """Renew the Pod's lease: patch its ``airflow-batch-infer/lease-renewed-at`` annotation to now."""
+        from kubernetes.client.exceptions import ApiException
+
+        if not self.lease_timeout:
+            return False
+        body = {"metadata": {"annotations": {LEASE_RENEWED_KEY: f"{time.time():.0f}"}}}
+        try:
+            self.core_v1.patch_namespaced_pod(
+                name=info.handle["pod_name"], namespace=info.handle["namespace"], body=body
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                log.warning("Triton Pod %s is gone: its lease cannot be renewed.", info.handle["pod_name"])
+                return False
+            raise
+        return True
 
 
 def _container_summary(pod: Any) -> str:

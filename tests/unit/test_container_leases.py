@@ -1,0 +1,85 @@
+"""Leases of container servers, through the platforms' own APIs (small HTTP stand-ins of the Docker Engine
+and the Kubernetes API, tests/fake_apis.py): what each records, what a renewal changes, what the reaper reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from airflow_batch_infer.operators.reaper import select_orphans
+from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, get_runtime
+from airflow_batch_infer.runtimes.containers import TRITON_IMAGE
+from airflow_batch_infer.runtimes.labels import LEASE_RENEWED_KEY, LEASE_TIMEOUT_KEY
+from airflow_batch_infer.runtimes.lease import renew
+from tests.fake_apis import FakeDockerEngine, FakeKubernetes
+
+OWNER = ServerOwner("nightly", "manual__2026-11-21T00:00:00+00:00", "batch_inference.start_server")
+
+
+@pytest.fixture
+def kube(monkeypatch):
+    with FakeKubernetes().running() as fake:
+        conn = {"conn_type": "kubernetes", "extra": {"kube_config": fake.kube_config(), "namespace": "ml"}}
+        monkeypatch.setenv("AIRFLOW_CONN_KUBE_TEST", json.dumps(conn))
+        yield fake
+
+
+def test_a_pod_has_a_hard_deadline_and_a_lease_its_run_renews(kube: FakeKubernetes) -> None:
+    options = {"kubernetes_conn_id": "kube_test", "model_repository": "s3://m/prod", "lease_timeout": 600}
+    runtime = get_runtime("kubernetes", **options)
+    info = runtime.launch("/models", ["risk_scorer"], owner=OWNER)
+    pod = kube.pods[("ml", info.handle["server_id"])]
+    assert pod["spec"]["activeDeadlineSeconds"] == 86400  # Kubernetes kills it whatever Airflow does
+    assert pod["metadata"]["annotations"][LEASE_TIMEOUT_KEY] == "600"
+    launched = float(pod["metadata"]["annotations"][LEASE_RENEWED_KEY])
+
+    # An hour passes without a renewal (the annotation is moved back): the reaper would stop it.
+    pod["metadata"]["annotations"][LEASE_RENEWED_KEY] = f"{launched - 3600:.0f}"
+    [listed] = runtime.list_servers()
+    assert listed.handle["lease_timeout"] == 600
+    [(_, reason)] = select_orphans([listed], lambda d, r: "running", now=time.time(), min_age=0)
+    assert reason.startswith("its lease expired: not renewed for 36")
+
+    # A task renews it (from the start task's XCom and the runtime options): the reaper leaves it.
+    assert renew(json.loads(json.dumps(info.to_dict())), options) is True
+    assert float(pod["metadata"]["annotations"][LEASE_RENEWED_KEY]) >= launched
+    assert select_orphans(runtime.list_servers(), lambda d, r: "running", now=time.time(), min_age=0) == []
+
+    assert runtime.stop(info) is True
+    assert renew(info.to_dict(), options) is False  # gone: says so, does not raise
+
+
+def test_no_deadline_and_no_lease_when_asked(kube: FakeKubernetes) -> None:
+    runtime = get_runtime(
+        "kubernetes",
+        kubernetes_conn_id="kube_test",
+        model_repository="s3://models/prod",
+        lease_timeout=0,
+        active_deadline_seconds=None,
+    )
+    info = runtime.launch("/models", ["risk_scorer"], owner=OWNER)
+    pod = kube.pods[("ml", info.handle["server_id"])]
+    assert "activeDeadlineSeconds" not in pod["spec"]
+    assert LEASE_TIMEOUT_KEY not in pod["metadata"]["annotations"]
+    assert renew(info) is False
+    runtime.stop(info)
+
+
+def test_a_container_records_its_lease_timeout_and_is_reaped_by_its_run_state() -> None:
+    with FakeDockerEngine(images=(TRITON_IMAGE,)).running() as engine:
+        runtime = get_runtime("docker", docker_url=engine.url, gpus=0, lease_timeout=900)
+        info = runtime.launch("/srv/models", ["risk_scorer"], owner=OWNER)
+        [(_, _, _, created)] = engine.calls("POST", "/containers/create$")
+        assert created["Labels"][LEASE_TIMEOUT_KEY] == "900"
+        assert created["HostConfig"]["PortBindings"]["8001/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": ""}]
+        [listed] = runtime.list_servers()
+        # Docker labels cannot change: no renewal, so the run's state decides, never the lease.
+        assert renew(info, {"docker_url": engine.url}) is False
+        later = time.time() + 7200
+        assert select_orphans([listed], lambda d, r: "running", now=later, min_age=0) == []
+        [(_, reason)] = select_orphans([listed], lambda d, r: "failed", now=later, min_age=0)
+        assert reason.endswith("is no longer queued or running (failed)")
+        runtime.stop(ServerInfo.from_dict(info.to_dict()))
