@@ -16,7 +16,6 @@ every one of these processes by the server's id and folder (:mod:`.local_process
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -45,8 +44,8 @@ from airflow_batch_infer.runtimes.local_env import (
 from airflow_batch_infer.runtimes.local_inventory import find_servers
 from airflow_batch_infer.runtimes.local_log import HANG_HINTS, PORT_CLASH_HINTS, read_tail, server_errors
 from airflow_batch_infer.runtimes.local_processes import (
+    answers_as,
     free_ports,
-    http_get,
     remove_orphaned_server_shm,
     remove_shm,
     server_processes,
@@ -86,6 +85,9 @@ class LocalTritonRuntime(TritonRuntime):
     :param auto_complete_config: let Triton complete Python models' configs from their
         ``auto_complete_config``; it starts one extra stub per model (about 1.3 s of each start), so it is
         off and each ``config.pbtxt`` must declare its inputs, outputs and batching.
+    :param environment: environment variables of the server and its model stubs, besides an allowlist
+        of the worker's (locale, ``TMPDIR``, thread settings): credentials in the worker's environment
+        never reach the server.
     """
 
     name = "local"
@@ -102,6 +104,7 @@ class LocalTritonRuntime(TritonRuntime):
         grpc_tls: dict[str, str] | None = None,
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         auto_complete_config: bool = False,
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.server_env = Path(server_env).expanduser() if server_env else triton_server_env()
         self.work_root = Path(work_root).expanduser() if work_root else batch_infer_home() / "servers"
@@ -112,6 +115,7 @@ class LocalTritonRuntime(TritonRuntime):
         self.max_restarts = int(max_restarts)
         self.lease_timeout = float(lease_timeout or 0)
         self.auto_complete_config = bool(auto_complete_config)
+        self.environment = dict(environment or {})
         self.grpc_tls = dict(grpc_tls or {})
         unknown = set(self.grpc_tls) - {"server_cert", "server_key", "root_cert"}
         if unknown or (self.grpc_tls and not {"server_cert", "server_key"} <= set(self.grpc_tls)):
@@ -238,7 +242,7 @@ class LocalTritonRuntime(TritonRuntime):
         self.renew_lease(info)
 
     def _launch(self, env: ServerEnv, info: ServerInfo, repo: Path) -> subprocess.Popen[bytes]:
-        return spawn(server_command(env, info, repo, self), env, info)
+        return spawn(server_command(env, info, repo, self), env, info, self.environment)
 
     # ------------------------------------------------------------------ lease
 
@@ -306,7 +310,7 @@ class LocalTritonRuntime(TritonRuntime):
                 f"Triton server {server_id} is still running after SIGKILL: "
                 + ", ".join(f"pid {p.pid} ({p.role})" for p in left)
             )
-        if _answers_as(info, server_id):
+        if answers_as(info.http_url, server_id):
             raise RuntimeError(
                 f"Triton server {server_id} still answers at {info.http_url} although none of its processes "
                 "is left on this host."
@@ -366,19 +370,6 @@ class LocalTritonRuntime(TritonRuntime):
         See :func:`~airflow_batch_infer.runtimes.local_inventory.find_servers` for what each handle tells.
         """
         return find_servers(self.work_root)
-
-
-def _answers_as(info: ServerInfo, server_id: str) -> bool:
-    """Whether the server ``server_id`` still answers on its HTTP port."""
-    if not info.http_url:
-        return False
-    status, body = http_get(f"{info.http_url}/v2", timeout=0.5)
-    if status != 200:
-        return False
-    try:
-        return json.loads(body).get("name") == server_id
-    except ValueError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

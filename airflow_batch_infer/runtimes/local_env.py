@@ -34,6 +34,11 @@ SERVER_REQUIREMENTS = _HERE / "server-requirements.txt"
 _LAYOUT_VERSION = "1"
 _READY_MARKER = ".batch-infer-server-env"
 _RUNTIME_DIR = "triton-runtime"
+#: The worker's environment variables that the server process gets (everything else stays behind).
+_ENV_ALLOWED = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "CUDA_VISIBLE_DEVICES"}
+)
+_ENV_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_")
 
 # Run by the server environment's interpreter: what the server needs to know about it.
 _PROBE = """
@@ -76,9 +81,17 @@ class ServerEnv:
     def tritonserver(self) -> Path:
         return self.runtime_dir / "bin" / "tritonserver"
 
-    def process_env(self) -> dict[str, str]:
-        """Environment variables for the server process: its libraries and its Python first."""
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    def process_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment variables for the server process: an allowlist of the worker's, never its secrets.
+
+        The worker's environment may hold credentials (``AWS_*``, ``AIRFLOW_CONN_*``); the server and its
+        model stubs, which run the models' code, get only what they need: locale, temporary folder, thread
+        settings, its libraries and its Python first on ``PATH``.
+
+        :param extra: more variables, set as they are (the runtime's ``environment`` option).
+        """
+        env = {k: v for k, v in os.environ.items() if k in _ENV_ALLOWED or k.startswith(_ENV_PREFIXES)}
+        env.update(extra or {})
         libs = [str(self.site_packages / "nvidia_pytriton.libs"), self.libdir]
         if env.get("LD_LIBRARY_PATH"):
             libs.append(env["LD_LIBRARY_PATH"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -169,6 +170,19 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return exc.code, ""
     except (OSError, ValueError):
         return 0, ""
+
+
+def answers_as(http_url: str, server_id: str) -> bool:
+    """Whether the server ``server_id`` answers at ``http_url`` (its ``GET /v2`` name)."""
+    if not http_url:
+        return False
+    status, body = http_get(f"{http_url}/v2", timeout=0.5)
+    if status != 200:
+        return False
+    try:
+        return json.loads(body).get("name") == server_id
+    except ValueError:
+        return False
 
 
 def remove_shm(prefix: str) -> list[str]:

@@ -29,12 +29,15 @@ class PortClashError(Exception):
     """The server could not bind one of its ports (picked free, then taken by someone else)."""
 
 
-def spawn(cmd: list[str], env: ServerEnv, info: ServerInfo) -> subprocess.Popen[bytes]:
+def spawn(
+    cmd: list[str], env: ServerEnv, info: ServerInfo, environment: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start ``cmd`` (the supervisor) in a session of its own, logging to ``server.log``; record the server.
 
     :param cmd: :func:`~airflow_batch_infer.runtimes.local_command.server_command`.
     :param env: the server environment (its process environment).
     :param info: the server's handle; ``pid`` is set to the supervisor's.
+    :param environment: more environment variables of the server (beyond its allowlist).
     """
     h = info.handle
     log_path = Path(h["log_path"])
@@ -46,7 +49,7 @@ def spawn(cmd: list[str], env: ServerEnv, info: ServerInfo) -> subprocess.Popen[
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env.process_env(),
+            env=env.process_env(environment),
             cwd=h["workdir"],
             start_new_session=True,
         )

@@ -362,3 +362,24 @@ def test_stop_fails_when_the_server_still_answers_on_its_port(
     finally:
         impostor.kill()
         impostor.wait()
+
+
+def test_the_server_gets_an_allowlisted_environment_not_the_workers_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret")
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", "postgresql://user:worker-secret@db/warehouse")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"), environment={"MODEL_FLAG": "on"})
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    try:
+        pids = processes_mentioning(tmp_path)
+        roles = {Path(f"/proc/{pid}/exe").resolve().name for pid in pids}
+        assert {"tritonserver", "triton_python_backend_stub"} <= roles
+        for pid in pids:  # supervisor, server and the stubs that run the models' code
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert b"worker-secret" not in environ
+            assert b"OMP_NUM_THREADS=1" in environ
+            assert b"MODEL_FLAG=on" in environ
+    finally:
+        runtime.stop(info)
