@@ -232,6 +232,8 @@ def build_pod(
             node_selector=node_selector or None,
             tolerations=to_model(tolerations, "list[V1Toleration]") or None,
             service_account_name=service_account_name,
+            # The server calls no Kubernetes API: no token for a model's code to read.
+            automount_service_account_token=False,
             image_pull_secrets=[k8s.V1LocalObjectReference(name=s) for s in image_pull_secrets or []] or None,
             termination_grace_period_seconds=int(stop_grace_period),
             priority_class_name=priority_class_name,

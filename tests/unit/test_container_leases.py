@@ -33,6 +33,7 @@ def test_a_pod_has_a_hard_deadline_and_a_lease_its_run_renews(kube: FakeKubernet
     info = runtime.launch("/models", ["risk_scorer"], owner=OWNER)
     pod = kube.pods[("ml", info.handle["server_id"])]
     assert pod["spec"]["activeDeadlineSeconds"] == 86400  # Kubernetes kills it whatever Airflow does
+    assert pod["spec"]["automountServiceAccountToken"] is False  # no token for a model's code to read
     assert pod["metadata"]["annotations"][LEASE_TIMEOUT_KEY] == "600"
     launched = float(pod["metadata"]["annotations"][LEASE_RENEWED_KEY])
 
