@@ -121,7 +121,7 @@ def k8s_label_value(value: str) -> str:
     ``manual__2026-11-21T00:00:00+00:00`` becomes ``manual__2026-11-21T00_00_00_00_00-<hash>``.
     The exact value is kept in an annotation.
     """
-    if len(value) <= 63 and _LABEL_VALUE.match(value):
+    if len(value) <= 63 and _LABEL_VALUE.fullmatch(value):
         return value
     digest = hashlib.sha256(value.encode()).hexdigest()[:10]
     cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", value)[:52]

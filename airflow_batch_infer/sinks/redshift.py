@@ -143,7 +143,7 @@ class RedshiftSink(WarehouseSink):
         poll_interval: float = 5.0,
     ) -> None:
         super().__init__(table, partition_column, create_table)
-        if not _IAM_ROLE.match(str(iam_role)):
+        if not _IAM_ROLE.fullmatch(str(iam_role)):
             raise ValueError(
                 f"iam_role {iam_role!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/name)."
             )
