@@ -88,6 +88,8 @@ class LocalTritonRuntime(TritonRuntime):
     :param environment: environment variables of the server and its model stubs, besides an allowlist
         of the worker's (locale, ``TMPDIR``, thread settings): credentials in the worker's environment
         never reach the server.
+    :param restricted_api: require the server's own key (``batch-infer-key`` header) for model control and
+        shared memory (:mod:`.access`); clients add ``access.server_headers(server)`` to their calls.
     """
 
     name = "local"
@@ -105,6 +107,7 @@ class LocalTritonRuntime(TritonRuntime):
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         auto_complete_config: bool = False,
         environment: dict[str, str] | None = None,
+        restricted_api: bool = False,
     ) -> None:
         self.server_env = Path(server_env).expanduser() if server_env else triton_server_env()
         self.work_root = Path(work_root).expanduser() if work_root else batch_infer_home() / "servers"
@@ -116,6 +119,7 @@ class LocalTritonRuntime(TritonRuntime):
         self.lease_timeout = float(lease_timeout or 0)
         self.auto_complete_config = bool(auto_complete_config)
         self.environment = dict(environment or {})
+        self.restricted_api = bool(restricted_api)
         self.grpc_tls = dict(grpc_tls or {})
         unknown = set(self.grpc_tls) - {"server_cert", "server_key", "root_cert"}
         if unknown or (self.grpc_tls and not {"server_cert", "server_key"} <= set(self.grpc_tls)):

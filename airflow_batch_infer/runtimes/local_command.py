@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from airflow_batch_infer.runtimes.access import new_key, restricted_flags
 from airflow_batch_infer.runtimes.base import ServerInfo
 from airflow_batch_infer.runtimes.labels import ServerOwner
 from airflow_batch_infer.runtimes.lease import lease_path, write_lease
@@ -69,7 +70,7 @@ def server_command(env: ServerEnv, info: ServerInfo, repo: Path, options: Any) -
     :param info: the server's handle (:func:`server_info`).
     :param repo: the materialised model repository.
     :param options: the runtime (``log_verbose``, ``grpc_tls``, ``max_restarts``, ``lease_timeout``,
-        ``stop_grace_period``, ``auto_complete_config``).
+        ``stop_grace_period``, ``auto_complete_config``, ``restricted_api``).
     """
     h = info.handle
     workdir = Path(h["workdir"])
@@ -92,6 +93,9 @@ def server_command(env: ServerEnv, info: ServerInfo, repo: Path, options: Any) -
         "--strict-readiness=true",
         f"--log-verbose={options.log_verbose}",
     ]
+    if options.restricted_api:
+        h["api_key_file"] = str(new_key(workdir))
+        cmd += restricted_flags(Path(h["api_key_file"]).read_text().strip())
     if not options.auto_complete_config:
         cmd.append("--disable-auto-complete-config")  # no extra stub per model: about 1.3 s of each start
     if options.grpc_tls:

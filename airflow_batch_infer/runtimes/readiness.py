@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.runtimes.base import ServerInfo
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ def probe_server_sync(info: ServerInfo, models: list[str] | None, timeout: float
     """
 
     async def probe() -> bool:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as client:
+        headers = server_headers(info, "http")
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), headers=headers) as client:
             server_id = info.handle.get("server_id")
             found = await probe_server(client, info.http_url, server_id, list(models or []))
             return found.ready
@@ -134,7 +136,8 @@ async def wait_until_ready(
     server_id = info.handle.get("server_id")
     api_errors = 0
     started = time.time()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
+    headers = server_headers(info, "http")  # the index call is restricted on a server with a key
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0), headers=headers) as client:
         while True:
             if not info.http_url:
                 try:

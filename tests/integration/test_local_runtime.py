@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.local import LocalTritonRuntime, check_server_numpy
@@ -381,5 +382,34 @@ def test_the_server_gets_an_allowlisted_environment_not_the_workers_secrets(
             assert b"worker-secret" not in environ
             assert b"OMP_NUM_THREADS=1" in environ
             assert b"MODEL_FLAG=on" in environ
+    finally:
+        runtime.stop(info)
+
+
+def test_restricted_api_needs_the_servers_key_for_shared_memory_and_model_control(tmp_path: Path) -> None:
+    from airflow_batch_infer.runtimes.access import server_headers
+
+    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"), restricted_api=True)
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    server = json.loads(json.dumps(info.to_dict()))  # what a task gets: the key's file, not the key
+    key_file = Path(server["handle"]["api_key_file"])
+    try:
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.read_text() not in json.dumps(server)
+        client = grpcclient.InferenceServerClient(info.grpc_url)
+        with pytest.raises(
+            Exception, match="restricted, expecting header 'triton-grpc-protocol-batch-infer-key'"
+        ):
+            client.get_system_shared_memory_status()
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.unload_model("risk_scorer")
+        assert client.is_model_ready("risk_scorer")  # the failed unload did nothing
+        client.get_system_shared_memory_status(headers=server_headers(server))
+        # Health, metadata and inference need no key.
+        features = np.zeros((3, 16), dtype=np.float32)
+        assert _infer(client, features).shape == (3, 1)
+        status, _ = http_get(f"{info.http_url}/v2/models/risk_scorer")
+        assert status == 200
+        client.close()
     finally:
         runtime.stop(info)
