@@ -32,7 +32,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        body = json.loads(raw) if raw and raw[:1] in (b"{", b"[") else None
+        body = json.loads(raw) if raw and raw[:1] in (b"{", b"[") else (raw or None)
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         with self.api.lock:
@@ -90,6 +90,7 @@ class FakeDockerEngine(FakeApi):
         self.images = set(images)
         self.containers: dict[str, dict[str, Any]] = {}
         self.logs: dict[str, str] = {}
+        self.archives: dict[str, list[tuple[str | None, bytes]]] = {}  # files copied into containers
         self.fail_start: str | None = None
         self.url = f"tcp://127.0.0.1:{self.port}"
 
@@ -132,6 +133,9 @@ class FakeDockerEngine(FakeApi):
                 lines = lines[-int(tail) :]
             text = "".join(line + "\n" for line in lines).encode()
             return 200, struct.pack(">BxxxL", 1, len(text)) + text, "application/vnd.docker.raw-stream"
+        if method == "PUT" and action == "/archive":
+            self.archives.setdefault(container["Id"], []).append((query.get("path"), body))
+            return 200, b"", None
         if method == "POST" and action == "/stop":
             self.exit(container["Id"], 0)
             return 204, b"", None

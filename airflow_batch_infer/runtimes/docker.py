@@ -30,6 +30,7 @@ from airflow_batch_infer.runtimes.containers import (
     HTTP_PORT,
     METRICS_PORT,
     TRITON_IMAGE,
+    credentials_archive,
     gpu_count,
     is_remote_repository,
     require_provider,
@@ -181,6 +182,8 @@ class DockerTritonRuntime(TritonRuntime):
     :param model_repository: where the server reads its models when not the path the DAG names: a path on
         the Docker host, or ``s3://bucket/prefix``.
     :param aws_conn_id: ``aws`` connection whose keys (and ``endpoint_url``) the server uses for ``s3://``.
+        The keys go into a credentials file copied into the container before it starts (removed with the
+        container), never into its environment; without keys, the host's instance role serves.
     :param environment: more environment variables of the server.
     :param volumes: more binds, ``host_path:container_path[:ro]``.
     :param extra_args: more tritonserver flags.
@@ -269,7 +272,8 @@ class DockerTritonRuntime(TritonRuntime):
         repository = self.model_repository or model_repository
         environment, endpoint = {}, None
         if repository.startswith("s3://") and self.aws_conn_id:
-            environment, endpoint = s3_access(self.aws_conn_id)
+            access = s3_access(self.aws_conn_id)
+            environment, endpoint = dict(access.environment), access.endpoint_url
         environment.update(self.environment)
         return build_container_spec(
             server_id=server_id,
@@ -304,6 +308,7 @@ class DockerTritonRuntime(TritonRuntime):
         try:
             host_config = client.create_host_config(**spec.host_config)
             container_id = client.create_container(**spec.create, host_config=host_config)["Id"]
+            self._copy_credentials(client, container_id, str(model_repository))
             client.start(container_id)
             details = client.inspect_container(container_id)
         except DockerException as exc:
@@ -326,6 +331,15 @@ class DockerTritonRuntime(TritonRuntime):
             info.grpc_url,
         )
         return info
+
+    def _copy_credentials(self, client: APIClient, container_id: str, model_repository: str) -> None:
+        """Copy the S3 credentials file into the created container (never into its environment)."""
+        repository = self.model_repository or model_repository
+        if not (repository.startswith("s3://") and self.aws_conn_id):
+            return
+        access = s3_access(self.aws_conn_id)
+        if access.credentials:
+            client.put_archive(container_id, "/", credentials_archive(access.credentials))
 
     def _ensure_image(self, client: APIClient) -> None:
         from docker.errors import ImageNotFound

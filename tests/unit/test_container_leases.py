@@ -84,3 +84,49 @@ def test_a_container_records_its_lease_timeout_and_is_reaped_by_its_run_state() 
         [(_, reason)] = select_orphans([listed], lambda d, r: "failed", now=later, min_age=0)
         assert reason.endswith("is no longer queued or running (failed)")
         runtime.stop(ServerInfo.from_dict(info.to_dict()))
+
+
+def test_docker_keeps_aws_keys_out_of_the_containers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import tarfile
+
+    from airflow_batch_infer.runtimes.containers import CREDENTIALS_PATH
+
+    conn = {
+        "conn_type": "aws",
+        "login": "AKIAEXAMPLEKEY",
+        "password": "example-secret-key",
+        "extra": {"region_name": "eu-west-1", "endpoint_url": "http://minio:9000"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_MINIO_TEST", json.dumps(conn))
+    with FakeDockerEngine(images=(TRITON_IMAGE,)).running() as engine:
+        runtime = get_runtime(
+            "docker",
+            docker_url=engine.url,
+            gpus=0,
+            model_repository="s3://triton-models/prod",
+            aws_conn_id="minio_test",
+        )
+        info = runtime.launch("/unused", ["risk_scorer"], owner=OWNER)
+        [(_, _, _, created)] = engine.calls("POST", "/containers/create$")
+        env = "\n".join(created["Env"])
+        assert "example-secret-key" not in env  # what `docker inspect` shows, and exited containers keep
+        assert "AKIAEXAMPLEKEY" not in env
+        assert f"AWS_SHARED_CREDENTIALS_FILE={CREDENTIALS_PATH}" in env
+        assert "AWS_DEFAULT_REGION=eu-west-1" in env
+        assert "--model-repository=s3://minio:9000/triton-models/prod" in created["Cmd"]
+
+        [(path, archive)] = engine.archives[
+            info.handle["container_id"]
+        ]  # copied in before the start, removed with the container
+        assert path == "/"
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            text = tar.extractfile(CREDENTIALS_PATH.lstrip("/")).read().decode()
+        assert "aws_access_key_id = AKIAEXAMPLEKEY" in text
+        assert "aws_secret_access_key = example-secret-key" in text
+        [start] = engine.calls("POST", "/start$")
+        assert engine.requests.index(start) > engine.requests.index(
+            next(r for r in engine.requests if r[1].endswith("/archive"))
+        )
+        assert runtime.stop(info) is True
+        assert engine.containers == {}
