@@ -219,6 +219,7 @@ class FakeKubernetes(FakeApi):
         super().__init__()
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.network_policies: dict[tuple[str, str], dict[str, Any]] = {}
         self.logs: dict[str, str] = {}
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -241,13 +242,17 @@ class FakeKubernetes(FakeApi):
                 "message": message}  # fmt: skip
 
     def route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any, str | None]:
-        m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(pods|services|events)(?:/([^/]+))?(/log)?", path)
+        m = re.fullmatch(
+            r"/(?:api/v1|apis/networking\.k8s\.io/v1)/namespaces/([^/]+)/(pods|services|events|networkpolicies)"
+            r"(?:/([^/]+))?(/log)?",
+            path,
+        )
         if not m:
             return 404, self._status(404, "NotFound", f"unknown path {path}"), None
         namespace, kind, name, log = m.groups()
         if kind == "events":
             return 200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": []}, None
-        store = self.pods if kind == "pods" else self.services
+        store = {"pods": self.pods, "services": self.services, "networkpolicies": self.network_policies}[kind]
         if method == "POST" and name is None:
             key = (namespace, body["metadata"]["name"])
             if key in store:
@@ -283,6 +288,13 @@ class FakeKubernetes(FakeApi):
             return 200, obj, None
         if method == "DELETE":
             del store[(namespace, name)]
+            if kind == "pods":  # garbage collection: what the Pod owns goes with it
+                uid = obj["metadata"]["uid"]
+                for owned in (self.services, self.network_policies):
+                    for key, dependent in list(owned.items()):
+                        refs = dependent["metadata"].get("ownerReferences") or []
+                        if any(ref.get("uid") == uid for ref in refs):
+                            del owned[key]
             return 200, obj, None
         if method == "PATCH" and isinstance(body, dict):  # a merge patch of labels and annotations
             for key in ("labels", "annotations"):

@@ -130,3 +130,36 @@ def test_docker_keeps_aws_keys_out_of_the_containers_environment(monkeypatch: py
         )
         assert runtime.stop(info) is True
         assert engine.containers == {}
+
+
+def test_a_pod_admits_only_the_airflow_pods_on_its_ports(kube: FakeKubernetes) -> None:
+    runtime = get_runtime("kubernetes", kubernetes_conn_id="kube_test", model_repository="s3://m/prod")
+    info = runtime.launch("/models", ["risk_scorer"], owner=OWNER)
+    server_id = info.handle["server_id"]
+    policy = kube.network_policies[("ml", server_id)]
+    pod = kube.pods[("ml", server_id)]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/instance": server_id}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"tier": "airflow"}}}]
+    assert sorted(p["port"] for p in rule["ports"]) == [8000, 8001, 8002]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == pod["metadata"]["uid"]
+    assert runtime.stop(info) is True
+    assert kube.network_policies == {}  # removed with the Pod that owns it
+
+    workers = get_runtime(
+        "kubernetes",
+        kubernetes_conn_id="kube_test",
+        model_repository="s3://m/prod",
+        allowed_clients={"app": "batch-workers"},
+    ).launch("/models", ["risk_scorer"], owner=OWNER)
+    [(_, other)] = kube.network_policies.items()
+    assert other["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app": "batch-workers"}}}]
+    runtime.stop(workers)
+
+    none = get_runtime(
+        "kubernetes", kubernetes_conn_id="kube_test", model_repository="s3://m/prod", allowed_clients={}
+    )
+    unguarded = none.launch("/models", ["risk_scorer"], owner=OWNER)
+    assert kube.network_policies == {}
+    none.stop(unguarded)
