@@ -248,6 +248,14 @@ class RedshiftSink(WarehouseSink):
     ) -> list[str]:
         schema = parts_schema(parts)
         check_partition_column_absent(self.partition_column, schema.names)
+        folded: dict[str, str] = {}
+        for name in [self.partition_column, *schema.names]:
+            if name.lower() in folded:
+                raise SchemaMismatchError(
+                    f"Columns {folded[name.lower()]!r} and {name!r} are one column in Redshift, which folds "
+                    "names to lower case: rename one of them."
+                )
+            folded[name.lower()] = name
         incoming = {f.name: redshift_type(f.name, f.type) for f in schema}
         target = qualified_table(table)
         column = quote_identifier(self.partition_column, "partition column")
@@ -262,11 +270,12 @@ class RedshiftSink(WarehouseSink):
                 f"CREATE TABLE IF NOT EXISTS {target} ({column} VARCHAR(128) NOT NULL, {declared})"
             )
         else:
+            # Redshift folds identifiers to lower case, quoted or not: compare names as it stores them.
             check_fit(
                 table,
-                self.partition_column,
-                existing,
-                {name: canonical(t) for name, t in incoming.items()},
+                self.partition_column.lower(),
+                {name.lower(): t for name, t in existing.items()},
+                {name.lower(): canonical(t) for name, t in incoming.items()},
                 fits=lambda have, want: have == want or have in _WIDER.get(want, set()),
             )
         key = sql_literal(partition, "partition")

@@ -327,3 +327,35 @@ def test_redshift_checks_an_existing_table_and_its_inputs(bucket: str, tmp_path,
         redshift(bucket, iam_role="arn:aws:iam::123:role/x' --")
     with pytest.raises(ValueError, match="give s3_prefix="):
         redshift(bucket, s3_prefix=None).replace_partition("p", outputs, rejects)
+
+
+def test_redshift_compares_column_names_as_redshift_stores_them(bucket: str, tmp_path, monkeypatch) -> None:
+    import pyarrow.parquet as pq
+
+    outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2]])
+    mixed = []
+    for index, part in enumerate(outputs):  # an output column named in mixed case, as a model may name it
+        table = pq.read_table(part)
+        path = tmp_path / f"mixed-{index}.parquet"
+        names = ["row_id" if n == "row_id" else n.title() for n in table.column_names]
+        pq.write_table(table.rename_columns(names), path)
+        mixed.append(str(path))
+    # Redshift folds every identifier to lower case: DescribeTable answers the names so.
+    monkeypatch.setattr(
+        redshift_sink.RedshiftSink,
+        "_existing_columns",
+        lambda self, hook, table: (
+            {"batch_partition": "varchar", "row_id": "int8", "score": "float4", "label": "varchar"}
+            if table == "analytics.scores"
+            else None
+        ),
+    )
+    result = redshift(bucket, wait_for_completion=False).replace_partition("p", mixed, rejects)
+    sqls = [s["QueryString"] for s in submitted(result)["SubStatements"]]
+    assert 'INSERT INTO "analytics"."scores" ("batch_partition", "row_id", "Score", "Label")' in sqls[4]
+
+    clash = tmp_path / "clash.parquet"
+    both = pq.read_table(outputs[0])
+    pq.write_table(both.append_column("Score", both.column("score")), clash)
+    with pytest.raises(SchemaMismatchError, match=r"Columns 'score' and 'Score' are one column in Redshift"):
+        redshift(bucket, wait_for_completion=False).replace_partition("p", [str(clash)], rejects)
