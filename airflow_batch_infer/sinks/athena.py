@@ -95,6 +95,8 @@ class AthenaSink(WarehouseSink):
         named_database, _, name = table.rpartition(".")
         super().__init__(name, partition_column, create_table)
         self.database = validate_identifier(named_database or database or "", "database")
+        if location:
+            ddl_literal(location, "location")  # refused before any part is uploaded
         self.location = location
         self.aws_conn_id = aws_conn_id
         self.output_location = output_location
@@ -197,12 +199,12 @@ class AthenaSink(WarehouseSink):
         self.run(
             f"CREATE EXTERNAL TABLE IF NOT EXISTS {self._ddl_name(table)} ({columns}) "
             f"PARTITIONED BY (`{self.partition_column.lower()}` string) STORED AS PARQUET "
-            f"LOCATION {sql_literal(url, 'location')}"
+            f"LOCATION {ddl_literal(url, 'location')}"
         )
 
     def _point_partition(self, table: str, partition: str, folder: str) -> None:
-        spec = f"(`{self.partition_column.lower()}` = {sql_literal(partition, 'partition')})"
-        url = sql_literal(storage.plain_url(folder) + "/", "location")
+        spec = f"(`{self.partition_column.lower()}` = {ddl_literal(partition, 'partition')})"
+        url = ddl_literal(storage.plain_url(folder) + "/", "location")
         self.run(f"ALTER TABLE {self._ddl_name(table)} ADD IF NOT EXISTS PARTITION {spec} LOCATION {url}")
         self.run(f"ALTER TABLE {self._ddl_name(table)} PARTITION {spec} SET LOCATION {url}")
 
@@ -233,3 +235,19 @@ class AthenaSink(WarehouseSink):
             reason = hook.get_state_change_reason(query_id)
             raise RuntimeError(f"Athena query {query_id} {state}: {reason}. Query: {query}")
         return query_id
+
+
+def ddl_literal(value: str, what: str = "value") -> str:
+    """``value`` as a string literal of Athena DDL, which Hive parses: a quote cannot be escaped by doubling
+    (``'a''b'`` reads as ``'a' 'b'``, that is ``ab``), so a single quote is refused, as are backslashes and
+    control characters (:func:`~airflow_batch_infer.sinks.base.sql_literal`).
+
+    :param value: the text (a partition key, an S3 location).
+    :param what: what it is, for the error message.
+    """
+    if isinstance(value, str) and "'" in value:
+        raise ValueError(
+            f"Invalid {what} {value!r}: Athena DDL cannot hold a single quote in a string; rename the "
+            "location (or partition key) without one."
+        )
+    return sql_literal(value, what)

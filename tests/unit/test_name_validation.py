@@ -23,3 +23,15 @@ def test_a_label_value_with_a_trailing_newline_is_cleaned_and_hashed() -> None:
     assert cleaned != "manual__2026"
     assert "\n" not in cleaned
     assert cleaned.startswith("manual__2026")
+
+
+def test_athena_refuses_a_quote_that_hive_ddl_would_swallow() -> None:
+    from airflow_batch_infer.sinks.athena import ddl_literal
+
+    assert ddl_literal("s3://bucket/warehouse/scores/") == "'s3://bucket/warehouse/scores/'"
+    with pytest.raises(ValueError, match="cannot hold a single quote"):
+        ddl_literal("s3://bucket/o'neil/")
+    with pytest.raises(ValueError, match="cannot hold a single quote"):
+        get_sink(
+            "athena", table="analytics.scores", location="s3://bucket/o'neil", output_location="s3://b/r/"
+        )
