@@ -281,6 +281,17 @@ class DockerTritonRuntime(TritonRuntime):
             },
         )
 
+    def refresh(self, info: ServerInfo) -> ServerInfo:
+        """``info`` with the container's endpoint, for a server found by :meth:`list_servers` (no URLs)."""
+        if info.http_url:
+            return info
+        details = self._inspect(info)
+        if details is None:
+            return info
+        fresh = self._server_info(details, ServerOwner.from_dict(info.handle.get("owner")))
+        fresh.handle = {**info.handle, **{k: v for k, v in fresh.handle.items() if k != "started_at"}}
+        return fresh
+
     # ------------------------------------------------------------------ stop and inspect
 
     def _inspect(self, info: ServerInfo) -> dict[str, Any] | None:

@@ -163,3 +163,17 @@ def test_a_pod_admits_only_the_airflow_pods_on_its_ports(kube: FakeKubernetes) -
     unguarded = none.launch("/models", ["risk_scorer"], owner=OWNER)
     assert kube.network_policies == {}
     none.stop(unguarded)
+
+
+def test_a_retried_start_finds_its_container_with_its_endpoint() -> None:
+    other_try = ServerOwner(OWNER.dag_id, OWNER.run_id, "batch_inference.other_task")
+    with FakeDockerEngine(images=(TRITON_IMAGE,)).running() as engine:
+        runtime = get_runtime("docker", docker_url=engine.url, gpus=0)
+        info = runtime.launch("/srv/models", ["risk_scorer"], owner=OWNER)
+        found = runtime.find_server(OWNER, ["risk_scorer"])
+        assert found is not None
+        assert found.handle["container_id"] == info.handle["container_id"]
+        assert found.grpc_url == info.grpc_url  # listed containers carry no URL: refreshed from inspect
+        assert runtime.find_server(other_try, ["risk_scorer"]) is None  # another task's server
+        runtime.stop(info)
+        assert runtime.find_server(OWNER, ["risk_scorer"]) is None
