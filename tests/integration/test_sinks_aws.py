@@ -359,3 +359,58 @@ def test_redshift_compares_column_names_as_redshift_stores_them(bucket: str, tmp
     pq.write_table(both.append_column("Score", both.column("score")), clash)
     with pytest.raises(SchemaMismatchError, match=r"Columns 'score' and 'Score' are one column in Redshift"):
         redshift(bucket, wait_for_completion=False).replace_partition("p", [str(clash)], rejects)
+
+
+def test_a_second_writer_of_an_s3_parquet_partition_fails_clearly_and_changes_nothing(
+    bucket: str, tmp_path
+) -> None:
+    from airflow_batch_infer.sinks.locks import PartitionLockedError, partition_lock
+
+    dataset = get_sink("s3_parquet", table="scores", path=s3_url(bucket, "lake_locked"))
+    dataset.replace_partition("p", *write_run_parts(tmp_path / "old", [[1, 2, 3]]))
+    outputs, rejects = write_run_parts(tmp_path / "new", [[10, 11]], rejected=frozenset({11}))
+    day = "lake_locked/scores/batch_partition=p/"
+    before = keys(bucket, day)
+
+    # Another run holds the partition (its lock was created first, with a conditional write).
+    with partition_lock(
+        dataset.table_location("scores"), "batch_partition", "p", description="the other run"
+    ):
+        assert keys(bucket, "lake_locked/scores/_locks/") == [
+            "lake_locked/scores/_locks/batch_partition=p.lock"
+        ]
+        with pytest.raises(
+            PartitionLockedError, match=r"batch_partition=p is being written by another run \(the other"
+        ):
+            dataset.replace_partition("p", outputs, rejects)
+        assert keys(bucket, day) == before  # untouched: the old rows, as committed
+        marker = json.loads(storage.read_text(s3_url(bucket, day + "_SUCCESS")))
+        assert marker["rows"] == 3
+
+    result = dataset.replace_partition("p", outputs, rejects)  # released: the next attempt goes through
+    assert (result.rows, result.rejected, result.replaced) == (1, 1, 3)
+    assert keys(bucket, "lake_locked/scores/_locks/") == []
+
+
+def test_a_dead_writers_lock_is_taken_over_after_its_timeout(bucket: str, tmp_path) -> None:
+    dataset = get_sink("s3_parquet", table="scores", path=s3_url(bucket, "lake_stale"), lock_timeout=60)
+    lock = s3_url(bucket, "lake_stale/scores/_locks/batch_partition=p.lock")
+    stale = {"token": "dead", "taken_at": time.time() - 3600, "host": "gone", "by": "a killed run"}
+    storage.write_bytes(lock, json.dumps(stale).encode())
+    result = dataset.replace_partition("p", *write_run_parts(tmp_path / "run", [[1, 2]]))
+    assert result.rows == 2
+    assert keys(bucket, "lake_stale/scores/_locks/") == []
+
+
+def test_two_athena_writers_of_a_partition_do_not_interleave(bucket: str, tmp_path) -> None:
+    from airflow_batch_infer.sinks.locks import PartitionLockedError, partition_lock
+
+    outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2]])
+    sink = athena(bucket, table="analytics.locked")
+    with partition_lock(
+        storage.location(f"s3://{bucket}/warehouse/locked", AWS_CONN_ID), "batch_partition", "p"
+    ):
+        with pytest.raises(PartitionLockedError, match="being written by another run"):
+            sink.replace_partition("p", outputs, rejects)
+        assert keys(bucket, "warehouse/locked/batch_partition=p/") == []  # nothing written meanwhile
+    assert sink.replace_partition("p", outputs, rejects).rows == 2
