@@ -1,10 +1,8 @@
 """The kubernetes runtime: a Pod running NVIDIA's ``tritonserver`` image on a GPU node, plus a Service.
 
-Calls the Kubernetes API through the cncf.kubernetes provider's
-:class:`~airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook`. The Pod, its Service and its
-NetworkPolicy are built by the pure functions of :mod:`.kubernetes_specs` (re-exported here); the Service
-and the NetworkPolicy are owned by the Pod, so deleting the Pod also removes them. Needs the
-``kubernetes`` extra (``apache-airflow-providers-cncf-kubernetes``).
+Calls the Kubernetes API through the cncf.kubernetes provider's ``KubernetesHook``. The Pod, its Service and
+its NetworkPolicy are built by :mod:`.kubernetes_specs` (re-exported here); the Service and the
+NetworkPolicy are owned by the Pod. Needs the ``kubernetes`` extra.
 """
 
 from __future__ import annotations
@@ -75,7 +73,8 @@ class KubernetesTritonRuntime(TritonRuntime):
     :param model_repository_pvc: a PersistentVolumeClaim holding the repository, mounted read-only at
         the repository path.
     :param s3_endpoint_url: endpoint of an S3-compatible store (AWS S3 when ``None``).
-    :param aws_secret_name: a Secret holding the S3 keys as environment variables.
+    :param aws_secret_name: a Secret holding the S3 keys as environment variables (see :func:`build_pod`).
+    :param aws_credentials_secret: a Secret with an AWS credentials file, mounted (see :func:`build_pod`).
     :param service_account_name: the Pod's service account (IAM roles for service accounts).
     :param environment: more environment variables.
     :param volumes: more volumes, API shape.
@@ -116,6 +115,7 @@ class KubernetesTritonRuntime(TritonRuntime):
         model_repository_pvc: str | None = None,
         s3_endpoint_url: str | None = None,
         aws_secret_name: str | None = None,
+        aws_credentials_secret: str | None = None,
         service_account_name: str | None = None,
         environment: dict[str, str] | None = None,
         volumes: list[dict[str, Any]] | None = None,
@@ -148,6 +148,7 @@ class KubernetesTritonRuntime(TritonRuntime):
             "model_repository_pvc": model_repository_pvc,
             "s3_endpoint_url": s3_endpoint_url,
             "aws_secret_name": aws_secret_name,
+            "aws_credentials_secret": aws_credentials_secret,
             "service_account_name": service_account_name,
             "environment": environment,
             "volumes": volumes,
@@ -181,9 +182,9 @@ class KubernetesTritonRuntime(TritonRuntime):
     @property
     def networking_v1(self) -> Any:
         """The Kubernetes networking API client (NetworkPolicies), on the hook's API client."""
-        from kubernetes import client as k8s
+        from kubernetes.client import NetworkingV1Api
 
-        return k8s.NetworkingV1Api(self.hook.api_client)
+        return NetworkingV1Api(self.hook.api_client)
 
     @cached_property
     def namespace(self) -> str:
@@ -388,13 +389,12 @@ class KubernetesTritonRuntime(TritonRuntime):
         if not self.lease_timeout:
             return False
         body = {"metadata": {"annotations": {LEASE_RENEWED_KEY: f"{time.time():.0f}"}}}
+        name, namespace = info.handle["pod_name"], info.handle["namespace"]
         try:
-            self.core_v1.patch_namespaced_pod(
-                name=info.handle["pod_name"], namespace=info.handle["namespace"], body=body
-            )
+            self.core_v1.patch_namespaced_pod(name=name, namespace=namespace, body=body)
         except ApiException as exc:
             if exc.status == 404:
-                log.warning("Triton Pod %s is gone: its lease cannot be renewed.", info.handle["pod_name"])
+                log.warning("Triton Pod %s is gone: its lease cannot be renewed.", name)
                 return False
             raise
         return True

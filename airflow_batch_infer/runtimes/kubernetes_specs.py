@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from airflow_batch_infer.runtimes.containers import (
+    CREDENTIALS_PATH,
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PORT,
@@ -91,6 +92,7 @@ def build_pod(
     model_repository_pvc: str | None = None,
     s3_endpoint_url: str | None = None,
     aws_secret_name: str | None = None,
+    aws_credentials_secret: str | None = None,
     service_account_name: str | None = None,
     environment: dict[str, str] | None = None,
     volumes: list[dict[str, Any]] | None = None,
@@ -123,7 +125,11 @@ def build_pod(
     :param model_repository_pvc: a PersistentVolumeClaim mounted read-only at ``model_repository``.
     :param s3_endpoint_url: endpoint of an S3-compatible store holding the repository.
     :param aws_secret_name: a Secret with ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
-        ``AWS_DEFAULT_REGION`` for S3 (or use ``service_account_name`` with IAM roles for service accounts).
+        ``AWS_DEFAULT_REGION`` for S3, set as environment variables (a model's code can read them): prefer
+        ``service_account_name`` with IAM roles for service accounts, or ``aws_credentials_secret``.
+    :param aws_credentials_secret: a Secret whose key ``credentials`` is an AWS shared-credentials file,
+        mounted read-only at ``/run/airflow-batch-infer/aws-credentials`` (``AWS_SHARED_CREDENTIALS_FILE``):
+        keys for S3 without putting them in the environment.
     :param service_account_name: the Pod's service account.
     :param environment: environment variables.
     :param volumes: more volumes (API shape).
@@ -154,6 +160,21 @@ def build_pod(
     pod_volumes = [
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size))
     ]
+    environment = dict(environment or {})
+    if aws_credentials_secret:
+        folder, filename = CREDENTIALS_PATH.rsplit("/", 1)
+        mounts.append(k8s.V1VolumeMount(name="aws-credentials", mount_path=folder, read_only=True))
+        pod_volumes.append(
+            k8s.V1Volume(
+                name="aws-credentials",
+                secret=k8s.V1SecretVolumeSource(
+                    secret_name=aws_credentials_secret,
+                    items=[k8s.V1KeyToPath(key="credentials", path=filename)],
+                    default_mode=0o440,
+                ),
+            )
+        )
+        environment["AWS_SHARED_CREDENTIALS_FILE"] = CREDENTIALS_PATH
     if model_repository_pvc:
         mounts.append(k8s.V1VolumeMount(name="model-repository", mount_path=repository, read_only=True))
         pod_volumes.append(
@@ -193,7 +214,7 @@ def build_pod(
             timeout_seconds=3,
             failure_threshold=3,
         ),
-        env=[k8s.V1EnvVar(name=k, value=str(v)) for k, v in (environment or {}).items()] or None,
+        env=[k8s.V1EnvVar(name=k, value=str(v)) for k, v in environment.items()] or None,
         env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=aws_secret_name))]
         if aws_secret_name
         else None,

@@ -177,3 +177,25 @@ def test_a_retried_start_finds_its_container_with_its_endpoint() -> None:
         assert runtime.find_server(other_try, ["risk_scorer"]) is None  # another task's server
         runtime.stop(info)
         assert runtime.find_server(OWNER, ["risk_scorer"]) is None
+
+
+def test_a_pod_reads_s3_keys_from_a_mounted_file_not_its_environment(kube: FakeKubernetes) -> None:
+    runtime = get_runtime(
+        "kubernetes",
+        kubernetes_conn_id="kube_test",
+        model_repository="s3://m/prod",
+        aws_credentials_secret="triton-s3-credentials",
+    )
+    info = runtime.launch("/models", ["risk_scorer"], owner=OWNER)
+    pod = kube.pods[("ml", info.handle["server_id"])]
+    [container] = pod["spec"]["containers"]
+    assert "envFrom" not in container  # no Secret spilled into the environment
+    assert {"name": "AWS_SHARED_CREDENTIALS_FILE", "value": "/run/airflow-batch-infer/aws-credentials"} in (
+        container["env"]
+    )
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "aws-credentials"]
+    assert (mount["mountPath"], mount["readOnly"]) == ("/run/airflow-batch-infer", True)
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == "aws-credentials"]
+    assert volume["secret"]["secretName"] == "triton-s3-credentials"
+    assert volume["secret"]["items"] == [{"key": "credentials", "path": "aws-credentials"}]
+    runtime.stop(info)
