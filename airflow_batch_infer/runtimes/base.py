@@ -119,7 +119,12 @@ class TritonRuntime(ABC):
             ready = bool(info.http_url) and probe_server_sync(info, models)
             candidates.append((not ready, -float(handle.get("started_at") or 0), info))
         candidates.sort(key=lambda c: c[:2])
-        return candidates[0][2] if candidates else None
+        if not candidates:
+            return None
+        found = candidates[0][2]
+        for key in ("state", "keeper", "pids", "lease_age", "lease_renewed_at"):  # what a listing adds
+            found.handle.pop(key, None)
+        return found
 
     def refresh(self, info: ServerInfo) -> ServerInfo:
         """``info`` with what became known since launch (an ECS task's address); the same by default."""

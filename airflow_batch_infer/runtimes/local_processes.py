@@ -37,7 +37,8 @@ class ServerProcess:
     :param pid: its pid.
     :param pgid: its process group.
     :param ppid: its parent.
-    :param role: ``supervisor``, ``tritonserver`` or ``stub``.
+    :param role: ``supervisor``, ``tritonserver``, ``guard`` (kills the group when the supervisor dies) or
+        ``stub``.
     :param cmdline: its command line, arguments joined by spaces.
     """
 
@@ -71,6 +72,8 @@ def _role(args: list[str]) -> str:
         return "supervisor"
     if args and Path(args[0]).name == "tritonserver":
         return "tritonserver"
+    if len(args) > 2 and args[1] == "-c" and "killpg" in args[2]:
+        return "guard"
     return "stub"
 
 

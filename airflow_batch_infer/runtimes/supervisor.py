@@ -3,7 +3,11 @@ lease runs out.
 
 Run as ``python supervisor.py --server-id ID --ready-url URL ... -- CMD ...``, in a session of its own. It
 starts CMD with a parent-death signal (``PR_SET_PDEATHSIG`` = SIGKILL, set in the child between fork and
-exec), so that the server dies with its supervisor whatever kills the supervisor, SIGKILL included.
+exec), so that the server dies with its supervisor whatever kills the supervisor, SIGKILL included. The
+server's model stubs are its own children, whose death signal Triton does not set: they notice their
+parent's death only once it is reaped, which an init that reaps late can delay. So the supervisor also
+starts a guard, a small process with a parent-death signal of its own (SIGTERM), that SIGKILLs the whole
+process group (server and stubs) when the supervisor is gone, for whatever reason.
 
 - When CMD dies *after* the server had once been ready (a crash, an OOM kill), it is started again with the
   same arguments, so on the same ports; clients retrying with backoff then carry on. A server that exits
@@ -72,6 +76,26 @@ def die_with_parent(parent: int) -> None:
         os._exit(125)
 
 
+#: The guard: when its parent (the supervisor) dies, it kills the process group: server, stubs, itself.
+GUARD = """
+import ctypes, os, signal, sys
+def kill_group(*_):
+    os.killpg(0, signal.SIGKILL)
+signal.signal(signal.SIGTERM, kill_group)
+if ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0) != 0 or os.getppid() != int(sys.argv[1]):
+    kill_group()
+while True:
+    signal.pause()
+"""
+
+
+def start_guard(server_id: str) -> subprocess.Popen[bytes]:
+    """Start the guard of this supervisor's process group (its command line carries the server's id)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", GUARD, str(os.getpid()), f"--id={server_id}"], stdin=subprocess.DEVNULL
+    )
+
+
 def lease_age(lease_file: str) -> float | None:
     """Seconds since the lease was last renewed (its modification time); ``None`` when it has no file."""
     try:
@@ -93,6 +117,7 @@ class Supervisor:
     :param lease_timeout: seconds a lease may go without renewal before the server is stopped.
     :param stop_grace: seconds between SIGTERM and SIGKILL when stopping the server.
     :param workdir: the server's folder (its ``models`` copy is removed when the lease runs out).
+    :param server_id: the server's id; with it, a guard kills the process group when the supervisor dies.
     """
 
     def __init__(
@@ -107,7 +132,9 @@ class Supervisor:
         lease_timeout: float = 0,
         stop_grace: float = 0.5,
         workdir: str = "",
+        server_id: str = "",
     ) -> None:
+        self.server_id = server_id
         self.command = command
         self.ready_url = ready_url
         self.ready_file = ready_file
@@ -184,6 +211,8 @@ class Supervisor:
         with contextlib.suppress(OSError):  # a session of its own, also when not started with one
             if os.getsid(0) != os.getpid():
                 os.setsid()
+        if self.server_id:
+            start_guard(self.server_id)
         restarts = 0
         ever_ready = False
         while True:
@@ -244,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         lease_timeout=args.lease_timeout,
         stop_grace=args.stop_grace,
         workdir=args.workdir,
+        server_id=args.server_id,
     ).run()
 
 
