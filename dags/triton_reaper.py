@@ -1,9 +1,11 @@
-"""Maintenance: stop the Triton servers whose DAG run ended without stopping them (orphans).
+"""Maintenance: stop the Triton servers that no run keeps any more (orphans).
 
-Each run's teardown task stops its server; this DAG is the safety net for what escapes it (a worker lost
-while the server started, a deferred start that Airflow timed out, a run marked failed by hand). For each
-runtime in use it lists the servers this package started and stops those whose DAG run is no longer queued
-or running, once they are older than ``min_age``.
+Each run's teardown task stops its server, and a local server's supervisor stops it when its lease runs
+out; this DAG is the safety net for what escapes both (a worker lost while the server started, a hung
+keeper, a run marked failed by hand, a Pod or ECS task whose run stopped renewing its lease). For each
+runtime in use it finds the servers this package started from the host and the platform (processes and
+server folders, labels, tags), and stops those whose lease expired, whose keeper is gone, or whose DAG run
+is no longer queued or running (once they are older than ``min_age``).
 
 The runtimes and their options (the same as the DAGs give them) come from the environment variable
 ``BATCH_INFER_REAPED_RUNTIMES``, a JSON object, e.g.

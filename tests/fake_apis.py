@@ -32,7 +32,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        body = json.loads(raw) if raw and raw[:1] in (b"{", b"[") else None
+        body = json.loads(raw) if raw and raw[:1] in (b"{", b"[") else (raw or None)
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         with self.api.lock:
@@ -90,6 +90,7 @@ class FakeDockerEngine(FakeApi):
         self.images = set(images)
         self.containers: dict[str, dict[str, Any]] = {}
         self.logs: dict[str, str] = {}
+        self.archives: dict[str, list[tuple[str | None, bytes]]] = {}  # files copied into containers
         self.fail_start: str | None = None
         self.url = f"tcp://127.0.0.1:{self.port}"
 
@@ -132,6 +133,9 @@ class FakeDockerEngine(FakeApi):
                 lines = lines[-int(tail) :]
             text = "".join(line + "\n" for line in lines).encode()
             return 200, struct.pack(">BxxxL", 1, len(text)) + text, "application/vnd.docker.raw-stream"
+        if method == "PUT" and action == "/archive":
+            self.archives.setdefault(container["Id"], []).append((query.get("path"), body))
+            return 200, b"", None
         if method == "POST" and action == "/stop":
             self.exit(container["Id"], 0)
             return 204, b"", None
@@ -215,6 +219,7 @@ class FakeKubernetes(FakeApi):
         super().__init__()
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.network_policies: dict[tuple[str, str], dict[str, Any]] = {}
         self.logs: dict[str, str] = {}
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -237,13 +242,17 @@ class FakeKubernetes(FakeApi):
                 "message": message}  # fmt: skip
 
     def route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any, str | None]:
-        m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(pods|services|events)(?:/([^/]+))?(/log)?", path)
+        m = re.fullmatch(
+            r"/(?:api/v1|apis/networking\.k8s\.io/v1)/namespaces/([^/]+)/(pods|services|events|networkpolicies)"
+            r"(?:/([^/]+))?(/log)?",
+            path,
+        )
         if not m:
             return 404, self._status(404, "NotFound", f"unknown path {path}"), None
         namespace, kind, name, log = m.groups()
         if kind == "events":
             return 200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": []}, None
-        store = self.pods if kind == "pods" else self.services
+        store = {"pods": self.pods, "services": self.services, "networkpolicies": self.network_policies}[kind]
         if method == "POST" and name is None:
             key = (namespace, body["metadata"]["name"])
             if key in store:
@@ -279,6 +288,17 @@ class FakeKubernetes(FakeApi):
             return 200, obj, None
         if method == "DELETE":
             del store[(namespace, name)]
+            if kind == "pods":  # garbage collection: what the Pod owns goes with it
+                uid = obj["metadata"]["uid"]
+                for owned in (self.services, self.network_policies):
+                    for key, dependent in list(owned.items()):
+                        refs = dependent["metadata"].get("ownerReferences") or []
+                        if any(ref.get("uid") == uid for ref in refs):
+                            del owned[key]
+            return 200, obj, None
+        if method == "PATCH" and isinstance(body, dict):  # a merge patch of labels and annotations
+            for key in ("labels", "annotations"):
+                obj["metadata"].setdefault(key, {}).update((body.get("metadata") or {}).get(key) or {})
             return 200, obj, None
         return 404, self._status(404, "NotFound", f"unsupported {method} {path}"), None
 

@@ -34,6 +34,12 @@ class StartTritonServerOperator(BaseOperator):
     :param deferrable: launch, then wait in the triggerer (``TritonServerReadyTrigger``) while the models
         load, holding no worker slot.
     :param poll_interval: seconds between readiness polls when deferred.
+    :param lease_timeout: seconds the server may go without a lease renewal before its keeper (or the
+        reaper) stops it; the start task renews it while it waits, the infer and persist tasks while they
+        work (``airflow_batch_infer.runtimes.lease.renew``). Default: the runtime's (30 minutes).
+    :param reattach: a retry of this task first looks for a running server that an earlier try started
+        (same DAG run, task and map index, same models) and returns it, waiting for it if it is still
+        loading, instead of starting a second one.
     """
 
     template_fields: Sequence[str] = ("model_repository", "models", "runtime", "runtime_options")
@@ -48,6 +54,8 @@ class StartTritonServerOperator(BaseOperator):
         runtime_options: dict[str, Any] | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 5.0,
+        lease_timeout: float | None = None,
+        reattach: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -57,20 +65,40 @@ class StartTritonServerOperator(BaseOperator):
         self.runtime_options = runtime_options or {}
         self.deferrable = deferrable
         self.poll_interval = poll_interval
+        self.lease_timeout = lease_timeout
+        self.reattach = reattach
+
+    def _runtime_options(self) -> dict[str, Any]:
+        options = dict(self.runtime_options)
+        if self.lease_timeout is not None:
+            options["lease_timeout"] = float(self.lease_timeout)
+        return options
 
     def execute(self, context: Any) -> dict[str, Any]:
-        runtime = get_runtime(self.runtime, **self.runtime_options)
+        runtime = get_runtime(self.runtime, **self._runtime_options())
         models = list(self.models) if self.models else None
         owner = ServerOwner.from_context(context)
+        earlier = runtime.find_server(owner, models) if (self.reattach and owner) else None
+        if earlier is not None:
+            self.log.info(
+                "Reattaching to Triton server %s, started by an earlier try of this task (%s runtime).",
+                earlier.handle.get("server_id"),
+                earlier.runtime,
+            )
+            runtime.renew_lease(earlier)
         if not self.deferrable:
-            info = runtime.start(str(self.model_repository), models, owner=owner)
+            if earlier is not None:
+                info = runtime.wait_ready(earlier, models)
+            else:
+                info = runtime.start(str(self.model_repository), models, owner=owner)
             self._log_ready(info)
             return info.to_dict()
-        info = runtime.launch(str(self.model_repository), models, owner=owner)
+        info = earlier or runtime.launch(str(self.model_repository), models, owner=owner)
         timeout = runtime.startup_timeout
         self.log.info(
-            "Triton server %s launched (%s runtime); deferring until it is ready (at most %.0f s).",
+            "Triton server %s %s (%s runtime); deferring until it is ready (at most %.0f s).",
             info.handle.get("server_id"),
+            "reattached" if earlier else "launched",
             info.runtime,
             timeout,
         )
@@ -78,7 +106,7 @@ class StartTritonServerOperator(BaseOperator):
             trigger=TritonServerReadyTrigger(
                 server=info.to_dict(),
                 runtime=self.runtime,
-                runtime_options=self.runtime_options,
+                runtime_options=self._runtime_options(),
                 models=models,
                 deadline=time.time() + timeout,
                 poll_interval=self.poll_interval,
@@ -94,7 +122,7 @@ class StartTritonServerOperator(BaseOperator):
             self._log_ready(info)
             return info.to_dict()
         with contextlib.suppress(Exception):
-            get_runtime(self.runtime, **self.runtime_options).stop(info)
+            get_runtime(self.runtime, **self._runtime_options()).stop(info)
         raise ServerStartError(event.get("message") or "The Triton server did not become ready.")
 
     def _log_ready(self, info: ServerInfo) -> None:

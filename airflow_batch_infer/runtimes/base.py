@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from airflow_batch_infer.runtimes.labels import ServerOwner
 
 
+#: Default ``lease_timeout`` of a server: stopped after 30 minutes without a renewal by its run.
+DEFAULT_LEASE_TIMEOUT = 1800.0
+
+
 class ServerStartError(RuntimeError):
     """The server could not be started or did not become ready; the message carries its own log lines."""
 
@@ -58,6 +62,9 @@ class TritonRuntime(ABC):
 
     #: Seconds a start may take, from launch until the server and its models are ready.
     startup_timeout: float = 600.0
+    #: Seconds a server may go without a lease renewal (``airflow_batch_infer.runtimes.lease.renew``)
+    #: before its keeper or the reaper stops it; 0 for no lease.
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT
 
     @abstractmethod
     def launch(
@@ -79,6 +86,45 @@ class TritonRuntime(ABC):
         Each one's ``handle["owner"]`` is its :class:`ServerOwner` as a dict (``None`` when unknown) and
         ``handle["started_at"]`` its start time (epoch seconds, when known).
         """
+
+    def renew_lease(self, info: ServerInfo) -> bool:
+        """Renew the server's lease; ``False`` where this runtime keeps none (the default)."""
+        return False
+
+    def find_server(self, owner: ServerOwner, models: list[str] | None = None) -> ServerInfo | None:
+        """A running server that ``owner`` (the same task instance) started earlier, ready ones first.
+
+        A retried start task reattaches to it instead of starting a second server (as the Kubernetes pod
+        operator's ``reattach_on_restart`` does). Servers that record their models must have the same ones.
+
+        :param owner: the start task instance (DAG, run, task, map index).
+        :param models: the models the start task asks for.
+        """
+        from airflow_batch_infer.runtimes.labels import ServerOwner as Owner
+        from airflow_batch_infer.runtimes.readiness import probe_server_sync
+
+        candidates = []
+        for info in self.list_servers():
+            handle = info.handle
+            if Owner.from_dict(handle.get("owner")) != owner:
+                continue
+            if handle.get("state") not in (None, "running", "RUNNING", "Running", "PENDING", "Pending"):
+                continue
+            recorded = handle.get("models")
+            if recorded is not None and sorted(recorded) != sorted(models or []):
+                continue
+            if handle.get("lease_timeout") and (handle.get("lease_age") or 0) > handle["lease_timeout"]:
+                continue
+            info = self.refresh(info)
+            ready = bool(info.http_url) and probe_server_sync(info, models)
+            candidates.append((not ready, -float(handle.get("started_at") or 0), info))
+        candidates.sort(key=lambda c: c[:2])
+        if not candidates:
+            return None
+        found = candidates[0][2]
+        for key in ("state", "keeper", "pids", "lease_age", "lease_renewed_at"):  # what a listing adds
+            found.handle.pop(key, None)
+        return found
 
     def refresh(self, info: ServerInfo) -> ServerInfo:
         """``info`` with what became known since launch (an ECS task's address); the same by default."""

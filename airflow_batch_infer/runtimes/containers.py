@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 #: NVIDIA's Triton image, pinned: its ``-py3`` image carries the native onnxruntime, TensorRT, PyTorch and
@@ -97,24 +98,73 @@ def gpu_count(gpus: int | str | list[str]) -> int | None:
     return int(gpus)
 
 
-def s3_access(aws_conn_id: str, region_name: str | None = None) -> tuple[dict[str, str], str | None]:
-    """Environment variables that let tritonserver read S3 with an Airflow ``aws`` connection's keys.
+#: Where a container finds the S3 credentials file that the runtime copies in (never its environment).
+CREDENTIALS_PATH = "/run/airflow-batch-infer/aws-credentials"
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """How a containerised tritonserver reads ``s3://`` with an Airflow ``aws`` connection.
+
+    :param environment: variables without secrets: the region and, with keys, ``AWS_SHARED_CREDENTIALS_FILE``.
+    :param endpoint_url: the S3-compatible store's endpoint (``None`` for AWS S3).
+    :param credentials: the text of an AWS shared-credentials file with the connection's keys (``None`` when
+        it has none: the host's instance role, IRSA or the task role then serve).
+    """
+
+    environment: dict[str, str]
+    endpoint_url: str | None
+    credentials: str | None
+
+
+def s3_access(aws_conn_id: str, region_name: str | None = None) -> S3Access:
+    """What a container needs to read S3 with an Airflow ``aws`` connection, keys kept out of its environment.
+
+    A container's environment is shown by ``docker inspect`` and kept in exited containers, so the keys go
+    into a credentials file that the runtime copies into the container before it starts (removed with it).
 
     :param aws_conn_id: the connection (its extra's ``endpoint_url`` names an S3-compatible store).
     :param region_name: the region; the connection's when ``None``.
-    :returns: the variables (``AWS_ACCESS_KEY_ID``, ...) and the S3 endpoint URL (``None`` for AWS).
     """
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
     hook = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="s3", region_name=region_name)
     credentials = hook.get_credentials()
     env = {"AWS_DEFAULT_REGION": hook.conn_region_name or "us-east-1"}
+    text = None
     if credentials.access_key:
-        env["AWS_ACCESS_KEY_ID"] = credentials.access_key
-        env["AWS_SECRET_ACCESS_KEY"] = credentials.secret_key
-    if credentials.token:
-        env["AWS_SESSION_TOKEN"] = credentials.token
-    return env, hook.conn_config.get_service_endpoint_url("s3")
+        lines = [
+            "[default]",
+            f"aws_access_key_id = {credentials.access_key}",
+            f"aws_secret_access_key = {credentials.secret_key}",
+        ]
+        if credentials.token:
+            lines.append(f"aws_session_token = {credentials.token}")
+        text = "\n".join(lines) + "\n"
+        env["AWS_SHARED_CREDENTIALS_FILE"] = CREDENTIALS_PATH
+    return S3Access(env, hook.conn_config.get_service_endpoint_url("s3"), text)
+
+
+def credentials_archive(text: str) -> bytes:
+    """A tar archive of :data:`CREDENTIALS_PATH` holding ``text``, for ``put_archive`` at ``/``.
+
+    Readable by the container's own user whoever it is (mode 0444): only the server's processes see it.
+    """
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        parts = CREDENTIALS_PATH.strip("/").split("/")
+        for depth in range(1, len(parts)):
+            folder = tarfile.TarInfo("/".join(parts[:depth]))
+            folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(folder)
+        data = text.encode()
+        member = tarfile.TarInfo("/".join(parts))
+        member.size, member.mode = len(data), 0o444
+        tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def require_provider(module: str, extra: str) -> None:

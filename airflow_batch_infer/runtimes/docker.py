@@ -2,10 +2,8 @@
 
 The container is created through the docker provider's
 :class:`~airflow.providers.docker.hooks.docker.DockerHook` (the docker SDK's API client), never through a
-shell string. :func:`build_container_spec` is the whole container, as a pure function: GPUs
-(``DeviceRequest`` for the NVIDIA Container Toolkit), shared memory, ulimits, the model repository (a
-read-only bind mount, or S3 read by tritonserver itself), published ports or a network to join, and labels
-naming the DAG run. Needs the ``docker`` extra (``apache-airflow-providers-docker``).
+shell string. :func:`build_container_spec` (in :mod:`.docker_specs`, re-exported here) is the whole
+container, as a pure function. Needs the ``docker`` extra (``apache-airflow-providers-docker``).
 """
 
 from __future__ import annotations
@@ -13,141 +11,43 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.base import (
+    DEFAULT_LEASE_TIMEOUT,
+    ServerInfo,
+    ServerStartError,
+    TritonRuntime,
+)
 from airflow_batch_infer.runtimes.containers import (
-    CONTAINER_MODEL_REPOSITORY,
-    GRPC_PORT,
-    HTTP_PORT,
-    METRICS_PORT,
     TRITON_IMAGE,
-    gpu_count,
-    is_remote_repository,
+    credentials_archive,
     require_provider,
     s3_access,
-    triton_s3_path,
-    tritonserver_command,
+)
+from airflow_batch_infer.runtimes.docker_specs import (
+    _PORTS,
+    DEFAULT_DOCKER_URL,
+    ContainerSpec,
+    build_container_spec,
 )
 from airflow_batch_infer.runtimes.labels import (
     MANAGED_BY,
     MANAGED_BY_KEY,
     SERVER_ID_KEY,
     ServerOwner,
+    lease_from_labels,
     new_server_id,
-    server_labels,
 )
 
 if TYPE_CHECKING:
     from docker import APIClient
 
+__all__ = ["DockerTritonRuntime", "build_container_spec"]
+
 log = logging.getLogger(__name__)
-
-DEFAULT_DOCKER_URL = "unix://var/run/docker.sock"
-#: NVIDIA's recommended limits for Triton containers (pinned memory, deep stacks in backends).
-ULIMITS = {"memlock": (-1, -1), "stack": (67108864, 67108864)}
-_PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
-
-
-@dataclass
-class ContainerSpec:
-    """What :func:`build_container_spec` returns.
-
-    :param create: keyword arguments of ``APIClient.create_container`` (less ``host_config``).
-    :param host_config: keyword arguments of ``APIClient.create_host_config``.
-    """
-
-    create: dict[str, Any]
-    host_config: dict[str, Any] = field(default_factory=dict)
-
-
-def build_container_spec(
-    *,
-    server_id: str,
-    image: str,
-    model_repository: str,
-    models: list[str] | None,
-    owner: ServerOwner | None = None,
-    gpus: int | str | list[str] = 1,
-    shm_size: str = "1g",
-    network: str | None = None,
-    host_ip: str = "0.0.0.0",  # noqa: S104 (published on the Docker host, as `docker run -p` does)
-    host_ports: dict[str, int] | None = None,
-    environment: dict[str, str] | None = None,
-    volumes: list[str] | None = None,
-    extra_args: list[str] | None = None,
-    log_verbose: int = 0,
-    s3_endpoint_url: str | None = None,
-) -> ContainerSpec:
-    """The container that serves ``models``: a pure function of the runtime's options.
-
-    :param server_id: the server's id: container name, ``--id`` and a label.
-    :param image: the tritonserver image.
-    :param model_repository: a path on the Docker host (mounted read-only at ``/models``) or ``s3://...``.
-    :param models: models to load (all in the repository when ``None``).
-    :param owner: the task instance that starts it (labels).
-    :param gpus: number of GPUs, ``"all"``, a list of device ids, or 0 for none.
-    :param shm_size: shared memory of the container (Python backend tensors, ensembles), e.g. ``"2g"``.
-    :param network: a Docker network to join; the server is then reached by its name there and its
-        ports are not published.
-    :param host_ip: address the published ports bind on the Docker host.
-    :param host_ports: fixed host ports (``{"http": 8000, "grpc": 8001, "metrics": 8002}``); free ones
-        chosen by Docker when ``None``.
-    :param environment: environment variables of the server.
-    :param volumes: more binds, ``host_path:container_path[:ro]``.
-    :param extra_args: more tritonserver flags.
-    :param log_verbose: Triton's ``--log-verbose`` level.
-    :param s3_endpoint_url: endpoint of an S3-compatible store holding the repository.
-    """
-    from docker.types import DeviceRequest, Ulimit
-
-    binds: list[str] = list(volumes or [])
-    if is_remote_repository(model_repository):
-        repository = (
-            triton_s3_path(model_repository, s3_endpoint_url)
-            if model_repository.startswith("s3://")
-            else model_repository
-        )
-    else:
-        repository = CONTAINER_MODEL_REPOSITORY
-        binds.insert(0, f"{model_repository}:{CONTAINER_MODEL_REPOSITORY}:ro")
-
-    host_config: dict[str, Any] = {
-        "shm_size": shm_size,
-        "ulimits": [Ulimit(name=name, soft=soft, hard=hard) for name, (soft, hard) in ULIMITS.items()],
-        "binds": binds,
-        "auto_remove": False,  # an exited server keeps its log until stop() removes it
-    }
-    count = gpu_count(gpus)
-    if count != 0:
-        request: dict[str, Any] = {"driver": "nvidia", "capabilities": [["gpu"]]}
-        if isinstance(gpus, (list, tuple)):
-            request["device_ids"] = [str(g) for g in gpus]
-        else:
-            request["count"] = -1 if count is None else count
-        host_config["device_requests"] = [DeviceRequest(**request)]
-    if network:
-        host_config["network_mode"] = network
-    else:
-        fixed = host_ports or {}
-        host_config["port_bindings"] = {port: (host_ip, fixed.get(key)) for key, port in _PORTS.items()}
-
-    create = {
-        "image": image,
-        "name": server_id,
-        "command": tritonserver_command(
-            repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
-        ),
-        "labels": server_labels(server_id, owner),
-        "environment": dict(environment or {}),
-        "ports": list(_PORTS.values()),
-        "detach": True,
-        "stop_signal": "SIGTERM",
-    }
-    return ContainerSpec(create=create, host_config=host_config)
 
 
 class DockerTritonRuntime(TritonRuntime):
@@ -163,12 +63,16 @@ class DockerTritonRuntime(TritonRuntime):
         by its container name and no port is published.
     :param advertise_host: host name the workers use for published ports; by default the host of a
         ``tcp://`` ``docker_url``, else ``127.0.0.1``.
-    :param host_ip: address the published ports bind on the Docker host.
+    :param host_ip: address the published ports bind on the Docker host: loopback by default, so that only
+        the host's own workers reach the server; a private address (never ``0.0.0.0`` on a shared network)
+        for workers elsewhere, or better a ``network`` shared with the workers.
     :param host_ports: fixed host ports (``{"http": ..., "grpc": ..., "metrics": ...}``); Docker picks free
         ones when ``None``.
     :param model_repository: where the server reads its models when not the path the DAG names: a path on
         the Docker host, or ``s3://bucket/prefix``.
     :param aws_conn_id: ``aws`` connection whose keys (and ``endpoint_url``) the server uses for ``s3://``.
+        The keys go into a credentials file copied into the container before it starts (removed with the
+        container), never into its environment; without keys, the host's instance role serves.
     :param environment: more environment variables of the server.
     :param volumes: more binds, ``host_path:container_path[:ro]``.
     :param extra_args: more tritonserver flags.
@@ -180,6 +84,8 @@ class DockerTritonRuntime(TritonRuntime):
     :param tls_ca_cert: CA certificate file for a TLS Docker Engine (with the two below).
     :param tls_client_cert: client certificate file.
     :param tls_client_key: client key file.
+    :param lease_timeout: recorded as a label. Docker labels cannot change, so a container's lease cannot
+        be renewed: the reaper stops a container once its run is no longer queued or running.
     """
 
     name = "docker"
@@ -193,7 +99,7 @@ class DockerTritonRuntime(TritonRuntime):
         shm_size: str = "1g",
         network: str | None = None,
         advertise_host: str | None = None,
-        host_ip: str = "0.0.0.0",  # noqa: S104 (same default as `docker run -p`)
+        host_ip: str = "127.0.0.1",
         host_ports: dict[str, int] | None = None,
         model_repository: str | None = None,
         aws_conn_id: str | None = None,
@@ -208,8 +114,10 @@ class DockerTritonRuntime(TritonRuntime):
         tls_ca_cert: str | None = None,
         tls_client_cert: str | None = None,
         tls_client_key: str | None = None,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     ) -> None:
         require_provider("airflow.providers.docker", "docker")
+        self.lease_timeout = float(lease_timeout or 0)
         if pull not in ("missing", "always", "never"):
             raise ValueError(f"pull must be 'missing', 'always' or 'never', not {pull!r}.")
         self.image = image
@@ -253,7 +161,8 @@ class DockerTritonRuntime(TritonRuntime):
         repository = self.model_repository or model_repository
         environment, endpoint = {}, None
         if repository.startswith("s3://") and self.aws_conn_id:
-            environment, endpoint = s3_access(self.aws_conn_id)
+            access = s3_access(self.aws_conn_id)
+            environment, endpoint = dict(access.environment), access.endpoint_url
         environment.update(self.environment)
         return build_container_spec(
             server_id=server_id,
@@ -271,6 +180,7 @@ class DockerTritonRuntime(TritonRuntime):
             extra_args=self.extra_args,
             log_verbose=self.log_verbose,
             s3_endpoint_url=endpoint,
+            lease_timeout=self.lease_timeout,
         )
 
     def launch(
@@ -287,6 +197,7 @@ class DockerTritonRuntime(TritonRuntime):
         try:
             host_config = client.create_host_config(**spec.host_config)
             container_id = client.create_container(**spec.create, host_config=host_config)["Id"]
+            self._copy_credentials(client, container_id, str(model_repository))
             client.start(container_id)
             details = client.inspect_container(container_id)
         except DockerException as exc:
@@ -309,6 +220,15 @@ class DockerTritonRuntime(TritonRuntime):
             info.grpc_url,
         )
         return info
+
+    def _copy_credentials(self, client: APIClient, container_id: str, model_repository: str) -> None:
+        """Copy the S3 credentials file into the created container (never into its environment)."""
+        repository = self.model_repository or model_repository
+        if not (repository.startswith("s3://") and self.aws_conn_id):
+            return
+        access = s3_access(self.aws_conn_id)
+        if access.credentials:
+            client.put_archive(container_id, "/", credentials_archive(access.credentials))
 
     def _ensure_image(self, client: APIClient) -> None:
         from docker.errors import ImageNotFound
@@ -360,6 +280,17 @@ class DockerTritonRuntime(TritonRuntime):
                 "started_at": time.time(),
             },
         )
+
+    def refresh(self, info: ServerInfo) -> ServerInfo:
+        """``info`` with the container's endpoint, for a server found by :meth:`list_servers` (no URLs)."""
+        if info.http_url:
+            return info
+        details = self._inspect(info)
+        if details is None:
+            return info
+        fresh = self._server_info(details, ServerOwner.from_dict(info.handle.get("owner")))
+        fresh.handle = {**info.handle, **{k: v for k, v in fresh.handle.items() if k != "started_at"}}
+        return fresh
 
     # ------------------------------------------------------------------ stop and inspect
 
@@ -450,6 +381,7 @@ class DockerTritonRuntime(TritonRuntime):
                         "owner": owner.to_dict() if owner else None,
                         "started_at": float(item.get("Created") or 0),
                         "state": item.get("State"),
+                        **lease_from_labels(labels),
                     },
                 )
             )

@@ -1,259 +1,55 @@
 """The kubernetes runtime: a Pod running NVIDIA's ``tritonserver`` image on a GPU node, plus a Service.
 
-Calls the Kubernetes API through the cncf.kubernetes provider's
-:class:`~airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook`. :func:`build_pod` and
-:func:`build_service` are pure functions that return the kubernetes client's models: ``nvidia.com/gpu``
-limits, node selector and tolerations for GPU nodes, a readiness probe on ``/v2/health/ready``, a
-memory-backed ``/dev/shm``, the model repository from S3 or a volume, and labels (selectable) plus
-annotations (exact) naming the DAG run. The Service is owned by the Pod, so deleting the Pod also removes
-it. Needs the ``kubernetes`` extra (``apache-airflow-providers-cncf-kubernetes``).
+Calls the Kubernetes API through the cncf.kubernetes provider's ``KubernetesHook``. The Pod, its Service and
+its NetworkPolicy are built by :mod:`.kubernetes_specs` (re-exported here); the Service and the
+NetworkPolicy are owned by the Pod. Needs the ``kubernetes`` extra.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.base import (
+    DEFAULT_LEASE_TIMEOUT,
+    ServerInfo,
+    ServerStartError,
+    TritonRuntime,
+)
 from airflow_batch_infer.runtimes.containers import (
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PORT,
     TRITON_IMAGE,
-    is_remote_repository,
     require_provider,
-    triton_s3_path,
-    tritonserver_command,
+)
+from airflow_batch_infer.runtimes.kubernetes_specs import (
+    AIRFLOW_PODS,
+    CONTAINER_NAME,
+    FATAL_WAITING_REASONS,
+    build_network_policy,
+    build_pod,
+    build_service,
+    container_summary,
 )
 from airflow_batch_infer.runtimes.labels import (
+    LEASE_RENEWED_KEY,
     MANAGED_BY,
     MANAGED_BY_KEY,
-    SERVER_ID_KEY,
     ServerOwner,
-    k8s_labels,
+    lease_from_labels,
     new_server_id,
 )
 
 if TYPE_CHECKING:
-    from kubernetes.client import CoreV1Api, V1Pod, V1Service
+    from kubernetes.client import CoreV1Api, V1Pod
 
 log = logging.getLogger(__name__)
 
-CONTAINER_NAME = "tritonserver"
-#: The usual taint of GPU node pools (GKE, EKS and AKS GPU nodes, the NVIDIA GPU Operator's guides).
-GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-#: Container states after which the server will never start (no need to wait for the deadline).
-FATAL_WAITING_REASONS = (
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "CrashLoopBackOff",
-)
-_PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
 
-
-class _Json:
-    """A response-like object, so that ``ApiClient.deserialize`` turns API-shaped dicts into models."""
-
-    def __init__(self, data: Any) -> None:
-        self.data = json.dumps(data)
-
-
-def to_model(data: Any, kind: str) -> Any:
-    """A dict in the Kubernetes API's shape (camelCase, as in a manifest) as the client's model ``kind``.
-
-    :param data: e.g. ``{"name": "models", "persistentVolumeClaim": {"claimName": "triton-models"}}``.
-    :param kind: e.g. ``"V1Volume"`` or ``"list[V1Toleration]"``.
-    """
-    from kubernetes.client import ApiClient
-
-    if data is None or not isinstance(data, (dict, list)):
-        return data
-    return ApiClient().deserialize(_Json(data), kind)
-
-
-def build_pod(
-    *,
-    server_id: str,
-    namespace: str,
-    image: str,
-    model_repository: str,
-    models: list[str] | None,
-    owner: ServerOwner | None = None,
-    gpus: int = 1,
-    gpu_resource: str = "nvidia.com/gpu",
-    cpu: str | None = None,
-    memory: str | None = None,
-    shm_size: str = "1Gi",
-    node_selector: dict[str, str] | None = None,
-    tolerations: list[dict[str, Any]] | None = None,
-    model_repository_pvc: str | None = None,
-    s3_endpoint_url: str | None = None,
-    aws_secret_name: str | None = None,
-    service_account_name: str | None = None,
-    environment: dict[str, str] | None = None,
-    volumes: list[dict[str, Any]] | None = None,
-    volume_mounts: list[dict[str, Any]] | None = None,
-    image_pull_secrets: list[str] | None = None,
-    annotations: dict[str, str] | None = None,
-    priority_class_name: str | None = None,
-    extra_args: list[str] | None = None,
-    log_verbose: int = 0,
-    stop_grace_period: int = 30,
-) -> V1Pod:
-    """The server's Pod: a pure function of the runtime's options.
-
-    :param server_id: the Pod's name, ``--id`` and the label the Service selects.
-    :param namespace: the namespace.
-    :param image: the tritonserver image.
-    :param model_repository: ``s3://...`` (or ``gs://``, ``as://``), or a path inside the container (on
-        ``model_repository_pvc`` or one of ``volumes``).
-    :param models: models to load (all in the repository when ``None``).
-    :param owner: the task instance that starts it (labels and annotations).
-    :param gpus: GPUs in the container's limits (0: none, and no GPU toleration by default).
-    :param gpu_resource: the extended resource name of the GPUs.
-    :param cpu: CPU request and limit, e.g. ``"8"``.
-    :param memory: memory request and limit, e.g. ``"32Gi"``.
-    :param shm_size: size of the memory-backed ``/dev/shm``.
-    :param node_selector: node labels the Pod needs, e.g. ``{"nvidia.com/gpu.present": "true"}``.
-    :param tolerations: tolerations (API shape); the ``nvidia.com/gpu`` taint's when ``None`` and gpus > 0.
-    :param model_repository_pvc: a PersistentVolumeClaim mounted read-only at ``model_repository``.
-    :param s3_endpoint_url: endpoint of an S3-compatible store holding the repository.
-    :param aws_secret_name: a Secret with ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
-        ``AWS_DEFAULT_REGION`` for S3 (or use ``service_account_name`` with IAM roles for service accounts).
-    :param service_account_name: the Pod's service account.
-    :param environment: environment variables.
-    :param volumes: more volumes (API shape).
-    :param volume_mounts: more mounts of the container (API shape).
-    :param image_pull_secrets: Secrets to pull the image with.
-    :param annotations: more Pod annotations.
-    :param priority_class_name: the Pod's priority class.
-    :param extra_args: more tritonserver flags.
-    :param log_verbose: Triton's ``--log-verbose`` level.
-    :param stop_grace_period: seconds between SIGTERM and SIGKILL when deleted.
-    """
-    from kubernetes import client as k8s
-
-    if model_repository.startswith("s3://"):
-        repository = triton_s3_path(model_repository, s3_endpoint_url)
-    elif is_remote_repository(model_repository) or model_repository.startswith("/"):
-        repository = model_repository
-    else:
-        raise ValueError(
-            f"Model repository {model_repository!r}: the kubernetes runtime needs s3:// (gs://, as://) or an "
-            "absolute path inside the container (with model_repository_pvc or volumes)."
-        )
-    mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]  # noqa: S108 (the container's)
-    pod_volumes = [
-        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size))
-    ]
-    if model_repository_pvc:
-        mounts.append(k8s.V1VolumeMount(name="model-repository", mount_path=repository, read_only=True))
-        pod_volumes.append(
-            k8s.V1Volume(
-                name="model-repository",
-                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-                    claim_name=model_repository_pvc, read_only=True
-                ),
-            )
-        )
-    mounts.extend(to_model(volume_mounts or [], "list[V1VolumeMount]"))
-    pod_volumes.extend(to_model(volumes or [], "list[V1Volume]"))
-
-    limits: dict[str, str] = {}
-    requests: dict[str, str] = {}
-    if gpus:
-        limits[gpu_resource] = str(int(gpus))
-    for key, value in (("cpu", cpu), ("memory", memory)):
-        if value:
-            limits[key] = requests[key] = str(value)
-    if tolerations is None:
-        tolerations = [GPU_TOLERATION] if gpus else []
-
-    container = k8s.V1Container(
-        name=CONTAINER_NAME,
-        image=image,
-        command=tritonserver_command(
-            repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
-        ),
-        ports=[
-            k8s.V1ContainerPort(name=key, container_port=port, protocol="TCP") for key, port in _PORTS.items()
-        ],
-        resources=k8s.V1ResourceRequirements(limits=limits or None, requests=requests or None),
-        readiness_probe=k8s.V1Probe(
-            http_get=k8s.V1HTTPGetAction(path="/v2/health/ready", port="http"),
-            period_seconds=5,
-            timeout_seconds=3,
-            failure_threshold=3,
-        ),
-        env=[k8s.V1EnvVar(name=k, value=str(v)) for k, v in (environment or {}).items()] or None,
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=aws_secret_name))]
-        if aws_secret_name
-        else None,
-        volume_mounts=mounts,
-    )
-    return k8s.V1Pod(
-        api_version="v1",
-        kind="Pod",
-        metadata=k8s.V1ObjectMeta(
-            name=server_id,
-            namespace=namespace,
-            labels=k8s_labels(server_id, owner),
-            annotations={**(owner.labels() if owner else {}), **(annotations or {})} or None,
-        ),
-        spec=k8s.V1PodSpec(
-            restart_policy="Never",  # a server that dies is reported, not restarted mid-job
-            containers=[container],
-            volumes=pod_volumes,
-            node_selector=node_selector or None,
-            tolerations=to_model(tolerations, "list[V1Toleration]") or None,
-            service_account_name=service_account_name,
-            image_pull_secrets=[k8s.V1LocalObjectReference(name=s) for s in image_pull_secrets or []] or None,
-            termination_grace_period_seconds=int(stop_grace_period),
-            priority_class_name=priority_class_name,
-            enable_service_links=False,
-        ),
-    )
-
-
-def build_service(
-    *, server_id: str, namespace: str, owner: ServerOwner | None = None, pod_uid: str | None = None
-) -> V1Service:
-    """The ClusterIP Service in front of the Pod, owned by it (removed with it).
-
-    :param server_id: the Service's name and the Pod label it selects.
-    :param namespace: the namespace.
-    :param owner: the task instance that starts the server (labels).
-    :param pod_uid: the Pod's uid, for the owner reference (none when ``None``).
-    """
-    from kubernetes import client as k8s
-
-    references = None
-    if pod_uid:
-        references = [k8s.V1OwnerReference(api_version="v1", kind="Pod", name=server_id, uid=pod_uid)]
-    return k8s.V1Service(
-        api_version="v1",
-        kind="Service",
-        metadata=k8s.V1ObjectMeta(
-            name=server_id,
-            namespace=namespace,
-            labels=k8s_labels(server_id, owner),
-            owner_references=references,
-        ),
-        spec=k8s.V1ServiceSpec(
-            type="ClusterIP",
-            selector={SERVER_ID_KEY: server_id},
-            ports=[
-                k8s.V1ServicePort(name=key, port=port, target_port=key, protocol="TCP")
-                for key, port in _PORTS.items()
-            ],
-        ),
-    )
+__all__ = ["KubernetesTritonRuntime", "build_network_policy", "build_pod", "build_service"]
 
 
 class KubernetesTritonRuntime(TritonRuntime):
@@ -277,7 +73,8 @@ class KubernetesTritonRuntime(TritonRuntime):
     :param model_repository_pvc: a PersistentVolumeClaim holding the repository, mounted read-only at
         the repository path.
     :param s3_endpoint_url: endpoint of an S3-compatible store (AWS S3 when ``None``).
-    :param aws_secret_name: a Secret holding the S3 keys as environment variables.
+    :param aws_secret_name: a Secret holding the S3 keys as environment variables (see :func:`build_pod`).
+    :param aws_credentials_secret: a Secret with an AWS credentials file, mounted (see :func:`build_pod`).
     :param service_account_name: the Pod's service account (IAM roles for service accounts).
     :param environment: more environment variables.
     :param volumes: more volumes, API shape.
@@ -291,6 +88,13 @@ class KubernetesTritonRuntime(TritonRuntime):
     :param startup_timeout: seconds from launch until the models must be ready (scheduling, image pull and
         model load included).
     :param stop_grace_period: seconds between SIGTERM and SIGKILL when stopping.
+    :param lease_timeout: seconds the Pod may go without a lease renewal before the reaper deletes it
+        (annotations; each renewal patches ``airflow-batch-infer/lease-renewed-at``); 0 for no lease.
+    :param active_deadline_seconds: the Pod's ``activeDeadlineSeconds``, a hard bound that Kubernetes
+        enforces whatever happens to Airflow and the reaper; ``None`` for none. Raise it for longer jobs.
+    :param allowed_clients: labels of the Pods admitted to the server by its NetworkPolicy (the Airflow
+        workers; default ``{"tier": "airflow"}``, as Airflow's Helm chart labels its Pods); ``{}`` for no
+        NetworkPolicy. The cluster's network plugin must enforce NetworkPolicies.
     """
 
     name = "kubernetes"
@@ -311,6 +115,7 @@ class KubernetesTritonRuntime(TritonRuntime):
         model_repository_pvc: str | None = None,
         s3_endpoint_url: str | None = None,
         aws_secret_name: str | None = None,
+        aws_credentials_secret: str | None = None,
         service_account_name: str | None = None,
         environment: dict[str, str] | None = None,
         volumes: list[dict[str, Any]] | None = None,
@@ -323,8 +128,12 @@ class KubernetesTritonRuntime(TritonRuntime):
         log_verbose: int = 0,
         startup_timeout: float = 1200,
         stop_grace_period: float = 30,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+        active_deadline_seconds: int | None = 86400,
+        allowed_clients: dict[str, str] | None = None,
     ) -> None:
         require_provider("airflow.providers.cncf.kubernetes", "kubernetes")
+        self.allowed_clients = dict(allowed_clients) if allowed_clients is not None else dict(AIRFLOW_PODS)
         self._namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
         self.pod_options: dict[str, Any] = {
@@ -339,6 +148,7 @@ class KubernetesTritonRuntime(TritonRuntime):
             "model_repository_pvc": model_repository_pvc,
             "s3_endpoint_url": s3_endpoint_url,
             "aws_secret_name": aws_secret_name,
+            "aws_credentials_secret": aws_credentials_secret,
             "service_account_name": service_account_name,
             "environment": environment,
             "volumes": volumes,
@@ -349,7 +159,10 @@ class KubernetesTritonRuntime(TritonRuntime):
             "extra_args": extra_args,
             "log_verbose": int(log_verbose),
             "stop_grace_period": int(stop_grace_period),
+            "lease_timeout": float(lease_timeout or 0),
+            "active_deadline_seconds": active_deadline_seconds,
         }
+        self.lease_timeout = float(lease_timeout or 0)
         self.model_repository = model_repository
         self.cluster_domain = cluster_domain
         self.startup_timeout = float(startup_timeout)
@@ -365,6 +178,13 @@ class KubernetesTritonRuntime(TritonRuntime):
     def core_v1(self) -> CoreV1Api:
         """The Kubernetes core API client, from the cncf.kubernetes provider's hook."""
         return self.hook.core_v1_client
+
+    @property
+    def networking_v1(self) -> Any:
+        """The Kubernetes networking API client (NetworkPolicies), on the hook's API client."""
+        from kubernetes.client import NetworkingV1Api
+
+        return NetworkingV1Api(self.hook.api_client)
 
     @cached_property
     def namespace(self) -> str:
@@ -406,11 +226,20 @@ class KubernetesTritonRuntime(TritonRuntime):
                 server_id=server_id, namespace=self.namespace, owner=owner, pod_uid=created.metadata.uid
             )
             api.create_namespaced_service(namespace=self.namespace, body=service)
+            if self.allowed_clients:
+                policy = build_network_policy(
+                    server_id=server_id,
+                    namespace=self.namespace,
+                    allowed_clients=self.allowed_clients,
+                    owner=owner,
+                    pod_uid=created.metadata.uid,
+                )
+                self.networking_v1.create_namespaced_network_policy(namespace=self.namespace, body=policy)
         except ApiException as exc:
             self._delete(server_id)
             raise ServerStartError(
-                f"Kubernetes refused the Service of Triton server {server_id}: {exc.status} {exc.reason}: "
-                f"{exc.body}; its Pod was deleted."
+                f"Kubernetes refused the Service or NetworkPolicy of Triton server {server_id}: {exc.status} "
+                f"{exc.reason}: {exc.body}; its Pod was deleted."
             ) from exc
         info = self._server_info(server_id, owner, time.time())
         log.info("Triton Pod %s created in namespace %s; gRPC %s", server_id, self.namespace, info.grpc_url)
@@ -498,7 +327,7 @@ class KubernetesTritonRuntime(TritonRuntime):
         if status is None:
             return None
         if status.phase in ("Failed", "Succeeded"):
-            return f"its Pod ended ({status.phase}): {_container_summary(pod)}"
+            return f"its Pod ended ({status.phase}): {container_summary(pod)}"
         for container in status.container_statuses or []:
             waiting = container.state.waiting if container.state else None
             if waiting and waiting.reason in FATAL_WAITING_REASONS:
@@ -515,7 +344,7 @@ class KubernetesTritonRuntime(TritonRuntime):
             pod = self._read_pod(info)
             if pod is not None:
                 parts.append(
-                    f"Pod {name}: {pod.status.phase if pod.status else '?'}; {_container_summary(pod)}"
+                    f"Pod {name}: {pod.status.phase if pod.status else '?'}; {container_summary(pod)}"
                 )
                 for condition in (pod.status.conditions or []) if pod.status else []:
                     if condition.status != "True" and condition.message:
@@ -549,18 +378,23 @@ class KubernetesTritonRuntime(TritonRuntime):
             info = self._server_info(meta.name, owner, created)
             info.handle["namespace"] = meta.namespace or self.namespace
             info.handle["state"] = pod.status.phase if pod.status else None
+            info.handle.update(lease_from_labels(meta.annotations))
             servers.append(info)
         return servers
 
+    def renew_lease(self, info: ServerInfo) -> bool:
+        """Renew the Pod's lease: patch its ``airflow-batch-infer/lease-renewed-at`` annotation to now."""
+        from kubernetes.client.exceptions import ApiException
 
-def _container_summary(pod: Any) -> str:
-    statuses = (pod.status.container_statuses or []) if pod.status else []
-    if not statuses:
-        return "container not started"
-    state = statuses[0].state
-    if state and state.terminated:
-        t = state.terminated
-        return f"container terminated: {t.reason} (exit code {t.exit_code}) {t.message or ''}".rstrip()
-    if state and state.waiting:
-        return f"container waiting: {state.waiting.reason} {state.waiting.message or ''}".rstrip()
-    return "container running" + (", ready" if statuses[0].ready else ", not ready")
+        if not self.lease_timeout:
+            return False
+        body = {"metadata": {"annotations": {LEASE_RENEWED_KEY: f"{time.time():.0f}"}}}
+        name, namespace = info.handle["pod_name"], info.handle["namespace"]
+        try:
+            self.core_v1.patch_namespaced_pod(name=name, namespace=namespace, body=body)
+        except ApiException as exc:
+            if exc.status == 404:
+                log.warning("Triton Pod %s is gone: its lease cannot be renewed.", name)
+                return False
+            raise
+        return True

@@ -19,6 +19,10 @@ DAG_ID_KEY = "airflow-batch-infer/dag-id"
 RUN_ID_KEY = "airflow-batch-infer/run-id"
 TASK_ID_KEY = "airflow-batch-infer/task-id"
 MAP_INDEX_KEY = "airflow-batch-infer/map-index"
+#: Seconds the server may go without a lease renewal (a label, tag or annotation the reaper reads).
+LEASE_TIMEOUT_KEY = "airflow-batch-infer/lease-timeout"
+#: Epoch seconds of the last renewal: a Pod annotation or an ECS tag, updated by ``lease.renew``.
+LEASE_RENEWED_KEY = "airflow-batch-infer/lease-renewed-at"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -83,12 +87,31 @@ class ServerOwner:
         return cls(labels[DAG_ID_KEY], labels[RUN_ID_KEY], labels.get(TASK_ID_KEY, ""), map_index)
 
 
-def server_labels(server_id: str, owner: ServerOwner | None) -> dict[str, str]:
-    """Every label of a server, with exact values (docker labels, ECS tags)."""
+def server_labels(server_id: str, owner: ServerOwner | None, lease_timeout: float = 0) -> dict[str, str]:
+    """Every label of a server, with exact values (docker labels, ECS tags).
+
+    :param server_id: the server's id.
+    :param owner: the task instance that starts it.
+    :param lease_timeout: seconds without a renewal before the reaper stops it (no label when 0).
+    """
     labels = {MANAGED_BY_KEY: MANAGED_BY, NAME_KEY: NAME, SERVER_ID_KEY: server_id}
     if owner is not None:
         labels.update(owner.labels())
+    if lease_timeout and lease_timeout > 0:
+        labels[LEASE_TIMEOUT_KEY] = f"{float(lease_timeout):g}"
     return labels
+
+
+def lease_from_labels(labels: dict[str, str] | None) -> dict[str, float]:
+    """``lease_timeout`` and ``lease_renewed_at`` from a server's labels, tags or annotations."""
+    labels = labels or {}
+    found = {}
+    for key, name in ((LEASE_TIMEOUT_KEY, "lease_timeout"), (LEASE_RENEWED_KEY, "lease_renewed_at")):
+        try:
+            found[name] = float(labels[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
 
 
 def k8s_label_value(value: str) -> str:
@@ -98,7 +121,7 @@ def k8s_label_value(value: str) -> str:
     ``manual__2026-11-21T00:00:00+00:00`` becomes ``manual__2026-11-21T00_00_00_00_00-<hash>``.
     The exact value is kept in an annotation.
     """
-    if len(value) <= 63 and _LABEL_VALUE.match(value):
+    if len(value) <= 63 and _LABEL_VALUE.fullmatch(value):
         return value
     digest = hashlib.sha256(value.encode()).hexdigest()[:10]
     cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", value)[:52]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.runtimes.base import ServerInfo
 
 if TYPE_CHECKING:
@@ -94,6 +95,26 @@ def _index_error(index: list[dict[str, Any]], pending: list[str]) -> str | None:
     return None
 
 
+def probe_server_sync(info: ServerInfo, models: list[str] | None, timeout: float = 5.0) -> bool:
+    """Whether the server of ``info`` (its id on its port) and ``models`` are ready now.
+
+    :param info: the server.
+    :param models: models that must be ready.
+    :param timeout: seconds for each HTTP request.
+    """
+
+    async def probe() -> bool:
+        headers = server_headers(info, "http")
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), headers=headers) as client:
+            server_id = info.handle.get("server_id")
+            found = await probe_server(client, info.http_url, server_id, list(models or []))
+            return found.ready
+
+    from airflow_batch_infer.runtimes.base import run_coroutine
+
+    return bool(run_coroutine(probe()))
+
+
 async def wait_until_ready(
     runtime: TritonRuntime,
     info: ServerInfo,
@@ -115,13 +136,18 @@ async def wait_until_ready(
     server_id = info.handle.get("server_id")
     api_errors = 0
     started = time.time()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
+    headers = server_headers(info, "http")  # the index call is restricted on a server with a key
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0), headers=headers) as client:
         while True:
             if not info.http_url:
                 try:
                     info = await asyncio.to_thread(runtime.refresh, info)
                 except Exception as exc:
                     log.warning("Could not look up the server's address yet: %s", exc)
+            try:  # the wait is the run's sign of life: a slow load must not outlast the lease
+                await asyncio.to_thread(runtime.renew_lease, info)
+            except Exception as exc:
+                log.warning("Could not renew the lease of Triton server %s: %s", server_id, exc)
             if info.http_url:
                 probe = await probe_server(client, info.http_url, server_id, models)
                 if probe.ready:

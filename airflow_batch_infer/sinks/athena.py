@@ -33,6 +33,7 @@ from airflow_batch_infer.sinks.base import (
     sql_literal,
     validate_identifier,
 )
+from airflow_batch_infer.sinks.locks import DEFAULT_LOCK_TIMEOUT, partition_lock
 
 _SCALARS: list[tuple[Any, str]] = [
     (pa.types.is_boolean, "boolean"),
@@ -75,6 +76,8 @@ class AthenaSink(WarehouseSink):
     :param create_table: create the table (``CREATE EXTERNAL TABLE``) when the catalog has none.
     :param query_timeout: seconds to wait for each DDL statement before failing (never unbounded).
     :param poll_interval: seconds between status checks of a statement.
+    :param lock_timeout: seconds after which a partition's lock (``<table location>/_locks/``) is taken to
+        be a dead writer's; while it is held, a second writer of the partition fails at once.
     """
 
     name = "athena"
@@ -91,16 +94,20 @@ class AthenaSink(WarehouseSink):
         create_table: bool = True,
         query_timeout: float = 300.0,
         poll_interval: float = 1.0,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
         named_database, _, name = table.rpartition(".")
         super().__init__(name, partition_column, create_table)
         self.database = validate_identifier(named_database or database or "", "database")
+        if location:
+            ddl_literal(location, "location")  # refused before any part is uploaded
         self.location = location
         self.aws_conn_id = aws_conn_id
         self.output_location = output_location
         self.workgroup = workgroup
         self.query_timeout = float(query_timeout)
         self.poll_interval = float(poll_interval)
+        self.lock_timeout = float(lock_timeout)
 
     @cached_property
     def athena_hook(self) -> Any:
@@ -121,13 +128,20 @@ class AthenaSink(WarehouseSink):
         self, partition: str, output_parts: Sequence[str | Path], reject_parts: Sequence[str | Path]
     ) -> PersistResult:
         version = f"v{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-        replaced = self._rows_registered(self.table, partition)
-        outputs = self._write(self.table, partition, output_parts, version)
-        rejects = self._write(self.rejects_table, partition, reject_parts, version)
-        for table, folder in ((self.table, outputs), (self.rejects_table, rejects)):
-            self._point_partition(table, partition, folder)
-        for folder in (outputs, rejects):
-            self._remove_other_versions(folder)
+        with partition_lock(
+            self._lock_root(),
+            self.partition_column,
+            partition,
+            timeout=self.lock_timeout,
+            description=f"athena {self.database}.{self.table}",
+        ):
+            replaced = self._rows_registered(self.table, partition)
+            outputs = self._write(self.table, partition, output_parts, version)
+            rejects = self._write(self.rejects_table, partition, reject_parts, version)
+            for table, folder in ((self.table, outputs), (self.rejects_table, rejects)):
+                self._point_partition(table, partition, folder)
+            for folder in (outputs, rejects):
+                self._remove_other_versions(folder)
         return PersistResult(
             table=f"{self.database}.{self.table}",
             rejects_table=f"{self.database}.{self.rejects_table}",
@@ -137,6 +151,15 @@ class AthenaSink(WarehouseSink):
             replaced=replaced,
             location=storage.plain_url(outputs),
         )
+
+    def _lock_root(self) -> str:
+        """The table's folder, where its partitions' locks live (``_locks/``, which Athena does not read)."""
+        existing = self._existing(self.table)
+        if existing is not None:
+            return storage.location(existing[1].rstrip("/"), self.aws_conn_id)
+        if not self.location:
+            raise ValueError("location= (s3://bucket/prefix) is needed to create an Athena table.")
+        return storage.join(storage.location(self.location, self.aws_conn_id), self.table)
 
     def _write(self, table: str, partition: str, parts: Sequence[str | Path], version: str) -> str:
         """Check or create the table, then copy the parts into a new version folder; return the folder."""
@@ -197,12 +220,12 @@ class AthenaSink(WarehouseSink):
         self.run(
             f"CREATE EXTERNAL TABLE IF NOT EXISTS {self._ddl_name(table)} ({columns}) "
             f"PARTITIONED BY (`{self.partition_column.lower()}` string) STORED AS PARQUET "
-            f"LOCATION {sql_literal(url, 'location')}"
+            f"LOCATION {ddl_literal(url, 'location')}"
         )
 
     def _point_partition(self, table: str, partition: str, folder: str) -> None:
-        spec = f"(`{self.partition_column.lower()}` = {sql_literal(partition, 'partition')})"
-        url = sql_literal(storage.plain_url(folder) + "/", "location")
+        spec = f"(`{self.partition_column.lower()}` = {ddl_literal(partition, 'partition')})"
+        url = ddl_literal(storage.plain_url(folder) + "/", "location")
         self.run(f"ALTER TABLE {self._ddl_name(table)} ADD IF NOT EXISTS PARTITION {spec} LOCATION {url}")
         self.run(f"ALTER TABLE {self._ddl_name(table)} PARTITION {spec} SET LOCATION {url}")
 
@@ -233,3 +256,19 @@ class AthenaSink(WarehouseSink):
             reason = hook.get_state_change_reason(query_id)
             raise RuntimeError(f"Athena query {query_id} {state}: {reason}. Query: {query}")
         return query_id
+
+
+def ddl_literal(value: str, what: str = "value") -> str:
+    """``value`` as a string literal of Athena DDL, which Hive parses: a quote cannot be escaped by doubling
+    (``'a''b'`` reads as ``'a' 'b'``, that is ``ab``), so a single quote is refused, as are backslashes and
+    control characters (:func:`~airflow_batch_infer.sinks.base.sql_literal`).
+
+    :param value: the text (a partition key, an S3 location).
+    :param what: what it is, for the error message.
+    """
+    if isinstance(value, str) and "'" in value:
+        raise ValueError(
+            f"Invalid {what} {value!r}: Athena DDL cannot hold a single quote in a string; rename the "
+            "location (or partition key) without one."
+        )
+    return sql_literal(value, what)

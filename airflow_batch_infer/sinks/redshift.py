@@ -117,7 +117,9 @@ class RedshiftSink(WarehouseSink):
         the staging root is on S3.
     :param partition_column: column holding the partition key.
     :param create_table: create the tables when they do not exist.
-    :param wait_for_completion: wait until the transaction finished (bounded by ``wait_timeout``).
+    :param wait_for_completion: must stay ``True``: a persist that returned before Redshift committed would
+        report the partition written while a failed ``COPY`` could still roll it back. For a long load,
+        raise ``wait_timeout``, or call :meth:`submit` and :meth:`wait` from a deferrable operator.
     :param wait_timeout: seconds to wait before failing; the statement itself then goes on in Redshift,
         and commits or rolls back as a whole.
     :param poll_interval: seconds between status checks.
@@ -143,7 +145,7 @@ class RedshiftSink(WarehouseSink):
         poll_interval: float = 5.0,
     ) -> None:
         super().__init__(table, partition_column, create_table)
-        if not _IAM_ROLE.match(str(iam_role)):
+        if not _IAM_ROLE.fullmatch(str(iam_role)):
             raise ValueError(
                 f"iam_role {iam_role!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/name)."
             )
@@ -157,7 +159,13 @@ class RedshiftSink(WarehouseSink):
         self.secret_arn = secret_arn
         self.aws_conn_id = aws_conn_id
         self.s3_prefix = storage.location(s3_prefix, aws_conn_id) if s3_prefix else None
-        self.wait_for_completion = wait_for_completion
+        if not wait_for_completion:
+            raise ValueError(
+                "wait_for_completion=False is not supported: the persist task would report the partition "
+                "written before Redshift commits it (a failed COPY rolls the batch back unseen). Raise "
+                "wait_timeout for long loads, or call submit() and wait() from a deferrable operator."
+            )
+        self.wait_for_completion = True
         self.wait_timeout = float(wait_timeout)
         self.poll_interval = float(poll_interval)
 
@@ -179,9 +187,13 @@ class RedshiftSink(WarehouseSink):
             if value is not None
         }
 
-    def replace_partition(
+    def submit(
         self, partition: str, output_parts: Sequence[str | Path], reject_parts: Sequence[str | Path]
-    ) -> PersistResult:
+    ) -> str:
+        """Upload what COPY needs and submit the whole replacement as one Data API batch; return its id.
+
+        The batch is one transaction; nothing is committed until :meth:`wait` sees it ``FINISHED``.
+        """
         hook = self.get_hook()
         token = uuid.uuid4().hex[:12]
         statements: list[str] = []
@@ -202,14 +214,18 @@ class RedshiftSink(WarehouseSink):
             statement_name=f"batch-infer {self.table} {partition}"[:500],
             wait_for_completion=False,
         )
-        statement_id = output.statement_id
+        return output.statement_id
+
+    def replace_partition(
+        self, partition: str, output_parts: Sequence[str | Path], reject_parts: Sequence[str | Path]
+    ) -> PersistResult:
+        statement_id = self.submit(partition, output_parts, reject_parts)
         rows, rejected = parts_rows(output_parts), parts_rows(reject_parts)
         replaced = -1
-        if self.wait_for_completion:
-            described = self.wait(hook, statement_id)
-            counts = self._counts(described)
-            if counts:
-                replaced, rows, rejected = counts
+        described = self.wait(self.get_hook(), statement_id)  # success only once Redshift committed
+        counts = self._counts(described)
+        if counts:
+            replaced, rows, rejected = counts
         where = self.cluster_identifier or f"workgroup {self.workgroup_name}"
         return self._result(
             partition, rows, rejected, replaced, f"redshift {where}/{self.database}, statement {statement_id}"
@@ -248,6 +264,14 @@ class RedshiftSink(WarehouseSink):
     ) -> list[str]:
         schema = parts_schema(parts)
         check_partition_column_absent(self.partition_column, schema.names)
+        folded: dict[str, str] = {}
+        for name in [self.partition_column, *schema.names]:
+            if name.lower() in folded:
+                raise SchemaMismatchError(
+                    f"Columns {folded[name.lower()]!r} and {name!r} are one column in Redshift, which folds "
+                    "names to lower case: rename one of them."
+                )
+            folded[name.lower()] = name
         incoming = {f.name: redshift_type(f.name, f.type) for f in schema}
         target = qualified_table(table)
         column = quote_identifier(self.partition_column, "partition column")
@@ -262,11 +286,12 @@ class RedshiftSink(WarehouseSink):
                 f"CREATE TABLE IF NOT EXISTS {target} ({column} VARCHAR(128) NOT NULL, {declared})"
             )
         else:
+            # Redshift folds identifiers to lower case, quoted or not: compare names as it stores them.
             check_fit(
                 table,
-                self.partition_column,
-                existing,
-                {name: canonical(t) for name, t in incoming.items()},
+                self.partition_column.lower(),
+                {name.lower(): t for name, t in existing.items()},
+                {name.lower(): canonical(t) for name, t in incoming.items()},
                 fits=lambda have, want: have == want or have in _WIDER.get(want, set()),
             )
         key = sql_literal(partition, "partition")

@@ -22,6 +22,10 @@ A failure in step 1 leaves the partition as it was. A failure in steps 2-3 leave
 ``_SUCCESS`` that holds a subset of the new rows (never old and new rows together); the retry repeats all
 steps and leaves exactly the run's rows. Readers that must never see a partial partition check
 ``_SUCCESS`` (and may read exactly the files it lists).
+
+Steps 2-4 run under the partition's lock (``<table>/_locks/<column>=<key>.lock``, created with a
+conditional write): a second run persisting the same partition at the same time fails at once, naming the
+first, instead of interleaving its copies and deletions with it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from airflow_batch_infer.sinks.base import (
     parts_rows,
     parts_schema,
 )
+from airflow_batch_infer.sinks.locks import DEFAULT_LOCK_TIMEOUT, partition_lock
 
 SUCCESS = "_SUCCESS"
 SCHEMA_FILE = "_common_metadata"
@@ -59,6 +64,8 @@ class S3ParquetSink(WarehouseSink):
     :param conn_id: Airflow connection (``aws``) for ``path``; a URL may also name it itself.
     :param partition_column: the partition folders' key (``<partition_column>=<key>``).
     :param create_table: start a new dataset (its ``_common_metadata``) when there is none.
+    :param lock_timeout: seconds after which a partition's lock (``<table>/_locks/``) is taken to be a dead
+        writer's; while it is held, a second writer of the partition fails at once, naming the first.
     """
 
     name = "s3_parquet"
@@ -70,9 +77,11 @@ class S3ParquetSink(WarehouseSink):
         conn_id: str | None = None,
         partition_column: str = "batch_partition",
         create_table: bool = True,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
         super().__init__(table, partition_column, create_table)
         self.root = storage.location(path, conn_id)
+        self.lock_timeout = float(lock_timeout)
 
     def table_location(self, table: str) -> str:
         return storage.join(self.root, table)
@@ -86,8 +95,16 @@ class S3ParquetSink(WarehouseSink):
         token = uuid.uuid4().hex[:12]
         outputs = self._prepare(self.table, output_parts, token)
         rejects = self._prepare(self.rejects_table, reject_parts, token)
-        replaced, rows = self._swap(self.table, partition, outputs)
-        _, rejected = self._swap(self.rejects_table, partition, rejects)
+        # One writer per partition at a time, for the outputs and the rejects together.
+        with partition_lock(
+            self.table_location(self.table),
+            self.partition_column,
+            partition,
+            timeout=self.lock_timeout,
+            description=f"s3_parquet {self.table}",
+        ):
+            replaced, rows = self._swap(self.table, partition, outputs)
+            _, rejected = self._swap(self.rejects_table, partition, rejects)
         for table in (self.table, self.rejects_table):
             storage.remove(storage.join(self.table_location(table), INCOMING, token))
         return self._result(

@@ -244,3 +244,31 @@ def test_no_capacity_fails_and_names_gpu_capacity(aws: dict) -> None:
     aws["ecs"].update_container_instances_state(cluster="empty", containerInstances=[arn], status="DRAINING")
     with pytest.raises(ServerStartError, match=r"could not place.*GPU container instances"):
         ecs_runtime(aws, cluster="empty").launch("s3://m", None)
+
+
+def test_lease_tags_are_renewed_and_read_by_the_reaper(aws: dict) -> None:
+    from airflow_batch_infer.operators.reaper import select_orphans
+    from airflow_batch_infer.runtimes.labels import LEASE_RENEWED_KEY, LEASE_TIMEOUT_KEY
+    from airflow_batch_infer.runtimes.lease import renew
+
+    runtime = ecs_runtime(aws, lease_timeout=600)
+    info = runtime.launch("/opt/airflow/triton_models", ["risk_scorer"], owner=OWNER)
+    try:
+
+        def tags() -> dict[str, str]:
+            arn = info.handle["task_arn"]
+            [task] = aws["ecs"].describe_tasks(cluster="gpu", tasks=[arn], include=["TAGS"])["tasks"]
+            return {t["key"]: t["value"] for t in task["tags"]}
+
+        assert tags()[LEASE_TIMEOUT_KEY] == "600"
+        launched = float(tags()[LEASE_RENEWED_KEY])
+        [listed] = [s for s in runtime.list_servers() if s.handle["task_arn"] == info.handle["task_arn"]]
+        # An hour without a renewal: the reaper stops it, though its run is still running.
+        [(_, reason)] = select_orphans([listed], lambda d, r: "running", now=launched + 3600, min_age=0)
+        assert reason == "its lease expired: not renewed for 3600 s (lease_timeout 600 s)"
+
+        time.sleep(1.1)
+        assert renew(info, {"cluster": "gpu", "aws_conn_id": "aws_moto", "region_name": REGION}) is True
+        assert float(tags()[LEASE_RENEWED_KEY]) > launched
+    finally:
+        runtime.stop(info)

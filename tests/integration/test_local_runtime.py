@@ -9,19 +9,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.local import LocalTritonRuntime, check_server_numpy
+from airflow_batch_infer.runtimes.local_processes import free_ports, http_get
 from tests.conftest import processes_mentioning
 
 pytestmark = pytest.mark.integration
@@ -276,3 +280,136 @@ def test_server_env_build_is_safe_when_concurrent(tmp_path: Path) -> None:
     LocalTritonRuntime(server_env=str(env)).ensure_server_env()
     assert (env / "pyvenv.cfg").stat().st_mtime_ns == mtime
     assert (env / ".batch-infer-server-env").read_text() == marker
+
+
+def _wait_until_gone(marker: str | Path, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_mentioning(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_the_server_dies_with_its_supervisor(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    server_id = info.handle["server_id"]
+    roles = {Path(f"/proc/{pid}/exe").resolve().name for pid in processes_mentioning(tmp_path)}
+    assert "tritonserver" in roles
+    assert "triton_python_backend_stub" in roles
+    supervisor = info.handle["pid"]
+    assert os.getsid(supervisor) == supervisor  # a session of its own: a task's Ctrl-C does not reach it
+
+    os.kill(supervisor, signal.SIGKILL)
+    # tritonserver gets SIGKILL from the kernel (parent-death signal); its stubs follow it.
+    assert _wait_until_gone(tmp_path, 10) == []
+    assert not runtime.is_running(info)
+    assert runtime.stop(info) is False
+    assert processes_mentioning(f"--id={server_id}") == []
+
+
+def test_stop_finds_the_server_by_its_id_and_kills_a_keeper_that_does_not_answer(
+    runtime: LocalTritonRuntime, tmp_path: Path
+) -> None:
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    supervisor = info.handle["pid"]
+    os.kill(supervisor, signal.SIGSTOP)  # a hung keeper: SIGTERM does nothing
+    # Teardown from another worker whose copy of the handle lost the pid: the id is enough.
+    handle = dict(info.handle, pid=None)
+    stopped = get_runtime("local", work_root=str(tmp_path / "servers")).stop(
+        ServerInfo.from_dict(dict(info.to_dict(), handle=handle))
+    )
+    assert stopped is True
+    assert processes_mentioning(tmp_path) == []
+    assert _shm_regions(info.handle["shm_prefix"]) == []
+    assert not (Path(info.handle["workdir"]) / "models").exists()
+
+
+def test_stop_fails_when_the_server_still_answers_on_its_port(
+    runtime: LocalTritonRuntime, tmp_path: Path
+) -> None:
+    """A server that is not among this host's processes but still answers as itself is not 'stopped'."""
+    server_id = "abi-0123456789ab"
+    http_port = free_ports(1)[0]
+    body = json.dumps({"name": server_id})
+    script = (
+        "import http.server, sys\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers(); self.wfile.write(sys.argv[2].encode())\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+    )
+    impostor = subprocess.Popen([sys.executable, "-c", script, str(http_port), body])
+    try:
+        deadline = time.monotonic() + 10
+        while http_get(f"http://127.0.0.1:{http_port}/v2")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Its supervisor: a process that names the server id (a stand-in that exits on SIGTERM).
+        keeper = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)", f"--id={server_id}"], start_new_session=True
+        )
+        info = ServerInfo(
+            "local",
+            "127.0.0.1:1",
+            f"http://127.0.0.1:{http_port}",
+            "http://127.0.0.1:1/metrics",
+            {"pid": keeper.pid, "server_id": server_id, "shm_prefix": f"{server_id}-shm-"},
+        )
+        while not processes_mentioning(f"--id={server_id}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(
+            RuntimeError, match=rf"{server_id} still answers at http://127\.0\.0\.1:{http_port}"
+        ):
+            runtime.stop(info)
+        keeper.wait(timeout=10)
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+def test_the_server_gets_an_allowlisted_environment_not_the_workers_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret")
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", "postgresql://user:worker-secret@db/warehouse")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"), environment={"MODEL_FLAG": "on"})
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    try:
+        pids = processes_mentioning(tmp_path)
+        roles = {Path(f"/proc/{pid}/exe").resolve().name for pid in pids}
+        assert {"tritonserver", "triton_python_backend_stub"} <= roles
+        for pid in pids:  # supervisor, server and the stubs that run the models' code
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert b"worker-secret" not in environ
+            assert b"OMP_NUM_THREADS=1" in environ
+            assert b"MODEL_FLAG=on" in environ
+    finally:
+        runtime.stop(info)
+
+
+def test_restricted_api_needs_the_servers_key_for_shared_memory_and_model_control(tmp_path: Path) -> None:
+    from airflow_batch_infer.runtimes.access import server_headers
+
+    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"), restricted_api=True)
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    server = json.loads(json.dumps(info.to_dict()))  # what a task gets: the key's file, not the key
+    key_file = Path(server["handle"]["api_key_file"])
+    try:
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.read_text() not in json.dumps(server)
+        client = grpcclient.InferenceServerClient(info.grpc_url)
+        with pytest.raises(
+            Exception, match="restricted, expecting header 'triton-grpc-protocol-batch-infer-key'"
+        ):
+            client.get_system_shared_memory_status()
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.unload_model("risk_scorer")
+        assert client.is_model_ready("risk_scorer")  # the failed unload did nothing
+        client.get_system_shared_memory_status(headers=server_headers(server))
+        # Health, metadata and inference need no key.
+        features = np.zeros((3, 16), dtype=np.float32)
+        assert _infer(client, features).shape == (3, 1)
+        status, _ = http_get(f"{info.http_url}/v2/models/risk_scorer")
+        assert status == 200
+        client.close()
+    finally:
+        runtime.stop(info)

@@ -63,7 +63,9 @@ def test_timeout_then_ready_then_missing_model(runtime: LocalTritonRuntime, work
     try:
         assert info.handle["owner"] == OWNER.to_dict()
         # Launched, not ready: a deadline that passes fails with the server's log, and leaves it running.
-        event = run_trigger(info, work_root, ["risk_scorer"], deadline=time.time() + 0.3)
+        # (The deadline has passed already: the server is ready about 0.3 s after launch, so a later one
+        # could see it ready at the first poll.)
+        event = run_trigger(info, work_root, ["risk_scorer"], deadline=time.time())
         assert event["status"] == "error"
         assert "did not become ready: it was not ready" in event["message"]
         assert "startup_timeout" in event["message"]

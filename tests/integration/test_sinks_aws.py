@@ -246,8 +246,8 @@ def redshift(bucket: str, **options):
     return get_sink("redshift", **(defaults | options))
 
 
-def submitted(result) -> dict:
-    return aws_client("redshift-data").describe_statement(Id=result.location.rsplit(" ", 1)[-1])
+def submitted(statement_id: str) -> dict:
+    return aws_client("redshift-data").describe_statement(Id=statement_id)
 
 
 def manifest_ids(copy_statement: str) -> list[int]:
@@ -258,8 +258,8 @@ def manifest_ids(copy_statement: str) -> list[int]:
 
 def test_redshift_replaces_the_partition_in_one_batch(bucket: str, tmp_path) -> None:
     outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2, 3], [4, 5]], rejected=frozenset({5}))
-    first = redshift(bucket, wait_for_completion=False).replace_partition("2026-11-21", outputs, rejects)
-    second = redshift(bucket, wait_for_completion=False).replace_partition("2026-11-21", outputs, rejects)
+    first = redshift(bucket).submit("2026-11-21", outputs, rejects)
+    second = redshift(bucket).submit("2026-11-21", outputs, rejects)
 
     for result in (first, second):
         statement = submitted(result)
@@ -283,17 +283,16 @@ def test_redshift_replaces_the_partition_in_one_batch(bucket: str, tmp_path) -> 
         assert manifest_ids(sqls[3]) == [1, 2, 3, 4]  # each output row once, nothing else under the prefix
         assert manifest_ids(sqls[10]) == [5]
         assert len(sqls) == 14
-        assert (result.rows, result.rejected, result.replaced) == (4, 1, -1)
 
 
 def test_redshift_after_an_attempt_that_uploaded_half_its_parts(bucket: str, tmp_path, monkeypatch) -> None:
     outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2], [3, 4], [5]])
     fail_on_call(monkeypatch, redshift_sink, 2)
     with pytest.raises(OSError, match="interrupted"):
-        redshift(bucket, wait_for_completion=False).replace_partition("p", outputs, rejects)
+        redshift(bucket).submit("p", outputs, rejects)
 
     monkeypatch.undo()
-    result = redshift(bucket, wait_for_completion=False).replace_partition("p", outputs, rejects)
+    result = redshift(bucket).submit("p", outputs, rejects)
     sqls = [s["QueryString"] for s in submitted(result)["SubStatements"]]
     assert manifest_ids(sqls[3]) == [1, 2, 3, 4, 5]  # the stray upload of the failed attempt is not listed
 
@@ -327,3 +326,101 @@ def test_redshift_checks_an_existing_table_and_its_inputs(bucket: str, tmp_path,
         redshift(bucket, iam_role="arn:aws:iam::123:role/x' --")
     with pytest.raises(ValueError, match="give s3_prefix="):
         redshift(bucket, s3_prefix=None).replace_partition("p", outputs, rejects)
+
+
+def test_redshift_compares_column_names_as_redshift_stores_them(bucket: str, tmp_path, monkeypatch) -> None:
+    import pyarrow.parquet as pq
+
+    outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2]])
+    mixed = []
+    for index, part in enumerate(outputs):  # an output column named in mixed case, as a model may name it
+        table = pq.read_table(part)
+        path = tmp_path / f"mixed-{index}.parquet"
+        names = ["row_id" if n == "row_id" else n.title() for n in table.column_names]
+        pq.write_table(table.rename_columns(names), path)
+        mixed.append(str(path))
+    # Redshift folds every identifier to lower case: DescribeTable answers the names so.
+    monkeypatch.setattr(
+        redshift_sink.RedshiftSink,
+        "_existing_columns",
+        lambda self, hook, table: (
+            {"batch_partition": "varchar", "row_id": "int8", "score": "float4", "label": "varchar"}
+            if table == "analytics.scores"
+            else None
+        ),
+    )
+    result = redshift(bucket).submit("p", mixed, rejects)
+    sqls = [s["QueryString"] for s in submitted(result)["SubStatements"]]
+    assert 'INSERT INTO "analytics"."scores" ("batch_partition", "row_id", "Score", "Label")' in sqls[4]
+
+    clash = tmp_path / "clash.parquet"
+    both = pq.read_table(outputs[0])
+    pq.write_table(both.append_column("Score", both.column("score")), clash)
+    with pytest.raises(SchemaMismatchError, match=r"Columns 'score' and 'Score' are one column in Redshift"):
+        redshift(bucket).submit("p", [str(clash)], rejects)
+
+
+def test_a_second_writer_of_an_s3_parquet_partition_fails_clearly_and_changes_nothing(
+    bucket: str, tmp_path
+) -> None:
+    from airflow_batch_infer.sinks.locks import PartitionLockedError, partition_lock
+
+    dataset = get_sink("s3_parquet", table="scores", path=s3_url(bucket, "lake_locked"))
+    dataset.replace_partition("p", *write_run_parts(tmp_path / "old", [[1, 2, 3]]))
+    outputs, rejects = write_run_parts(tmp_path / "new", [[10, 11]], rejected=frozenset({11}))
+    day = "lake_locked/scores/batch_partition=p/"
+    before = keys(bucket, day)
+
+    # Another run holds the partition (its lock was created first, with a conditional write).
+    with partition_lock(
+        dataset.table_location("scores"), "batch_partition", "p", description="the other run"
+    ):
+        assert keys(bucket, "lake_locked/scores/_locks/") == [
+            "lake_locked/scores/_locks/batch_partition=p.lock"
+        ]
+        with pytest.raises(
+            PartitionLockedError, match=r"batch_partition=p is being written by another run \(the other"
+        ):
+            dataset.replace_partition("p", outputs, rejects)
+        assert keys(bucket, day) == before  # untouched: the old rows, as committed
+        marker = json.loads(storage.read_text(s3_url(bucket, day + "_SUCCESS")))
+        assert marker["rows"] == 3
+
+    result = dataset.replace_partition("p", outputs, rejects)  # released: the next attempt goes through
+    assert (result.rows, result.rejected, result.replaced) == (1, 1, 3)
+    assert keys(bucket, "lake_locked/scores/_locks/") == []
+
+
+def test_a_dead_writers_lock_is_taken_over_after_its_timeout(bucket: str, tmp_path) -> None:
+    dataset = get_sink("s3_parquet", table="scores", path=s3_url(bucket, "lake_stale"), lock_timeout=60)
+    lock = s3_url(bucket, "lake_stale/scores/_locks/batch_partition=p.lock")
+    stale = {"token": "dead", "taken_at": time.time() - 3600, "host": "gone", "by": "a killed run"}
+    storage.write_bytes(lock, json.dumps(stale).encode())
+    result = dataset.replace_partition("p", *write_run_parts(tmp_path / "run", [[1, 2]]))
+    assert result.rows == 2
+    assert keys(bucket, "lake_stale/scores/_locks/") == []
+
+
+def test_two_athena_writers_of_a_partition_do_not_interleave(bucket: str, tmp_path) -> None:
+    from airflow_batch_infer.sinks.locks import PartitionLockedError, partition_lock
+
+    outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2]])
+    sink = athena(bucket, table="analytics.locked")
+    with partition_lock(
+        storage.location(f"s3://{bucket}/warehouse/locked", AWS_CONN_ID), "batch_partition", "p"
+    ):
+        with pytest.raises(PartitionLockedError, match="being written by another run"):
+            sink.replace_partition("p", outputs, rejects)
+        assert keys(bucket, "warehouse/locked/batch_partition=p/") == []  # nothing written meanwhile
+    assert sink.replace_partition("p", outputs, rejects).rows == 2
+
+
+def test_redshift_never_reports_a_partition_before_the_commit(bucket: str, tmp_path) -> None:
+    with pytest.raises(
+        ValueError, match=r"wait_for_completion=False is not supported.*before Redshift commits"
+    ):
+        redshift(bucket, wait_for_completion=False)
+    # moto's Data API leaves every statement STARTED: the persist fails at its bound, never succeeds.
+    outputs, rejects = write_run_parts(tmp_path / "run", [[1]])
+    with pytest.raises(TimeoutError, match=r"still STARTED"):
+        redshift(bucket, wait_timeout=0.5, poll_interval=0.1).replace_partition("p", outputs, rejects)

@@ -40,7 +40,7 @@ def test_readme_names_every_service() -> None:
 def test_service_matches_readme(row: dict[str, str]) -> None:
     name = row["service"].strip("`")
     service = SERVICES[name]
-    published = {str(p).split(":")[0] for p in service.get("ports", [])}
+    published = {str(p).split(":")[-2] for p in service.get("ports", [])}
     assert published == set(re.findall(r"`(\d+)`", row["ports"]))
 
     volumes = " ".join(str(v) for v in service.get("volumes", []))
@@ -97,3 +97,21 @@ def test_airflow_services_share_the_image_and_settings() -> None:
     assert "FROM apache/airflow:${AIRFLOW_VERSION}" in dockerfile
     assert "[docker,kubernetes]" in dockerfile
     assert "--constraint /opt/batch-infer/requirements/lock.txt" in dockerfile
+
+
+def test_every_port_is_published_on_loopback_only() -> None:
+    ports = [(name, str(p)) for name, service in SERVICES.items() for p in service.get("ports", [])]
+    assert ports
+    assert [(name, p) for name, p in ports if not p.startswith("127.0.0.1:")] == []
+
+
+def test_the_trial_credentials_are_named_as_such() -> None:
+    header = (REPO / "docker-compose.yaml").read_text().split("name: airflow-batch-infer", 1)[0]
+    for credential in (
+        "airflow/airflow",
+        "minioadmin/minioadmin",
+        "change-me-batch-infer",
+        "AIRFLOW_FERNET_KEY",
+    ):
+        assert credential in header
+    assert "For a trial only" in header

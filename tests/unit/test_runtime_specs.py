@@ -124,9 +124,9 @@ def test_container_spec_field_by_field() -> None:
     assert host["binds"] == ["/srv/triton_models:/models:ro"]
     assert host["shm_size"] == "2g"
     assert host["port_bindings"] == {
-        8000: ("0.0.0.0", None),
-        8001: ("0.0.0.0", None),
-        8002: ("0.0.0.0", None),
+        8000: ("127.0.0.1", None),
+        8001: ("127.0.0.1", None),
+        8002: ("127.0.0.1", None),
     }
     assert host["auto_remove"] is False
     [gpu] = host["device_requests"]
@@ -139,7 +139,7 @@ def test_container_spec_field_by_field() -> None:
     # The docker SDK's own models accept it, and say what goes to the Engine.
     host_config = HostConfig(version="1.47", **host)
     assert host_config["ShmSize"] == 2 * 1024**3
-    assert host_config["PortBindings"]["8001/tcp"] == [{"HostIp": "0.0.0.0", "HostPort": ""}]
+    assert host_config["PortBindings"]["8001/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": ""}]
     container = ContainerConfig(
         "1.47", **{k: v for k, v in create.items() if k != "name"}, host_config=host_config
     )
@@ -489,14 +489,17 @@ def test_select_orphans() -> None:
     ]
     asked = []
 
-    def run_is_active(dag_id: str, run_id: str) -> bool:
+    def run_state(dag_id: str, run_id: str) -> str:
         asked.append((dag_id, run_id))
-        return run_id == running.run_id
+        return "running" if run_id == running.run_id else "success"
 
-    orphans = select_orphans(servers, run_is_active, now=1000, min_age=600)
+    orphans = select_orphans(servers, run_state, now=1000, min_age=600)
     assert [(info.handle["server_id"], reason) for info, reason in orphans] == [
-        ("old-ended", "DAG run nightly / scheduled__2026-11-20T00:00:00+00:00 is no longer queued or running")
+        (
+            "old-ended",
+            "DAG run nightly / scheduled__2026-11-20T00:00:00+00:00 is no longer queued or running (success)",
+        )
     ]
     assert ("nightly", running.run_id) in asked
-    with_unowned = select_orphans(servers, run_is_active, now=1000, min_age=600, stop_unowned=True)
+    with_unowned = select_orphans(servers, run_state, now=1000, min_age=600, stop_unowned=True)
     assert [info.handle["server_id"] for info, _ in with_unowned] == ["old-ended", "unowned"]

@@ -1,0 +1,348 @@
+"""The kubernetes runtime's objects, as pure functions: the server's Pod, its Service, its NetworkPolicy.
+
+:func:`build_pod` and :func:`build_service` return the kubernetes client's models and
+:func:`build_network_policy` the API's JSON: ``nvidia.com/gpu`` limits, node selector and tolerations for
+GPU nodes, a readiness probe on ``/v2/health/ready``, a memory-backed ``/dev/shm``, the model repository
+from S3 or a volume, labels (selectable) plus annotations (exact) naming the DAG run, the lease
+annotations, ``activeDeadlineSeconds``, no service-account token. The Service and the NetworkPolicy are
+owned by the Pod (removed with it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from airflow_batch_infer.runtimes.containers import (
+    CREDENTIALS_PATH,
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    is_remote_repository,
+    triton_s3_path,
+    tritonserver_command,
+)
+from airflow_batch_infer.runtimes.labels import (
+    LEASE_RENEWED_KEY,
+    LEASE_TIMEOUT_KEY,
+    SERVER_ID_KEY,
+    ServerOwner,
+    k8s_labels,
+)
+
+if TYPE_CHECKING:
+    from kubernetes.client import V1Pod, V1Service
+
+log = logging.getLogger(__name__)
+
+CONTAINER_NAME = "tritonserver"
+#: The usual taint of GPU node pools (GKE, EKS and AKS GPU nodes, the NVIDIA GPU Operator's guides).
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+#: Labels of the Pods a server admits by default: Airflow's Helm chart labels its Pods ``tier: airflow``.
+AIRFLOW_PODS = {"tier": "airflow"}
+#: Container states after which the server will never start (no need to wait for the deadline).
+FATAL_WAITING_REASONS = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+)
+_PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
+
+
+class _Json:
+    """A response-like object, so that ``ApiClient.deserialize`` turns API-shaped dicts into models."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = json.dumps(data)
+
+
+def to_model(data: Any, kind: str) -> Any:
+    """A dict in the Kubernetes API's shape (camelCase, as in a manifest) as the client's model ``kind``.
+
+    :param data: e.g. ``{"name": "models", "persistentVolumeClaim": {"claimName": "triton-models"}}``.
+    :param kind: e.g. ``"V1Volume"`` or ``"list[V1Toleration]"``.
+    """
+    from kubernetes.client import ApiClient
+
+    if data is None or not isinstance(data, (dict, list)):
+        return data
+    return ApiClient().deserialize(_Json(data), kind)
+
+
+def build_pod(
+    *,
+    server_id: str,
+    namespace: str,
+    image: str,
+    model_repository: str,
+    models: list[str] | None,
+    owner: ServerOwner | None = None,
+    gpus: int = 1,
+    gpu_resource: str = "nvidia.com/gpu",
+    cpu: str | None = None,
+    memory: str | None = None,
+    shm_size: str = "1Gi",
+    node_selector: dict[str, str] | None = None,
+    tolerations: list[dict[str, Any]] | None = None,
+    model_repository_pvc: str | None = None,
+    s3_endpoint_url: str | None = None,
+    aws_secret_name: str | None = None,
+    aws_credentials_secret: str | None = None,
+    service_account_name: str | None = None,
+    environment: dict[str, str] | None = None,
+    volumes: list[dict[str, Any]] | None = None,
+    volume_mounts: list[dict[str, Any]] | None = None,
+    image_pull_secrets: list[str] | None = None,
+    annotations: dict[str, str] | None = None,
+    priority_class_name: str | None = None,
+    extra_args: list[str] | None = None,
+    log_verbose: int = 0,
+    stop_grace_period: int = 30,
+    lease_timeout: float = 0,
+    active_deadline_seconds: int | None = None,
+) -> V1Pod:
+    """The server's Pod: a pure function of the runtime's options.
+
+    :param server_id: the Pod's name, ``--id`` and the label the Service selects.
+    :param namespace: the namespace.
+    :param image: the tritonserver image.
+    :param model_repository: ``s3://...`` (or ``gs://``, ``as://``), or a path inside the container (on
+        ``model_repository_pvc`` or one of ``volumes``).
+    :param models: models to load (all in the repository when ``None``).
+    :param owner: the task instance that starts it (labels and annotations).
+    :param gpus: GPUs in the container's limits (0: none, and no GPU toleration by default).
+    :param gpu_resource: the extended resource name of the GPUs.
+    :param cpu: CPU request and limit, e.g. ``"8"``.
+    :param memory: memory request and limit, e.g. ``"32Gi"``.
+    :param shm_size: size of the memory-backed ``/dev/shm``.
+    :param node_selector: node labels the Pod needs, e.g. ``{"nvidia.com/gpu.present": "true"}``.
+    :param tolerations: tolerations (API shape); the ``nvidia.com/gpu`` taint's when ``None`` and gpus > 0.
+    :param model_repository_pvc: a PersistentVolumeClaim mounted read-only at ``model_repository``.
+    :param s3_endpoint_url: endpoint of an S3-compatible store holding the repository.
+    :param aws_secret_name: a Secret with ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
+        ``AWS_DEFAULT_REGION`` for S3, set as environment variables (a model's code can read them): prefer
+        ``service_account_name`` with IAM roles for service accounts, or ``aws_credentials_secret``.
+    :param aws_credentials_secret: a Secret whose key ``credentials`` is an AWS shared-credentials file,
+        mounted read-only at ``/run/airflow-batch-infer/aws-credentials`` (``AWS_SHARED_CREDENTIALS_FILE``):
+        keys for S3 without putting them in the environment.
+    :param service_account_name: the Pod's service account.
+    :param environment: environment variables.
+    :param volumes: more volumes (API shape).
+    :param volume_mounts: more mounts of the container (API shape).
+    :param image_pull_secrets: Secrets to pull the image with.
+    :param annotations: more Pod annotations.
+    :param priority_class_name: the Pod's priority class.
+    :param extra_args: more tritonserver flags.
+    :param log_verbose: Triton's ``--log-verbose`` level.
+    :param stop_grace_period: seconds between SIGTERM and SIGKILL when deleted.
+    :param lease_timeout: seconds without a lease renewal before the reaper deletes the Pod (annotations
+        ``airflow-batch-infer/lease-timeout`` and ``lease-renewed-at``, the latter patched by each renewal).
+    :param active_deadline_seconds: the Pod's hard bound: Kubernetes kills it this long after it started,
+        whatever happens to Airflow (``None``: no bound).
+    """
+    from kubernetes import client as k8s
+
+    if model_repository.startswith("s3://"):
+        repository = triton_s3_path(model_repository, s3_endpoint_url)
+    elif is_remote_repository(model_repository) or model_repository.startswith("/"):
+        repository = model_repository
+    else:
+        raise ValueError(
+            f"Model repository {model_repository!r}: the kubernetes runtime needs s3:// (gs://, as://) or an "
+            "absolute path inside the container (with model_repository_pvc or volumes)."
+        )
+    mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]  # noqa: S108 (the container's)
+    pod_volumes = [
+        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size))
+    ]
+    environment = dict(environment or {})
+    if aws_credentials_secret:
+        folder, filename = CREDENTIALS_PATH.rsplit("/", 1)
+        mounts.append(k8s.V1VolumeMount(name="aws-credentials", mount_path=folder, read_only=True))
+        pod_volumes.append(
+            k8s.V1Volume(
+                name="aws-credentials",
+                secret=k8s.V1SecretVolumeSource(
+                    secret_name=aws_credentials_secret,
+                    items=[k8s.V1KeyToPath(key="credentials", path=filename)],
+                    default_mode=0o440,
+                ),
+            )
+        )
+        environment["AWS_SHARED_CREDENTIALS_FILE"] = CREDENTIALS_PATH
+    if model_repository_pvc:
+        mounts.append(k8s.V1VolumeMount(name="model-repository", mount_path=repository, read_only=True))
+        pod_volumes.append(
+            k8s.V1Volume(
+                name="model-repository",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                    claim_name=model_repository_pvc, read_only=True
+                ),
+            )
+        )
+    mounts.extend(to_model(volume_mounts or [], "list[V1VolumeMount]"))
+    pod_volumes.extend(to_model(volumes or [], "list[V1Volume]"))
+
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
+    if gpus:
+        limits[gpu_resource] = str(int(gpus))
+    for key, value in (("cpu", cpu), ("memory", memory)):
+        if value:
+            limits[key] = requests[key] = str(value)
+    if tolerations is None:
+        tolerations = [GPU_TOLERATION] if gpus else []
+
+    container = k8s.V1Container(
+        name=CONTAINER_NAME,
+        image=image,
+        command=tritonserver_command(
+            repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
+        ),
+        ports=[
+            k8s.V1ContainerPort(name=key, container_port=port, protocol="TCP") for key, port in _PORTS.items()
+        ],
+        resources=k8s.V1ResourceRequirements(limits=limits or None, requests=requests or None),
+        readiness_probe=k8s.V1Probe(
+            http_get=k8s.V1HTTPGetAction(path="/v2/health/ready", port="http"),
+            period_seconds=5,
+            timeout_seconds=3,
+            failure_threshold=3,
+        ),
+        env=[k8s.V1EnvVar(name=k, value=str(v)) for k, v in environment.items()] or None,
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=aws_secret_name))]
+        if aws_secret_name
+        else None,
+        volume_mounts=mounts,
+    )
+    return k8s.V1Pod(
+        api_version="v1",
+        kind="Pod",
+        metadata=k8s.V1ObjectMeta(
+            name=server_id,
+            namespace=namespace,
+            labels=k8s_labels(server_id, owner),
+            annotations={
+                **(owner.labels() if owner else {}),
+                **_lease_annotations(lease_timeout),
+                **(annotations or {}),
+            }
+            or None,
+        ),
+        spec=k8s.V1PodSpec(
+            restart_policy="Never",  # a server that dies is reported, not restarted mid-job
+            containers=[container],
+            volumes=pod_volumes,
+            node_selector=node_selector or None,
+            tolerations=to_model(tolerations, "list[V1Toleration]") or None,
+            service_account_name=service_account_name,
+            # The server calls no Kubernetes API: no token for a model's code to read.
+            automount_service_account_token=False,
+            image_pull_secrets=[k8s.V1LocalObjectReference(name=s) for s in image_pull_secrets or []] or None,
+            termination_grace_period_seconds=int(stop_grace_period),
+            priority_class_name=priority_class_name,
+            enable_service_links=False,
+            active_deadline_seconds=int(active_deadline_seconds) if active_deadline_seconds else None,
+        ),
+    )
+
+
+def _lease_annotations(lease_timeout: float) -> dict[str, str]:
+    if not lease_timeout or lease_timeout <= 0:
+        return {}
+    return {LEASE_TIMEOUT_KEY: f"{float(lease_timeout):g}", LEASE_RENEWED_KEY: f"{time.time():.0f}"}
+
+
+def build_network_policy(
+    *,
+    server_id: str,
+    namespace: str,
+    allowed_clients: dict[str, str],
+    owner: ServerOwner | None = None,
+    pod_uid: str | None = None,
+) -> dict[str, Any]:
+    """A NetworkPolicy that admits to the server's Pod only the Pods labelled ``allowed_clients`` (the
+    Airflow workers), on the server's ports, and nothing else. Owned by the Pod (removed with it).
+
+    :param server_id: the Pod's ``app.kubernetes.io/instance`` label, and the policy's name.
+    :param namespace: the namespace (clients are admitted from it only).
+    :param allowed_clients: labels of the client Pods, e.g. ``{"tier": "airflow"}`` (Airflow's Helm chart).
+    :param owner: the task instance that starts the server (labels).
+    :param pod_uid: the Pod's uid, for the owner reference (none when ``None``).
+    """
+    metadata: dict[str, Any] = {
+        "name": server_id,
+        "namespace": namespace,
+        "labels": k8s_labels(server_id, owner),
+    }
+    if pod_uid:
+        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": server_id, "uid": pod_uid}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata,
+        "spec": {
+            "podSelector": {"matchLabels": {SERVER_ID_KEY: server_id}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": dict(allowed_clients)}}],
+                    "ports": [{"protocol": "TCP", "port": port} for port in _PORTS.values()],
+                }
+            ],
+        },
+    }
+
+
+def build_service(
+    *, server_id: str, namespace: str, owner: ServerOwner | None = None, pod_uid: str | None = None
+) -> V1Service:
+    """The ClusterIP Service in front of the Pod, owned by it (removed with it).
+
+    :param server_id: the Service's name and the Pod label it selects.
+    :param namespace: the namespace.
+    :param owner: the task instance that starts the server (labels).
+    :param pod_uid: the Pod's uid, for the owner reference (none when ``None``).
+    """
+    from kubernetes import client as k8s
+
+    references = None
+    if pod_uid:
+        references = [k8s.V1OwnerReference(api_version="v1", kind="Pod", name=server_id, uid=pod_uid)]
+    return k8s.V1Service(
+        api_version="v1",
+        kind="Service",
+        metadata=k8s.V1ObjectMeta(
+            name=server_id,
+            namespace=namespace,
+            labels=k8s_labels(server_id, owner),
+            owner_references=references,
+        ),
+        spec=k8s.V1ServiceSpec(
+            type="ClusterIP",
+            selector={SERVER_ID_KEY: server_id},
+            ports=[
+                k8s.V1ServicePort(name=key, port=port, target_port=key, protocol="TCP")
+                for key, port in _PORTS.items()
+            ],
+        ),
+    )
+
+
+def container_summary(pod: Any) -> str:
+    """One line on the Pod's container: not started, waiting (why), terminated (code), running, ready."""
+    statuses = (pod.status.container_statuses or []) if pod.status else []
+    if not statuses:
+        return "container not started"
+    state = statuses[0].state
+    if state and state.terminated:
+        t = state.terminated
+        return f"container terminated: {t.reason} (exit code {t.exit_code}) {t.message or ''}".rstrip()
+    if state and state.waiting:
+        return f"container waiting: {state.waiting.reason} {state.waiting.message or ''}".rstrip()
+    return "container running" + (", ready" if statuses[0].ready else ", not ready")
