@@ -49,6 +49,7 @@ def batch_inference(
     sql_database: str | None = None,
     staging_conn_id: str | None = None,
     start_options: dict[str, Any] | None = None,
+    lease_timeout: float | None = None,
 ) -> TaskGroup:
     """Build stage + start server (setup) → infer (mapped per chunk) → persist, and stop server (teardown).
 
@@ -92,6 +93,10 @@ def batch_inference(
     :param sql_database: database (schema) for the query, when the connection has several.
     :param staging_conn_id: connection for a ``staging_root`` on object storage.
     :param start_options: further keyword arguments of the start task (``deferrable``, ``poll_interval``).
+    :param lease_timeout: seconds the server may go without a lease renewal before its keeper or the
+        reaper stops it (default: the runtime's, 30 minutes); the infer tasks renew it while they stream.
+        It must outlast the run's longest gap without a streaming infer task (a stage running beside the
+        start, infer tasks queued for a slot).
     :param infer_operator: the mapped infer operator: :class:`TritonInferenceOperator`, or a subclass
         such as ``TritonGenerateOperator`` for LLM generation.
     """
@@ -123,6 +128,7 @@ def batch_inference(
                 models=[model_name],
                 runtime=runtime,
                 runtime_options=runtime_options,
+                **({"lease_timeout": lease_timeout} if lease_timeout is not None else {}),
                 **(start_options or {}),
             )
         infer = infer_operator.partial(
@@ -138,6 +144,7 @@ def batch_inference(
             retries=infer_retries,
             map_index_template="chunk {{ task.chunk['index'] }}",
             sink=sink,  # the parts of a sink whose table is the parts are compressed wherever they are
+            runtime_options=runtime_options,  # to renew a container server's lease
             **(infer_options or {}),
         ).expand(chunk=stage.output)
         persist = PersistOutputsOperator(

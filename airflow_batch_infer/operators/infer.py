@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -15,6 +16,7 @@ from airflow_batch_infer.client.sizing import resolve_sizes
 from airflow_batch_infer.client.streaming import ChunkStreamer, StreamSettings
 from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
+from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 from airflow_batch_infer.staging import (
     ChunkDescriptor,
@@ -58,6 +60,10 @@ class TritonInferenceOperator(BaseOperator):
         says otherwise.
     :param sink: the sink that will persist the parts, if known (templated): for ``s3_parquet`` and
         ``athena``, whose tables are the part files themselves, parts are compressed wherever they are.
+    :param runtime_options: the start task's runtime options, with which a container server's lease is
+        renewed (a local server needs none).
+    :param lease_renew_interval: seconds between renewals of the server's lease while the chunk streams
+        (when ``server`` is a start task's return value), so that its keeper lets it live.
     """
 
     template_fields: Sequence[str] = (
@@ -96,6 +102,8 @@ class TritonInferenceOperator(BaseOperator):
         token_count_output: str | None = None,
         compress_parts: bool | None = None,
         sink: str | None = None,
+        runtime_options: dict[str, Any] | None = None,
+        lease_renew_interval: float = 60.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -119,6 +127,8 @@ class TritonInferenceOperator(BaseOperator):
         self.token_count_output = token_count_output
         self.compress_parts = compress_parts
         self.sink = sink
+        self.runtime_options = runtime_options
+        self.lease_renew_interval = lease_renew_interval
 
     def parts_compressed(self) -> bool | None:
         """Whether to compress the parts: as asked, else yes for a sink whose table is the parts, else
@@ -126,6 +136,12 @@ class TritonInferenceOperator(BaseOperator):
         if self.compress_parts is not None:
             return self.compress_parts
         return True if self.sink in PARTS_ARE_THE_TABLE else None
+
+    def _lease_renewed(self) -> AbstractContextManager[None]:
+        """While the chunk streams, the lease of a server that a start task returned is kept renewed."""
+        if isinstance(self.server, Mapping) and self.server.get("runtime"):
+            return keep_renewed(dict(self.server), self.runtime_options, self.lease_renew_interval)
+        return nullcontext()
 
     def _url(self) -> str | None:
         if isinstance(self.server, Mapping):
@@ -229,12 +245,13 @@ class TritonInferenceOperator(BaseOperator):
             logger=self.log,
             compress_parts=self.parts_compressed(),
         )
-        result = streamer.run(
-            chunk,
-            output_part_path(descriptor.run_dir, descriptor.index),
-            rejects_part_path(descriptor.run_dir, descriptor.index),
-            descriptor.index,
-        )
+        with self._lease_renewed():
+            result = streamer.run(
+                chunk,
+                output_part_path(descriptor.run_dir, descriptor.index),
+                rejects_part_path(descriptor.run_dir, descriptor.index),
+                descriptor.index,
+            )
         self.log.info(
             "Chunk %d done: %s rows scored, %s set aside, %.1f s, %s rows/s (tensors via %s); outputs in %s",
             result.index,

@@ -15,7 +15,10 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from airflow_batch_infer.runtimes.base import DEFAULT_LEASE_TIMEOUT, ServerInfo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_LEASE_TIMEOUT", "renew"]
+__all__ = ["DEFAULT_LEASE_TIMEOUT", "keep_renewed", "renew"]
 
 LEASE_FILE = "lease"
 
@@ -98,3 +101,30 @@ def renew(server: dict[str, Any] | ServerInfo, runtime_options: dict[str, Any] |
     except Exception as exc:
         log.warning("Could not renew the lease of Triton server %s: %s", info.handle.get("server_id"), exc)
         return False
+
+
+@contextmanager
+def keep_renewed(
+    server: dict[str, Any] | ServerInfo, runtime_options: dict[str, Any] | None = None, interval: float = 60.0
+) -> Iterator[None]:
+    """Renew a server's lease now, then every ``interval`` seconds in a thread of its own, while the block
+    runs (an infer task streaming its chunk).
+
+    :param server: what the start task returned, or a :class:`ServerInfo`.
+    :param runtime_options: the runtime's options, as given to the start task (needed by remote runtimes).
+    :param interval: seconds between renewals; keep it well under the server's ``lease_timeout``.
+    """
+    renew(server, runtime_options)
+    done = threading.Event()
+
+    def renew_until_done() -> None:
+        while not done.wait(interval):
+            renew(server, runtime_options)
+
+    thread = threading.Thread(target=renew_until_done, name="lease-renewal", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)

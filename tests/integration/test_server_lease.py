@@ -61,3 +61,42 @@ def test_no_lease_when_lease_timeout_is_zero(tmp_path: Path) -> None:
     finally:
         assert runtime.stop(info) is True
     assert processes_mentioning(tmp_path) == []
+
+
+def test_an_infer_task_keeps_its_servers_lease_while_it_streams(tmp_path: Path) -> None:
+    from transactions_data import FEATURES, write_transactions
+
+    from airflow_batch_infer.operators.infer import TritonInferenceOperator
+    from airflow_batch_infer.staging import stage_parquet
+
+    lease = 2
+    runtime = get_runtime("local", work_root=str(tmp_path / "servers"), lease_timeout=lease)
+    info = runtime.start(str(MODEL_REPOSITORY), ["risk_scorer"])
+    server = json.loads(json.dumps(info.to_dict()))
+    workdir = Path(info.handle["workdir"])
+    write_transactions(tmp_path / "in", 6_000, files=1)
+    chunk = stage_parquet(tmp_path / "in", tmp_path / "run").chunks[0].to_dict()
+    # One 5-row request at a time, each waiting out the batcher's 2 ms delay: longer than the lease.
+    operator = TritonInferenceOperator(
+        task_id="infer",
+        chunk=chunk,
+        server=server,
+        model_name="risk_scorer",
+        inputs={"features": FEATURES},
+        request_rows=5,
+        max_in_flight=1,
+        lease_renew_interval=0.3,
+    )
+    try:
+        started = time.monotonic()
+        result = operator.execute({})
+        streamed = time.monotonic() - started
+        assert streamed > lease, f"the chunk took {streamed:.1f} s: too short to outlast the lease"
+        assert (result["rows_out"], result["rows_rejected"]) == (6_000, 0)
+        assert runtime.is_running(info)
+        assert not (workdir / "stopped").exists()
+        # Nobody renews it any more: gone within the lease and the supervisor's check.
+        assert _wait_until_gone(tmp_path / "servers", lease + 10) == []
+        assert "lease not renewed for" in (workdir / "stopped").read_text()
+    finally:
+        runtime.stop(info)
