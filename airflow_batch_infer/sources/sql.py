@@ -4,6 +4,10 @@ The query runs once, as one statement, so it reads one consistent snapshot of th
 task writes those rows into chunk files, and every mapped infer task reads the chunks, never the table:
 a table that changes during the run does not change what is scored.
 
+A query can only read: it must be one statement, PostgreSQL runs it in a read-only transaction, and DuckDB
+opens the database read-only with external access (files, URLs, extensions) disabled. A query from a
+manual run's Params can so neither write nor reach outside the database it names.
+
 Memory stays bounded: PostgreSQL rows come through a server-side (named) cursor, ``batch_rows`` at a time;
 DuckDB hands over Arrow record batches directly; other DB-API drivers are read with ``fetchmany`` (whether
 that streams depends on the driver).
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import sqlparse
 
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.sources.base import Source
@@ -82,6 +87,12 @@ class SQLQuerySource(Source):
     ) -> None:
         if not sql or not sql.strip():
             raise StagingError("The SQL query is empty.")
+        statements = [s for s in sqlparse.split(sql) if s.strip().rstrip(";").strip()]
+        if len(statements) != 1:
+            raise StagingError(
+                f"The SQL must be exactly one statement (a SELECT); it holds {len(statements)}: "
+                + " | ".join(" ".join(s.split())[:60] for s in statements)
+            )
         self.sql = sql.strip().rstrip(";")
         self.conn_id = conn_id
         self.parameters = parameters
@@ -130,7 +141,7 @@ class SQLQuerySource(Source):
         if database != ":memory:" and not Path(database).exists():
             raise StagingError(f"DuckDB database {database} does not exist.")
         read_only = database != ":memory:"
-        with duckdb.connect(database, read_only=read_only) as con:
+        with duckdb.connect(database, read_only=read_only, config={"enable_external_access": False}) as con:
             try:
                 relation = con.sql(self.sql, params=self.parameters)
                 if relation is None:
@@ -148,6 +159,8 @@ class SQLQuerySource(Source):
         postgres = type(hook).__name__ == "PostgresHook" or getattr(hook, "conn_type", "") == "postgres"
         try:
             if postgres:
+                with connection.cursor() as first:  # the transaction's first statement: it can only read
+                    first.execute("SET TRANSACTION READ ONLY")
                 # A named cursor lives on the server: rows come batch_rows at a time, not all at once.
                 cursor = connection.cursor(name=f"batch_infer_{uuid.uuid4().hex[:12]}")
                 cursor.itersize = self.batch_rows

@@ -96,6 +96,26 @@ def test_query_errors_say_what_is_wrong(warehouse: Path, tmp_path: Path) -> None
         stage_source(SQLQuerySource("SELECT 1", database=str(tmp_path / "absent.duckdb")), tmp_path / "r")
 
 
+def test_a_query_can_only_read_its_database(warehouse: Path, tmp_path: Path) -> None:
+    """A query from a manual run's Params writes nothing and reaches no file or URL."""
+    with pytest.raises(StagingError, match=r"exactly one statement .* it holds 2: DELETE FROM events"):
+        SQLQuerySource("DELETE FROM events; SELECT * FROM events", database=str(warehouse))
+    assert SQLQuerySource("SELECT ';' AS semicolon FROM events;", database=str(warehouse))  # one statement
+    (tmp_path / "secret.csv").write_text("user,password\nroot,hunter2\n")
+    with pytest.raises(StagingError, match="file system operations are disabled"):
+        stage_source(
+            SQLQuerySource(f"SELECT * FROM read_csv('{tmp_path / 'secret.csv'}')", database=str(warehouse)),
+            tmp_path / "r",
+        )
+    with pytest.raises(StagingError, match="read-only mode"):
+        stage_source(
+            SQLQuerySource("INSERT INTO events VALUES (1, 1.0, 'x') RETURNING *", database=str(warehouse)),
+            tmp_path / "r",
+        )
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM events").fetchone() == (1000,)
+
+
 def test_parquet_source_reads_only_the_columns_asked_for(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"a": [1, 2], "b": [3.0, 4.0], "c": ["x", "y"]}), tmp_path / "in" / "p.parquet")
