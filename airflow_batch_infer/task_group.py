@@ -50,6 +50,8 @@ def batch_inference(
     staging_conn_id: str | None = None,
     start_options: dict[str, Any] | None = None,
     lease_timeout: float | None = None,
+    allowed_roots: list[str] | None = None,
+    allowed_conn_ids: list[str] | None = None,
 ) -> TaskGroup:
     """Build stage + start server (setup) → infer (mapped per chunk) → persist, and stop server (teardown).
 
@@ -97,6 +99,10 @@ def batch_inference(
         reaper stops it (default: the runtime's, 30 minutes); the infer tasks renew it while they stream.
         It must outlast the run's longest gap without a streaming infer task (a stage running beside the
         start, infer tasks queued for a slot).
+    :param allowed_roots: when given, every location a run reads or writes (the source, the staging root,
+        the sink's paths) must lie under one of these, whatever a run's Params say; checked by the stage task
+        before anything is staged, and by persist.
+    :param allowed_conn_ids: when given, every connection a run names must be one of these.
     :param infer_operator: the mapped infer operator: :class:`TritonInferenceOperator`, or a subclass
         such as ``TritonGenerateOperator`` for LLM generation.
     """
@@ -119,6 +125,10 @@ def batch_inference(
             partition=partition,
             snapshot=snapshot,
             workers_share_host=runtime == "local",
+            allowed_roots=allowed_roots,
+            allowed_conn_ids=allowed_conn_ids,
+            sink=sink,
+            sink_options=sink_options,
         )
         start = None
         if runtime is not None:
@@ -156,6 +166,8 @@ def batch_inference(
             sink_options=sink_options,
             partition=partition,
             max_rejected_fraction=max_rejected_fraction,
+            allowed_roots=allowed_roots,
+            allowed_conn_ids=allowed_conn_ids,
         )
         if start is None:
             stage >> infer >> persist

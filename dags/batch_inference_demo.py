@@ -8,6 +8,8 @@ warehouse; S3 and PostgreSQL by changing connections and Params only (see README
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pendulum
@@ -18,6 +20,9 @@ from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.task_group import batch_inference
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "triton_models"
+# What a run's Params may point at (JSON lists of roots and of connection ids); unset: anything.
+ALLOWED_ROOTS = json.loads(os.environ.get("BATCH_INFER_ALLOWED_ROOTS", "null"))
+ALLOWED_CONN_IDS = json.loads(os.environ.get("BATCH_INFER_ALLOWED_CONN_IDS", "null"))
 
 with DAG(
     dag_id="batch_inference_demo",
@@ -89,4 +94,6 @@ with DAG(
         staging_root="{{ params.staging_root or '' }}",
         sink="{{ params.sink }}",
         sink_options="{{ params.sink_options | tojson }}",
+        allowed_roots=ALLOWED_ROOTS,
+        allowed_conn_ids=ALLOWED_CONN_IDS,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -10,9 +9,10 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.allowlist import check_sink
 from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.partition import resolve_partition
-from airflow_batch_infer.sinks import get_sink
+from airflow_batch_infer.sinks import get_sink, sink_options
 from airflow_batch_infer.staging import (
     SUMMARY,
     ChunkDescriptor,
@@ -45,6 +45,9 @@ class PersistOutputsOperator(BaseOperator):
     :param partition_column: column holding the partition key.
     :param results: the infer tasks' results (``infer.output``), used for the throughput summary.
     :param max_rejected_fraction: fail, writing nothing, when more than this share of rows was set aside.
+    :param allowed_roots: where the sink may write (``sink_options`` paths and URLs), when restricted
+        (:mod:`airflow_batch_infer.allowlist`); the stage task checks the same before anything is staged.
+    :param allowed_conn_ids: the connections ``sink_options`` may name, when restricted.
     """
 
     template_fields: Sequence[str] = ("chunks", "table", "sink", "sink_options", "partition", "results")
@@ -61,6 +64,8 @@ class PersistOutputsOperator(BaseOperator):
         partition_column: str = "batch_partition",
         results: list[dict[str, Any]] | None = None,
         max_rejected_fraction: float | None = None,
+        allowed_roots: list[str] | None = None,
+        allowed_conn_ids: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -72,16 +77,8 @@ class PersistOutputsOperator(BaseOperator):
         self.partition_column = partition_column
         self.results = results
         self.max_rejected_fraction = max_rejected_fraction
-
-    def _sink_options(self) -> dict[str, Any]:
-        options = self.sink_options
-        if isinstance(options, str):
-            options = json.loads(options) if options.strip() else {}
-        if not isinstance(options, dict):
-            raise TypeError(
-                f"sink_options must be a mapping (or its JSON text), got {type(options).__name__}."
-            )
-        return dict(options)
+        self.allowed_roots = allowed_roots
+        self.allowed_conn_ids = allowed_conn_ids
 
     def _collect_parts(self, manifest: Manifest) -> tuple[list[RunPath], list[RunPath], int]:
         """Check every chunk's parts and return them with the number of rows set aside."""
@@ -113,6 +110,8 @@ class PersistOutputsOperator(BaseOperator):
         return outputs, rejects, rejected
 
     def execute(self, context: Any) -> dict[str, Any]:
+        options = sink_options(self.sink_options)
+        check_sink(self.sink, options, self.allowed_roots, self.allowed_conn_ids)
         if not self.chunks:
             raise IncompleteRunError("No chunk descriptors: the stage task staged nothing.")
         run_dir = ChunkDescriptor.from_dict(self.chunks[0]).run_dir
@@ -126,9 +125,7 @@ class PersistOutputsOperator(BaseOperator):
                 f"max_rejected_fraction={self.max_rejected_fraction}: nothing written. The reasons are in "
                 f"{run_file(run_dir, 'rejects')}."
             )
-        sink = get_sink(
-            self.sink, table=self.table, partition_column=self.partition_column, **self._sink_options()
-        )
+        sink = get_sink(self.sink, table=self.table, partition_column=self.partition_column, **options)
         started = time.monotonic()
         result = sink.replace_partition(partition, outputs, rejects)
         seconds = time.monotonic() - started

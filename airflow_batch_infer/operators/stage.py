@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, conf
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.allowlist import check_conn_id, check_locations, check_sink
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.paths import batch_infer_home
+from airflow_batch_infer.sinks import sink_options
 from airflow_batch_infer.staging import SNAPSHOTS, run_directory, stage_source
 
 if TYPE_CHECKING:
@@ -76,6 +78,13 @@ class StageInputsOperator(BaseOperator):
         executor's slots (:func:`parallel_infer_tasks`).
     :param workers_share_host: the infer tasks and the server run on this host (the local runtime), so at
         most its cores count as slots.
+    :param allowed_roots: when given, every location the run uses (``source``, ``staging_root``,
+        ``sql_database``, and the sink's paths and URLs) must lie under one of these roots
+        (:mod:`airflow_batch_infer.allowlist`), checked before anything is staged.
+    :param allowed_conn_ids: when given, every connection the run names (``source_conn_id``,
+        ``staging_conn_id``, ``sql_conn_id``, one in a URL, the sink's) must be one of these.
+    :param sink: the run's sink, checked against the allowlists here, at the run's start (templated).
+    :param sink_options: the sink's options, likewise (a dict, or its JSON text from a template).
     """
 
     template_fields: Sequence[str] = (
@@ -91,6 +100,8 @@ class StageInputsOperator(BaseOperator):
         "columns",
         "partition",
         "snapshot",
+        "sink",
+        "sink_options",
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql"}
@@ -114,9 +125,17 @@ class StageInputsOperator(BaseOperator):
         snapshot: str = "reference",
         parallel_tasks: int | None = None,
         workers_share_host: bool = False,
+        allowed_roots: list[str] | None = None,
+        allowed_conn_ids: list[str] | None = None,
+        sink: str | None = None,
+        sink_options: dict[str, Any] | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.allowed_roots = allowed_roots
+        self.allowed_conn_ids = allowed_conn_ids
+        self.sink = sink
+        self.sink_options = sink_options
         if "{{" not in str(snapshot) and snapshot not in SNAPSHOTS:
             raise ValueError(f"snapshot must be one of {list(SNAPSHOTS)}, got {snapshot!r}.")
         self.snapshot = snapshot
@@ -152,7 +171,30 @@ class StageInputsOperator(BaseOperator):
             )
         return ParquetSource(source, conn_id=_given(self.source_conn_id))
 
+    def _check_allowed(self) -> None:
+        """Refuse, before anything is staged, a location or connection the allowlists do not admit."""
+        roots, conn_ids = self.allowed_roots, self.allowed_conn_ids
+        if roots is None and conn_ids is None:
+            return
+        sources = _given(self.source)
+        sources = [sources] if isinstance(sources, str) else list(sources or [])
+        locations = [("source", s) for s in sources]
+        locations += [
+            ("staging_root", _given(self.staging_root)),
+            ("sql_database", _given(self.sql_database)),
+        ]
+        check_locations(locations, roots, conn_ids)
+        for what, conn_id in (
+            ("source_conn_id", self.source_conn_id),
+            ("staging_conn_id", self.staging_conn_id),
+            ("sql_conn_id", self.sql_conn_id),
+        ):
+            check_conn_id(_given(conn_id), conn_ids, what)
+        if _given(self.sink):
+            check_sink(self.sink, sink_options(self.sink_options), roots, conn_ids)
+
     def execute(self, context: Any) -> list[dict[str, Any]]:
+        self._check_allowed()
         partition = resolve_partition(context, self.partition)
         root = _given(self.staging_root) or str(batch_infer_home() / "staging")
         root = storage.location(root, _given(self.staging_conn_id))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from airflow_batch_infer.sinks.base import PersistResult, SchemaMismatchError, WarehouseSink
@@ -14,6 +16,7 @@ __all__ = [
     "SchemaMismatchError",
     "WarehouseSink",
     "get_sink",
+    "sink_options",
 ]
 
 # Sink name → "module:class"; imported on use, so that a sink's client library is needed only by its users.
@@ -45,3 +48,17 @@ def get_sink(name: str, **options: Any) -> WarehouseSink:
         return sink_class(**options)
     except TypeError as err:
         raise TypeError(f"Sink {name!r}: {err}. See {sink_class.__name__}'s parameters.") from err
+
+
+def sink_options(options: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """A sink's options as a dict: given as one, or as its JSON text (``{{ params.x | tojson }}``).
+
+    :param options: the options, rendered.
+    """
+    if isinstance(options, str):
+        options = json.loads(options) if options.strip() else {}
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"sink_options must be a mapping (or its JSON text), got {type(options).__name__}.")
+    return dict(options)

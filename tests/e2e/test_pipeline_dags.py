@@ -31,7 +31,14 @@ def warehouse() -> Path:
 
 
 def partition_counts(table: str) -> dict[str, tuple[int, int]]:
+    """Partition → (rows, distinct row ids) of a warehouse table; empty when there is no such table."""
+    if not warehouse().exists():
+        return {}
     with duckdb.connect(str(warehouse()), read_only=True) as con:
+        if not con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = $t", {"t": table}
+        ).fetchone()[0]:
+            return {}
         rows = con.execute(
             f'SELECT batch_partition, count(*), count(DISTINCT row_id) FROM "{table}" GROUP BY 1 ORDER BY 1'
         ).fetchall()
@@ -221,3 +228,37 @@ def test_parts_are_compressed_for_sinks_whose_table_is_the_parts(
     operator = mapped.operator_class(task_id="infer", chunk={}, **kwargs)
     operator.render_template_fields({"params": {"sink": "athena"}})  # as a run's Params would
     assert operator.parts_compressed() == compressed
+
+
+def test_params_cannot_point_the_demo_outside_its_allowlists(airflow_db, tmp_path, monkeypatch) -> None:
+    from airflow_batch_infer.paths import batch_infer_home
+
+    write_transactions(tmp_path / "allowed", 2_000, files=1)
+    write_transactions(tmp_path / "elsewhere", 2_000, files=1)
+    monkeypatch.setenv("BATCH_INFER_ALLOWED_ROOTS", f'["{tmp_path / "allowed"}", "{batch_infer_home()}"]')
+    monkeypatch.setenv("BATCH_INFER_ALLOWED_CONN_IDS", '["warehouse"]')
+    dag = load_dag("batch_inference_demo")  # parsed with the allowlists in its environment
+
+    refused = dag.test(
+        logical_date=LOGICAL_DATE,
+        run_conf={
+            "input_path": str(tmp_path / "elsewhere"),
+            "table": "scores_e2e",
+            "partition": "2026-12-01",
+        },
+    )
+
+    states = task_states(refused)
+    assert refused.state == "failed"
+    assert states["stage"] == ["failed"]
+    assert states["infer"] == ["upstream_failed"]
+    assert states["stop_server"] == ["success"]
+    assert "2026-12-01" not in partition_counts("scores_e2e")
+    assert processes_mentioning(batch_infer_home() / "servers") == []
+
+    allowed = dag.test(
+        logical_date=LOGICAL_DATE,
+        run_conf={"input_path": str(tmp_path / "allowed"), "table": "scores_e2e", "partition": "2026-12-01"},
+    )
+    assert allowed.state == "success", task_states(allowed)
+    assert partition_counts("scores_e2e")["2026-12-01"] == (2_000, 2_000)
