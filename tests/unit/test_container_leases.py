@@ -19,14 +19,6 @@ from tests.fake_apis import FakeDockerEngine, FakeKubernetes
 OWNER = ServerOwner("nightly", "manual__2026-11-21T00:00:00+00:00", "batch_inference.start_server")
 
 
-@pytest.fixture
-def kube(monkeypatch):
-    with FakeKubernetes().running() as fake:
-        conn = {"conn_type": "kubernetes", "extra": {"kube_config": fake.kube_config(), "namespace": "ml"}}
-        monkeypatch.setenv("AIRFLOW_CONN_KUBE_TEST", json.dumps(conn))
-        yield fake
-
-
 def test_a_pod_has_a_hard_deadline_and_a_lease_its_run_renews(kube: FakeKubernetes) -> None:
     options = {"kubernetes_conn_id": "kube_test", "model_repository": "s3://m/prod", "lease_timeout": 600}
     runtime = get_runtime("kubernetes", **options)

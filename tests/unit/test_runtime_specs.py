@@ -380,14 +380,6 @@ def test_service_spec() -> None:
     ]
 
 
-@pytest.fixture
-def kube(monkeypatch):
-    with FakeKubernetes().running() as fake:
-        conn = {"conn_type": "kubernetes", "extra": {"kube_config": fake.kube_config(), "namespace": "ml"}}
-        monkeypatch.setenv("AIRFLOW_CONN_KUBE_TEST", json.dumps(conn))
-        yield fake
-
-
 def test_kubernetes_launch_stop_list_through_the_api(kube: FakeKubernetes) -> None:
     runtime = get_runtime(
         "kubernetes", kubernetes_conn_id="kube_test", model_repository="s3://triton-models/prod", cpu="4"
