@@ -243,7 +243,7 @@ def test_params_cannot_point_the_demo_outside_its_allowlists(airflow_db, tmp_pat
         logical_date=LOGICAL_DATE,
         run_conf={
             "input_path": str(tmp_path / "elsewhere"),
-            "table": "scores_e2e",
+            "table": "scores_allowlist",
             "partition": "2026-12-01",
         },
     )
@@ -253,12 +253,12 @@ def test_params_cannot_point_the_demo_outside_its_allowlists(airflow_db, tmp_pat
     assert states["stage"] == ["failed"]
     assert states["infer"] == ["upstream_failed"]
     assert states["stop_server"] == ["success"]
-    assert "2026-12-01" not in partition_counts("scores_e2e")
+    assert "2026-12-01" not in partition_counts("scores_allowlist")
     assert processes_mentioning(batch_infer_home() / "servers") == []
 
     allowed = dag.test(
         logical_date=LOGICAL_DATE,
-        run_conf={"input_path": str(tmp_path / "allowed"), "table": "scores_e2e", "partition": "2026-12-01"},
+        run_conf={"input_path": str(tmp_path / "allowed"), "table": "scores_allowlist", "partition": "2026-12-01"},
     )
     assert allowed.state == "success", task_states(allowed)
-    assert partition_counts("scores_e2e")["2026-12-01"] == (2_000, 2_000)
+    assert partition_counts("scores_allowlist")["2026-12-01"] == (2_000, 2_000)

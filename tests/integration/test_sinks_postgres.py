@@ -81,7 +81,8 @@ def test_query_errors_name_the_problem(pg_schema: str, tmp_path: Path) -> None:
 
 
 def test_a_query_runs_in_a_read_only_transaction(pg_schema: str, tmp_path: Path) -> None:
-    pg_query(f'CREATE TABLE "{pg_schema}".t AS SELECT g AS id FROM generate_series(1, 10) g')
+    # Names of its own: the schema is the module's, and other tests use "t".
+    pg_query(f'CREATE TABLE "{pg_schema}".read_only_source AS SELECT g AS id FROM generate_series(1, 10) g')
     pg_query(f'CREATE SEQUENCE "{pg_schema}".ids')
     # A query that writes through a function (nextval advances a sequence) is refused, not just undone.
     writing = f"SELECT nextval('\"{pg_schema}\".ids') AS id FROM generate_series(1, 3)"
@@ -89,8 +90,8 @@ def test_a_query_runs_in_a_read_only_transaction(pg_schema: str, tmp_path: Path)
         stage_source(SQLQuerySource(writing, conn_id=PG_CONN_ID), tmp_path / "r", row_id_column="id")
     assert pg_query(f'SELECT last_value, is_called FROM "{pg_schema}".ids') == [(1, False)]
     with pytest.raises(StagingError, match="exactly one statement"):
-        SQLQuerySource(f'SELECT 1; DROP TABLE "{pg_schema}".t', conn_id=PG_CONN_ID)
-    assert pg_query(f'SELECT count(*) FROM "{pg_schema}".t') == [(10,)]
+        SQLQuerySource(f'SELECT 1; DROP TABLE "{pg_schema}".read_only_source', conn_id=PG_CONN_ID)
+    assert pg_query(f'SELECT count(*) FROM "{pg_schema}".read_only_source') == [(10,)]
 
 
 def test_a_partition_is_replaced_never_doubled(pg_schema: str, tmp_path: Path) -> None:
