@@ -258,7 +258,11 @@ def test_params_cannot_point_the_demo_outside_its_allowlists(airflow_db, tmp_pat
 
     allowed = dag.test(
         logical_date=LOGICAL_DATE,
-        run_conf={"input_path": str(tmp_path / "allowed"), "table": "scores_allowlist", "partition": "2026-12-01"},
+        run_conf={
+            "input_path": str(tmp_path / "allowed"),
+            "table": "scores_allowlist",
+            "partition": "2026-12-01",
+        },
     )
     assert allowed.state == "success", task_states(allowed)
     assert partition_counts("scores_allowlist")["2026-12-01"] == (2_000, 2_000)
