@@ -30,7 +30,7 @@ import math
 import posixpath
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,6 +115,9 @@ class Manifest:
         ``row_groups`` (rows of each), ``first_row`` (the generated id of its first row) and
         ``partition`` (hive partition column → value from its folder names).
     :param generated_ids: whether ``row_id_column`` was added by staging (ids 0, 1, 2... in file order).
+    :param dag_id: the DAG of the run that took the snapshot (for retention; empty when not staged by a run).
+    :param run_id: that run's id.
+    :param partition: the partition it replaces.
     """
 
     run_dir: str
@@ -128,6 +131,9 @@ class Manifest:
     snapshot: str = "copy"
     files: list[dict[str, Any]] = field(default_factory=list)
     generated_ids: bool = True
+    dag_id: str = ""
+    run_id: str = ""
+    partition: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -303,6 +309,7 @@ def stage_source(
     max_chunks: int = DEFAULT_MAX_CHUNKS,
     snapshot: str = "reference",
     parallel_tasks: int = 1,
+    run: Mapping[str, str] | None = None,
 ) -> Manifest:
     """Snapshot ``source`` and write the manifest last; staging the same run again replaces the snapshot.
 
@@ -323,6 +330,8 @@ def stage_source(
     :param max_chunks: upper bound on the chunk count (Airflow's ``max_map_length``).
     :param snapshot: ``"reference"`` (pin Parquet files, copy nothing) or ``"copy"``.
     :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
+    :param run: ``dag_id``, ``run_id`` and ``partition`` of the run, recorded in the manifest (retention
+        asks Airflow for the run's state by them).
     """
     if snapshot not in SNAPSHOTS:
         raise StagingError(f"snapshot must be one of {list(SNAPSHOTS)}, got {snapshot!r}.")
@@ -345,6 +354,9 @@ def stage_source(
         manifest = copy_rows(
             source, run_dir, chunk_rows, columns, keep, row_id_column, max_chunks, parallel_tasks
         )
+    if run:
+        manifest.dag_id, manifest.run_id = str(run["dag_id"]), str(run["run_id"])
+        manifest.partition = str(run.get("partition", ""))
     write_json_atomically(run_file(run_dir, MANIFEST), manifest.to_dict())
     return manifest
 
@@ -360,6 +372,7 @@ def stage_parquet(
     conn_id: str | None = None,
     snapshot: str = "reference",
     parallel_tasks: int = 1,
+    run: Mapping[str, str] | None = None,
 ) -> Manifest:
     """Snapshot Parquet input and write the manifest last (see :func:`stage_source`).
 
@@ -375,6 +388,7 @@ def stage_parquet(
     :param conn_id: Airflow connection (``aws``) for a source on object storage.
     :param snapshot: ``"reference"`` (pin the files, copy nothing) or ``"copy"`` (chunk files).
     :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
+    :param run: ``dag_id``, ``run_id`` and ``partition`` of the run, recorded in the manifest.
     """
     from airflow_batch_infer.sources.parquet import ParquetSource
 
@@ -387,4 +401,5 @@ def stage_parquet(
         max_chunks=max_chunks,
         snapshot=snapshot,
         parallel_tasks=parallel_tasks,
+        run=run,
     )

@@ -172,6 +172,22 @@ def list_files(path: str | Path) -> list[str]:
     return sorted(prefix + "/" + name[len(fs_path.rstrip("/")) + 1 :] for name in fs.find(fs_path))
 
 
+def list_folders(path: str | Path) -> list[str]:
+    """The folders directly below ``path``, as location strings, sorted; empty when it does not exist."""
+    if not is_remote(path):
+        root = Path(path)
+        return sorted(str(p) for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    fs, fs_path = filesystem(path)
+    fs.invalidate_cache(fs_path)
+    if not fs.exists(fs_path):
+        return []
+    prefix = str(path).rstrip("/")
+    entries = fs.ls(fs_path, detail=True)
+    return sorted(
+        prefix + "/" + posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory"
+    )
+
+
 def remove(path: str | Path) -> None:
     """Delete a file, or a folder with everything below it; nothing happens when it does not exist."""
     if not is_remote(path):

@@ -1,4 +1,4 @@
-"""Maintenance: stop the Triton servers that no run keeps any more (orphans).
+"""Maintenance: stop the Triton servers that no run keeps any more (orphans), and remove old run folders.
 
 Each run's teardown task stops its server, and a local server's supervisor stops it when its lease runs
 out; this DAG is the safety net for what escapes both (a worker lost while the server started, a hung
@@ -11,6 +11,11 @@ The runtimes and their options (the same as the DAGs give them) come from the en
 ``BATCH_INFER_REAPED_RUNTIMES``, a JSON object, e.g.
 ``{"local": {}, "docker": {"network": "airflow-batch-infer"}, "kubernetes": {"namespace": "ml"},
 "ecs": {"cluster": "gpu"}}``; only the local runtime by default.
+
+It also removes run folders (manifest, output and rejects parts) older than
+``BATCH_INFER_STAGING_RETENTION_DAYS`` (7 by default) whose runs are over, keeping the latest committed
+run of each partition, under each staging root of ``BATCH_INFER_STAGING_ROOTS`` (a JSON list of roots,
+URLs as ``s3://conn_id@bucket/prefix``; ``$BATCH_INFER_HOME/staging`` by default).
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ import pendulum
 from airflow.sdk import DAG
 
 from airflow_batch_infer.operators.reaper import TritonServerReaperOperator
+from airflow_batch_infer.operators.retention import StagingRetentionOperator
 
 #: Runtime name → its options, as the DAGs give them.
 REAPED_RUNTIMES: dict[str, dict] = json.loads(os.environ.get("BATCH_INFER_REAPED_RUNTIMES") or "{}")
 REAPED_RUNTIMES = REAPED_RUNTIMES or {"local": {}}
+STAGING_ROOTS: list[str | None] = json.loads(os.environ.get("BATCH_INFER_STAGING_ROOTS") or "null") or [None]
+RETENTION_DAYS = float(os.environ.get("BATCH_INFER_STAGING_RETENTION_DAYS") or 7)
 
 with DAG(
     dag_id="triton_reaper",
@@ -42,4 +50,8 @@ with DAG(
             runtime=runtime,
             runtime_options=options,
             min_age=900,
+        )
+    for number, root in enumerate(STAGING_ROOTS):
+        StagingRetentionOperator(
+            task_id=f"remove_old_run_folders_{number}", staging_root=root, retention_days=RETENTION_DAYS
         )

@@ -127,7 +127,7 @@ class TritonServerReaperOperator(BaseOperator):
 
         def run_state(dag_id: str, run_id: str) -> str | None:
             if (dag_id, run_id) not in states:
-                states[(dag_id, run_id)] = _run_state(ti, dag_id, run_id)
+                states[(dag_id, run_id)] = run_state_of(ti, dag_id, run_id)
             return states[(dag_id, run_id)]
 
         servers = runtime.list_servers()
@@ -168,8 +168,13 @@ class TritonServerReaperOperator(BaseOperator):
         return reaped
 
 
-def _run_state(ti: Any, dag_id: str, run_id: str) -> str | None:
-    """The DAG run's state through the task SDK (no database access); ``None`` for a run Airflow lacks."""
+def run_state_of(ti: Any, dag_id: str, run_id: str) -> str | None:
+    """The DAG run's state through the task SDK (no database access); ``None`` for a run Airflow lacks.
+
+    :param ti: the asking task's instance (``context["ti"]``).
+    :param dag_id: the run's DAG.
+    :param run_id: the run.
+    """
     if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ACTIVE_RUN_STATES)) > 0:
         return "running"
     try:

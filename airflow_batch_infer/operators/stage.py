@@ -211,6 +211,7 @@ class StageInputsOperator(BaseOperator):
             max_chunks=max_chunks,
             snapshot=_given(self.snapshot) or "reference",
             parallel_tasks=parallel,
+            run={"dag_id": self.dag_id, "run_id": context["run_id"], "partition": partition},
         )
         if not manifest.chunks:
             raise ValueError(f"The input {source.description} has no rows: nothing to score.")

@@ -97,3 +97,55 @@ def test_reaper_stops_servers_whose_run_ended_and_spares_live_ones(dag_bundles, 
         for info in (orphan, *([ServerInfo.from_dict(live)] if live else [])):
             runtime.stop(info)
     assert processes_mentioning(tmp_path) == []
+
+
+def test_old_run_folders_go_unless_their_run_still_runs_or_is_the_partitions_latest_commit(
+    dag_bundles, tmp_path: Path
+) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from airflow.sdk import DAG, task
+
+    from airflow_batch_infer.operators.retention import StagingRetentionOperator
+    from airflow_batch_infer.staging import SUMMARY, run_directory, stage_parquet, write_json_atomically
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"x": [1.0, 2.0]}), tmp_path / "in" / "a.parquet")
+    root = tmp_path / "staging"
+
+    def old_folder(run_id: str, days: float, committed: bool) -> Path:
+        run_dir = Path(run_directory(root, "retention_e2e", "2026-11-01", run_id))
+        run = {"dag_id": "retention_e2e", "run_id": run_id, "partition": "2026-11-01"}
+        manifest = stage_parquet(tmp_path / "in", run_dir, run=run).to_dict()
+        manifest["created_at"] = (datetime.now(timezone.utc) - timedelta(days=days)).isoformat()
+        write_json_atomically(run_dir / "manifest.json", manifest)
+        if committed:
+            write_json_atomically(run_dir / SUMMARY, {"rows": 2})
+        return run_dir
+
+    superseded = old_folder("scheduled__gone_1", days=30, committed=True)  # Airflow never heard of it
+    latest = old_folder("scheduled__gone_2", days=20, committed=True)
+
+    with DAG("retention_e2e", schedule=None, start_date=LOGICAL_DATE) as dag:
+
+        @task
+        def old_folder_of_this_run(**context) -> str:
+            # A long run's own folder, staged 10 days ago: its run is running, so it stays.
+            return str(old_folder(context["run_id"], days=10, committed=False))
+
+        retain = StagingRetentionOperator(task_id="retain", staging_root=str(root), retention_days=7)
+        old_folder_of_this_run() >> retain
+    register_dag(dag)
+    run = dag.test(logical_date=LOGICAL_DATE)
+
+    assert run.state == "success", task_states(run)
+    tis = {ti.task_id: ti for ti in run.get_task_instances()}
+    own = Path(tis["old_folder_of_this_run"].xcom_pull(task_ids="old_folder_of_this_run"))
+    removed = tis["retain"].xcom_pull(task_ids="retain")
+    assert [Path(r["path"]) for r in removed] == [superseded]
+    assert "unknown to Airflow, a later committed run replaced it" in removed[0]["reason"]
+    assert not superseded.exists()
+    assert latest.exists()
+    assert own.exists()
