@@ -16,6 +16,7 @@ from airflow_batch_infer.client.sizing import resolve_sizes
 from airflow_batch_infer.client.streaming import ChunkStreamer, StreamSettings
 from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
+from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 from airflow_batch_infer.staging import (
@@ -143,6 +144,12 @@ class TritonInferenceOperator(BaseOperator):
             return keep_renewed(dict(self.server), self.runtime_options, self.lease_renew_interval)
         return nullcontext()
 
+    def _server_key_headers(self) -> dict[str, str]:
+        """The key of a server started with ``restricted_api``, which its shared-memory API requires."""
+        if isinstance(self.server, Mapping) and self.server.get("runtime"):
+            return server_headers(dict(self.server))
+        return {}
+
     def _url(self) -> str | None:
         if isinstance(self.server, Mapping):
             return self.server["grpc_url"]
@@ -241,7 +248,7 @@ class TritonInferenceOperator(BaseOperator):
             passthrough_columns=self.passthrough_columns,
             client_factory=hook.get_async_client,
             url=hook.url,
-            headers=hook.headers,
+            headers={**(hook.headers or {}), **self._server_key_headers()},
             logger=self.log,
             compress_parts=self.parts_compressed(),
         )

@@ -413,3 +413,32 @@ def test_restricted_api_needs_the_servers_key_for_shared_memory_and_model_contro
         client.close()
     finally:
         runtime.stop(info)
+
+
+def test_an_infer_task_sends_a_restricted_servers_key_for_its_shared_memory(tmp_path: Path) -> None:
+    """With restricted_api, the infer task takes the key from the server's handle: shared memory works."""
+    from transactions_data import FEATURES, write_transactions
+
+    from airflow_batch_infer.client.streaming import InferenceError
+    from airflow_batch_infer.operators.infer import TritonInferenceOperator
+    from airflow_batch_infer.staging import stage_parquet
+
+    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"), restricted_api=True)
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    server = json.loads(json.dumps(info.to_dict()))
+    write_transactions(tmp_path / "in", 3_000, files=1)
+    chunk = stage_parquet(tmp_path / "in", tmp_path / "run").chunks[0].to_dict()
+    arguments = {"chunk": chunk, "model_name": "risk_scorer", "inputs": {"features": FEATURES}}
+    try:
+        result = TritonInferenceOperator(
+            task_id="infer", server=server, shared_memory="on", **arguments
+        ).execute({})
+        assert (result["rows_out"], result["shared_memory"]) == (3_000, True)
+        # Given only the address, a task has no key: the server refuses it its shared-memory API.
+        keyless = TritonInferenceOperator(
+            task_id="infer", server=info.grpc_url, shared_memory="on", retry_attempts=1, **arguments
+        )
+        with pytest.raises(InferenceError, match="restricted"):
+            keyless.execute({})
+    finally:
+        runtime.stop(info)
