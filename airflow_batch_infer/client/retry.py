@@ -27,6 +27,8 @@ TRANSIENT_STATUSES = frozenset(
 )
 # The request itself is wrong (a bad row): retrying cannot help; its rows are set aside.
 BAD_INPUT_STATUSES = frozenset({"StatusCode.INVALID_ARGUMENT"})
+# Triton answers UNAVAILABLE to a call of a restricted API without the server's key: no retry brings it.
+RESTRICTED_API = "restricted, expecting header"
 
 
 def error_status(error: BaseException) -> str | None:
@@ -37,8 +39,11 @@ def error_status(error: BaseException) -> str | None:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` is a fault of the moment (server away, overloaded, slow)."""
-    return error_status(error) in TRANSIENT_STATUSES
+    """Whether ``error`` is a fault of the moment (server away, overloaded, slow); a call refused for a
+    missing restricted-API key is not, though Triton answers it ``UNAVAILABLE``."""
+    if error_status(error) not in TRANSIENT_STATUSES:
+        return False
+    return RESTRICTED_API not in (error.message() or "")
 
 
 def is_bad_input(error: BaseException) -> bool:
