@@ -18,28 +18,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def register_dag(dag) -> None:
-    """Serialize a DAG built outside the DAGs folder, as ``dag.test()`` needs."""
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
-
-    DagBundlesManager().sync_bundles_to_db()
-    bag = DagBag(collect_dags=False)
-    bag.bag_dag(dag)
-    sync_bag_to_db(bag, "dags-folder", None)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=50_000)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "dags"))
+    sys.path[:0] = [str(REPO / "dags"), str(REPO)]
     import pendulum
     from airflow.sdk import DAG
     from transactions_data import FEATURES, write_transactions
 
     from airflow_batch_infer.task_group import batch_inference
+    from tests.dag_registry import register_dag
 
     work = Path(tempfile.mkdtemp(prefix="abi-task-times-"))
     write_transactions(work / "in", args.rows, files=1)

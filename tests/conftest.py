@@ -100,17 +100,6 @@ def airflow_db() -> Path:
     return home
 
 
-def register_dag(dag) -> None:
-    """Serialize a DAG built in a test (outside the DAGs folder), as ``dag.test()`` needs."""
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
-
-    DagBundlesManager().sync_bundles_to_db()  # the "dags-folder" bundle the DAG is filed under
-    bag = DagBag(collect_dags=False)
-    bag.bag_dag(dag)
-    sync_bag_to_db(bag, "dags-folder", None)
-
-
 def load_dag(dag_id: str):
     """A DAG of the repository's DAGs folder, parsed as Airflow parses it."""
     from airflow.dag_processing.dagbag import DagBag

@@ -13,6 +13,8 @@ from typing import Any
 
 import pendulum
 
+from tests.dag_registry import register_dag
+
 REPO = Path(__file__).resolve().parents[2]
 LOGICAL_DATE = pendulum.datetime(2026, 11, 21, tz="UTC")
 
@@ -49,17 +51,6 @@ def build_dag(config: dict[str, Any]):
             sink_options={"database": str(work / "warehouse.duckdb")},
         )
     return dag
-
-
-def register_dag(dag) -> None:
-    """Serialize a DAG built outside the DAGs folder, as ``dag.test()`` needs (as in tests/conftest.py)."""
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
-
-    DagBundlesManager().sync_bundles_to_db()
-    bag = DagBag(collect_dags=False)
-    bag.bag_dag(dag)
-    sync_bag_to_db(bag, "dags-folder", None)
 
 
 def main() -> None:

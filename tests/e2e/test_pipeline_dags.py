@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
 
-from tests.conftest import MODEL_REPOSITORY, load_dag, processes_mentioning, register_dag, task_states
+from tests.conftest import MODEL_REPOSITORY, load_dag, processes_mentioning, task_states
+from tests.dag_registry import register_dag
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,8 @@ import pytest
 from transactions_data import FEATURES, write_transactions
 
 from tests.aws_fixtures import PG_CONN_ID, aws_client, aws_conn, bucket, moto_endpoint, pg_query, pg_schema
-from tests.conftest import MODEL_REPOSITORY, column_layouts, register_dag, task_states
+from tests.conftest import MODEL_REPOSITORY, column_layouts, task_states
+from tests.dag_registry import register_dag
 
 __all__ = ["aws_conn", "bucket", "moto_endpoint", "pg_schema"]  # fixtures used by name
 

@@ -12,7 +12,8 @@ import pendulum
 import pytest
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, get_runtime
-from tests.conftest import MODEL_REPOSITORY, processes_mentioning, register_dag, task_states
+from tests.conftest import MODEL_REPOSITORY, processes_mentioning, task_states
+from tests.dag_registry import register_dag
 
 pytestmark = pytest.mark.e2e
 

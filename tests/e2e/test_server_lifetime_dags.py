@@ -22,7 +22,8 @@ import pytest
 from transactions_data import write_transactions
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, get_runtime
-from tests.conftest import MODEL_REPOSITORY, REPO, processes_mentioning, register_dag, task_states
+from tests.conftest import MODEL_REPOSITORY, REPO, processes_mentioning, task_states
+from tests.dag_registry import register_dag
 from tests.e2e.lifetime_dag import LOGICAL_DATE, build_dag
 
 pytestmark = pytest.mark.e2e
