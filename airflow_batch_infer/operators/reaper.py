@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -122,13 +123,7 @@ class TritonServerReaperOperator(BaseOperator):
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         runtime = get_runtime(self.runtime, **self.runtime_options)
-        ti = context["ti"]
-        states: dict[tuple[str, str], str | None] = {}
-
-        def run_state(dag_id: str, run_id: str) -> str | None:
-            if (dag_id, run_id) not in states:
-                states[(dag_id, run_id)] = run_state_of(ti, dag_id, run_id)
-            return states[(dag_id, run_id)]
+        run_state = run_states(context["ti"])
 
         servers = runtime.list_servers()
         orphans = select_orphans(
@@ -166,6 +161,14 @@ class TritonServerReaperOperator(BaseOperator):
             if removed:
                 self.log.info("Removed shared-memory regions of servers that are gone: %s", removed)
         return reaped
+
+
+def run_states(ti: Any) -> Callable[[str, str], str | None]:
+    """``(dag_id, run_id) -> state`` through the task SDK, asking Airflow once per run.
+
+    :param ti: the asking task's instance (``context["ti"]``).
+    """
+    return functools.cache(functools.partial(run_state_of, ti))
 
 
 def run_state_of(ti: Any, dag_id: str, run_id: str) -> str | None:

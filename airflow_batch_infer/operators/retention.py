@@ -9,7 +9,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from airflow_batch_infer import storage
-from airflow_batch_infer.operators.reaper import run_state_of
+from airflow_batch_infer.operators.reaper import run_states
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.retention import DEFAULT_RETENTION_DAYS, expired_folders, run_folders
 
@@ -49,13 +49,7 @@ class StagingRetentionOperator(BaseOperator):
         root = storage.location(
             self.staging_root or batch_infer_home() / "staging", self.staging_conn_id or None
         )
-        ti = context["ti"]
-        states: dict[tuple[str, str], str | None] = {}
-
-        def run_state(dag_id: str, run_id: str) -> str | None:
-            if (dag_id, run_id) not in states:
-                states[(dag_id, run_id)] = run_state_of(ti, dag_id, run_id)
-            return states[(dag_id, run_id)]
+        run_state = run_states(context["ti"])
 
         groups = run_folders(root)
         expired = expired_folders(
