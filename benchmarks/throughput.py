@@ -429,7 +429,9 @@ def drive(args: argparse.Namespace) -> None:
 
     work = home / "bench-work" / f"run-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
-    runtime = LocalTritonRuntime(work_root=home / "servers")
+    # No restricted-API key: perf_analyzer and the worker processes, given only the address, use its shared
+    # memory as they would a server of their own (the key costs nothing per request; the infer task sends it).
+    runtime = LocalTritonRuntime(work_root=home / "servers", restricted_api=False)
     info = runtime.start(str(MODEL_REPOSITORY), [MODEL, HEAVY_MODEL])
     log(f"server ready at {info.grpc_url} ({time.monotonic() - wall_started:.1f} s since start)")
     try:

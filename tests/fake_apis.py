@@ -8,14 +8,19 @@ bytes those clients send, not calls on a mock object. Nothing else is faked.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import posixpath
 import re
 import struct
+import tarfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -37,7 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         with self.api.lock:
             self.api.requests.append((self.command, parts.path, query, body))
-            status, payload, content_type = self.api.route(self.command, parts.path, query, body)
+            status, payload, content_type, *extra = self.api.route(self.command, parts.path, query, body)
         if isinstance(payload, (dict, list)):
             data = json.dumps(payload).encode()
             content_type = content_type or "application/json"
@@ -47,6 +52,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (extra[0] if extra else {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -136,6 +143,8 @@ class FakeDockerEngine(FakeApi):
         if method == "PUT" and action == "/archive":
             self.archives.setdefault(container["Id"], []).append((query.get("path"), body))
             return 200, b"", None
+        if method == "GET" and action == "/archive":
+            return self._archive(container["Id"], query.get("path", ""))
         if method == "POST" and action == "/stop":
             self.exit(container["Id"], 0)
             return 204, b"", None
@@ -145,6 +154,23 @@ class FakeDockerEngine(FakeApi):
             del self.containers[container["Id"]]
             return 204, b"", None
         return 404, {"message": f"unsupported: {method} {path}"}, None
+
+    def _archive(self, container_id: str, path: str) -> tuple[Any, ...]:
+        """The newest copy of ``path`` put into the container, with the Engine's path-stat header."""
+        for base, data in reversed(self.archives.get(container_id, [])):
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                for member in tar.getmembers():
+                    if posixpath.join(base or "/", member.name) == path:
+                        stat = {
+                            "name": member.name.rsplit("/", 1)[-1],
+                            "size": member.size,
+                            "mode": member.mode,
+                            "mtime": datetime.fromtimestamp(member.mtime, timezone.utc).isoformat(),
+                            "linkTarget": "",
+                        }
+                        header = base64.b64encode(json.dumps(stat).encode()).decode()
+                        return 200, data, "application/x-tar", {"X-Docker-Container-Path-Stat": header}
+        return 404, {"message": f"Could not find the file {path} in container {container_id}"}, None
 
     def _find(self, ref: str) -> dict[str, Any] | None:
         for cid, container in self.containers.items():

@@ -145,7 +145,7 @@ class TritonInferenceOperator(BaseOperator):
         return nullcontext()
 
     def _server_key_headers(self) -> dict[str, str]:
-        """The key of a server started with ``restricted_api``, which its shared-memory API requires."""
+        """The key of a server started with ``restricted_api``: its shared memory and repository need it."""
         if isinstance(self.server, Mapping) and self.server.get("runtime"):
             return server_headers(dict(self.server))
         return {}
@@ -166,7 +166,11 @@ class TritonInferenceOperator(BaseOperator):
             metadata = hook.get_model_metadata(self.model_name, self.model_version)
             config = hook.get_model_config(self.model_name, self.model_version)
         except InferenceServerException as error:
-            index = hook.get_conn().get_model_repository_index(as_json=True).get("models", [])
+            index = (
+                hook.get_conn()
+                .get_model_repository_index(headers=self._server_key_headers(), as_json=True)
+                .get("models", [])
+            )
             known = sorted({m["name"] for m in index})
             raise RuntimeError(
                 f"Model {self.model_name!r} (version {self.model_version or 'latest'}) is not available on "

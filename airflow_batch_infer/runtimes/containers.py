@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from airflow_batch_infer.runtimes.access import restricted_flags
 
 #: NVIDIA's Triton image, pinned: its ``-py3`` image carries the native onnxruntime, TensorRT, PyTorch and
 #: Python backends; its ``-trtllm-python-py3`` variant the TensorRT-LLM backend. One tag for both, the
@@ -56,18 +59,23 @@ def tritonserver_command(
     *,
     log_verbose: int = 0,
     extra_args: list[str] | None = None,
+    close_restricted_apis: bool = True,
 ) -> list[str]:
     """The ``tritonserver`` command line of a containerised server.
 
     ``--id`` is the server id (``GET /v2`` answers it, so a wait never mistakes another server for this
     one); with ``models`` only those are loaded (``--model-control-mode=explicit``); strict readiness makes
-    ``/v2/health/ready`` wait for every model.
+    ``/v2/health/ready`` wait for every model. Model control and shared memory are closed to every client
+    (a restricted-API key that nobody is given): the server loads its models at start, and its clients, in
+    other containers or on other hosts, never share its memory; so whoever reaches its port can infer but
+    never load a model (which runs code) or map a region.
 
     :param model_repository: the repository as the container sees it (a path or ``s3://...``).
     :param server_id: the server's unique id.
     :param models: models to load; all in the repository when ``None``.
     :param log_verbose: Triton's ``--log-verbose`` level.
     :param extra_args: more tritonserver flags, appended as they are.
+    :param close_restricted_apis: close model control and shared memory (see above).
     """
     command = [
         "tritonserver",
@@ -83,6 +91,8 @@ def tritonserver_command(
     if models:
         command.append("--model-control-mode=explicit")
         command.extend(f"--load-model={model}" for model in dict.fromkeys(models))
+    if close_restricted_apis:
+        command.extend(restricted_flags(secrets.token_urlsafe(32)))
     command.extend(extra_args or [])
     return command
 
@@ -150,21 +160,9 @@ def credentials_archive(text: str) -> bytes:
 
     Readable by the container's own user whoever it is (mode 0444): only the server's processes see it.
     """
-    import io
-    import tarfile
+    from airflow_batch_infer.runtimes.container_keeper import file_archive
 
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        parts = CREDENTIALS_PATH.strip("/").split("/")
-        for depth in range(1, len(parts)):
-            folder = tarfile.TarInfo("/".join(parts[:depth]))
-            folder.type, folder.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(folder)
-        data = text.encode()
-        member = tarfile.TarInfo("/".join(parts))
-        member.size, member.mode = len(data), 0o444
-        tar.addfile(member, io.BytesIO(data))
-    return buffer.getvalue()
+    return file_archive(CREDENTIALS_PATH, text.encode())
 
 
 def require_provider(module: str, extra: str) -> None:

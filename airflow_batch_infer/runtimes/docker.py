@@ -13,7 +13,6 @@ import logging
 import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from airflow_batch_infer.runtimes.base import (
     DEFAULT_LEASE_TIMEOUT,
@@ -21,6 +20,7 @@ from airflow_batch_infer.runtimes.base import (
     ServerStartError,
     TritonRuntime,
 )
+from airflow_batch_infer.runtimes.container_keeper import LEASE_FILE, lease_archive, stat_mtime
 from airflow_batch_infer.runtimes.containers import (
     TRITON_IMAGE,
     credentials_archive,
@@ -32,13 +32,15 @@ from airflow_batch_infer.runtimes.docker_specs import (
     DEFAULT_DOCKER_URL,
     ContainerSpec,
     build_container_spec,
+    docker_host,
+    listed_server,
+    published_ports,
 )
 from airflow_batch_infer.runtimes.labels import (
     MANAGED_BY,
     MANAGED_BY_KEY,
     SERVER_ID_KEY,
     ServerOwner,
-    lease_from_labels,
     new_server_id,
 )
 
@@ -84,8 +86,9 @@ class DockerTritonRuntime(TritonRuntime):
     :param tls_ca_cert: CA certificate file for a TLS Docker Engine (with the two below).
     :param tls_client_cert: client certificate file.
     :param tls_client_key: client key file.
-    :param lease_timeout: recorded as a label. Docker labels cannot change, so a container's lease cannot
-        be renewed: the reaper stops a container once its run is no longer queued or running.
+    :param lease_timeout: seconds the container may go without a lease renewal: each renewal copies a lease
+        file into it, and its keeper (its first process) stops the server when the file is older than this;
+        the reaper also stops it by the file's age, and once its run is no longer queued or running.
     """
 
     name = "docker"
@@ -255,15 +258,8 @@ class DockerTritonRuntime(TritonRuntime):
         labels = details.get("Config", {}).get("Labels") or {}
         owner = owner or ServerOwner.from_labels(labels)
         server_id = labels.get(SERVER_ID_KEY, name)
-        if self.network:
-            host, ports = name, dict(_PORTS)
-        else:
-            host = self.advertise_host or _docker_host(self.docker_url)
-            published = details.get("NetworkSettings", {}).get("Ports") or {}
-            ports = {}
-            for key, port in _PORTS.items():
-                bindings = published.get(f"{port}/tcp") or []
-                ports[key] = int(bindings[0]["HostPort"]) if bindings and bindings[0].get("HostPort") else 0
+        host = name if self.network else (self.advertise_host or docker_host(self.docker_url))
+        ports = dict(_PORTS) if self.network else published_ports(details)
         has_ports = all(ports.values())
         return ServerInfo(
             runtime=self.name,
@@ -326,6 +322,34 @@ class DockerTritonRuntime(TritonRuntime):
             log.info("Triton container %s had already exited; removed it.", name)
         return running
 
+    def renew_lease(self, info: ServerInfo) -> bool:
+        """Renew the container's lease: copy in its lease file, dated now (:mod:`.container_keeper`)."""
+        from docker.errors import NotFound
+
+        if not self.lease_timeout:
+            return False
+        try:
+            self.client.put_archive(info.handle["container_id"], "/", lease_archive())
+        except NotFound:
+            log.warning(
+                "Triton container %s is gone: its lease cannot be renewed.", info.handle.get("server_id")
+            )
+            return False
+        return True
+
+    def _lease_renewed_at(self, container_id: str) -> dict[str, float]:
+        """When a running container's lease was last renewed (``{}`` before its first renewal)."""
+        from docker.errors import DockerException
+
+        try:
+            stream, stat = self.client.get_archive(container_id, LEASE_FILE)
+            for _ in stream:  # the archive itself is not needed
+                pass
+        except DockerException:
+            return {}
+        renewed = stat_mtime(stat)
+        return {"lease_renewed_at": renewed} if renewed else {}
+
     def is_running(self, info: ServerInfo) -> bool:
         """Whether the container exists and runs."""
         details = self._inspect(info)
@@ -364,32 +388,8 @@ class DockerTritonRuntime(TritonRuntime):
         found = self.client.containers(all=True, filters={"label": [f"{MANAGED_BY_KEY}={MANAGED_BY}"]})
         servers = []
         for item in found:
-            labels = item.get("Labels") or {}
-            owner = ServerOwner.from_labels(labels)
-            names = item.get("Names") or [""]
-            servers.append(
-                ServerInfo(
-                    runtime=self.name,
-                    grpc_url="",
-                    http_url="",
-                    metrics_url="",
-                    handle={
-                        "server_id": labels.get(SERVER_ID_KEY, names[0].lstrip("/")),
-                        "container_id": item["Id"],
-                        "container_name": names[0].lstrip("/"),
-                        "docker_url": self.docker_url,
-                        "owner": owner.to_dict() if owner else None,
-                        "started_at": float(item.get("Created") or 0),
-                        "state": item.get("State"),
-                        **lease_from_labels(labels),
-                    },
-                )
-            )
+            info = listed_server(item, self.docker_url)
+            if item.get("State") == "running":
+                info.handle.update(self._lease_renewed_at(item["Id"]))
+            servers.append(info)
         return servers
-
-
-def _docker_host(docker_url: str) -> str:
-    """The host of a ``tcp://`` or ``https://`` Docker URL; ``127.0.0.1`` for a local socket."""
-    if docker_url.startswith(("tcp://", "http://", "https://")):
-        return urlsplit(docker_url.replace("tcp://", "http://", 1)).hostname or "127.0.0.1"
-    return "127.0.0.1"

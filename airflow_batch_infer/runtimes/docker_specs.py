@@ -1,4 +1,5 @@
-"""The docker runtime's container, as a pure function: :func:`build_container_spec`.
+"""The docker runtime's container, as a pure function (:func:`build_container_spec`), and a listed container
+read back as a server (:func:`listed_server`).
 
 NVIDIA's image, GPUs, shared memory and ulimits, the model repository (a read-only bind mount, or S3 read
 by tritonserver itself), ports published on loopback by default or a network to join, and labels naming
@@ -8,8 +9,11 @@ the DAG run and the lease.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import urlsplit
 
+from airflow_batch_infer.runtimes.base import ServerInfo
+from airflow_batch_infer.runtimes.container_keeper import LEASE_FILE, keeper_command, keeper_environment
 from airflow_batch_infer.runtimes.containers import (
     CONTAINER_MODEL_REPOSITORY,
     GRPC_PORT,
@@ -20,13 +24,7 @@ from airflow_batch_infer.runtimes.containers import (
     triton_s3_path,
     tritonserver_command,
 )
-from airflow_batch_infer.runtimes.labels import (
-    ServerOwner,
-    server_labels,
-)
-
-if TYPE_CHECKING:
-    pass
+from airflow_batch_infer.runtimes.labels import SERVER_ID_KEY, ServerOwner, lease_from_labels, server_labels
 
 DEFAULT_DOCKER_URL = "unix://var/run/docker.sock"
 #: NVIDIA's recommended limits for Triton containers (pinned memory, deep stacks in backends).
@@ -86,7 +84,9 @@ def build_container_spec(
     :param extra_args: more tritonserver flags.
     :param log_verbose: Triton's ``--log-verbose`` level.
     :param s3_endpoint_url: endpoint of an S3-compatible store holding the repository.
-    :param lease_timeout: recorded as the ``airflow-batch-infer/lease-timeout`` label (0: none).
+    :param lease_timeout: seconds without a renewal of the container's lease file after which its keeper
+        stops the server (:mod:`~airflow_batch_infer.runtimes.container_keeper`); also recorded as the
+        ``airflow-batch-infer/lease-timeout`` label for the reaper (0: no lease).
     """
     from docker.types import DeviceRequest, Ulimit
 
@@ -121,16 +121,65 @@ def build_container_spec(
         fixed = host_ports or {}
         host_config["port_bindings"] = {port: (host_ip, fixed.get(key)) for key, port in _PORTS.items()}
 
+    command = tritonserver_command(
+        repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
+    )
+    environment = dict(environment or {})
+    if lease_timeout and lease_timeout > 0:  # the container stops itself when its run stops renewing
+        command = keeper_command(command)
+        environment.update(keeper_environment(lease_timeout, LEASE_FILE))
     create = {
         "image": image,
         "name": server_id,
-        "command": tritonserver_command(
-            repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
-        ),
+        "command": command,
         "labels": server_labels(server_id, owner, lease_timeout),
-        "environment": dict(environment or {}),
+        "environment": environment,
         "ports": list(_PORTS.values()),
         "detach": True,
         "stop_signal": "SIGTERM",
     }
     return ContainerSpec(create=create, host_config=host_config)
+
+
+def docker_host(docker_url: str) -> str:
+    """The host of a ``tcp://`` or ``https://`` Docker URL; ``127.0.0.1`` for a local socket."""
+    if docker_url.startswith(("tcp://", "http://", "https://")):
+        return urlsplit(docker_url.replace("tcp://", "http://", 1)).hostname or "127.0.0.1"
+    return "127.0.0.1"
+
+
+def listed_server(item: dict[str, Any], docker_url: str) -> ServerInfo:
+    """A server found in the Engine's container list (``GET /containers/json``), without its endpoint.
+
+    Its lease counts from the container's creation until the runtime reads a renewal.
+    """
+    labels = item.get("Labels") or {}
+    owner = ServerOwner.from_labels(labels)
+    name = (item.get("Names") or [""])[0].lstrip("/")
+    return ServerInfo(
+        runtime="docker",
+        grpc_url="",
+        http_url="",
+        metrics_url="",
+        handle={
+            "server_id": labels.get(SERVER_ID_KEY, name),
+            "container_id": item["Id"],
+            "container_name": name,
+            "docker_url": docker_url,
+            "owner": owner.to_dict() if owner else None,
+            "started_at": float(item.get("Created") or 0),
+            "state": item.get("State"),
+            "lease_renewed_at": float(item.get("Created") or 0),
+            **lease_from_labels(labels),
+        },
+    )
+
+
+def published_ports(details: dict[str, Any]) -> dict[str, int]:
+    """The host ports (``http``, ``grpc``, ``metrics``; 0 where none yet) of an inspected container."""
+    published = details.get("NetworkSettings", {}).get("Ports") or {}
+    ports = {}
+    for key, port in _PORTS.items():
+        bindings = published.get(f"{port}/tcp") or []
+        ports[key] = int(bindings[0]["HostPort"]) if bindings and bindings[0].get("HostPort") else 0
+    return ports

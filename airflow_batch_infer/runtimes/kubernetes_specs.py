@@ -15,6 +15,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from airflow_batch_infer.runtimes.container_keeper import (
+    POD_ANNOTATIONS_FILE,
+    keeper_command,
+    keeper_environment,
+)
 from airflow_batch_infer.runtimes.containers import (
     CREDENTIALS_PATH,
     GRPC_PORT,
@@ -140,7 +145,8 @@ def build_pod(
     :param extra_args: more tritonserver flags.
     :param log_verbose: Triton's ``--log-verbose`` level.
     :param stop_grace_period: seconds between SIGTERM and SIGKILL when deleted.
-    :param lease_timeout: seconds without a lease renewal before the reaper deletes the Pod (annotations
+    :param lease_timeout: seconds without a lease renewal before the Pod's keeper stops its server (it reads
+        the renewal annotation from a downward-API file) and the reaper deletes the Pod (annotations
         ``airflow-batch-infer/lease-timeout`` and ``lease-renewed-at``, the latter patched by each renewal).
     :param active_deadline_seconds: the Pod's hard bound: Kubernetes kills it this long after it started,
         whatever happens to Airflow (``None``: no bound).
@@ -185,6 +191,27 @@ def build_pod(
                 ),
             )
         )
+    command = tritonserver_command(
+        repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
+    )
+    if lease_timeout and lease_timeout > 0:  # the Pod stops itself when its run stops renewing
+        command = keeper_command(command)
+        environment.update(keeper_environment(lease_timeout, POD_ANNOTATIONS_FILE))
+        folder, filename = POD_ANNOTATIONS_FILE.rsplit("/", 1)
+        mounts.append(k8s.V1VolumeMount(name="pod-annotations", mount_path=folder, read_only=True))
+        pod_volumes.append(
+            k8s.V1Volume(
+                name="pod-annotations",
+                downward_api=k8s.V1DownwardAPIVolumeSource(
+                    items=[
+                        k8s.V1DownwardAPIVolumeFile(
+                            path=filename,
+                            field_ref=k8s.V1ObjectFieldSelector(field_path="metadata.annotations"),
+                        )
+                    ]
+                ),
+            )
+        )
     mounts.extend(to_model(volume_mounts or [], "list[V1VolumeMount]"))
     pod_volumes.extend(to_model(volumes or [], "list[V1Volume]"))
 
@@ -201,9 +228,7 @@ def build_pod(
     container = k8s.V1Container(
         name=CONTAINER_NAME,
         image=image,
-        command=tritonserver_command(
-            repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
-        ),
+        command=command,
         ports=[
             k8s.V1ContainerPort(name=key, container_port=port, protocol="TCP") for key, port in _PORTS.items()
         ],

@@ -89,7 +89,9 @@ class LocalTritonRuntime(TritonRuntime):
         of the worker's (locale, ``TMPDIR``, thread settings): credentials in the worker's environment
         never reach the server.
     :param restricted_api: require the server's own key (``batch-infer-key`` header) for model control and
-        shared memory (:mod:`.access`); clients add ``access.server_headers(server)`` to their calls.
+        shared memory (:mod:`.access`), so that another local user's job cannot map this run's regions or
+        load a model; the infer tasks send it, other clients add ``access.server_headers(server)`` to their
+        calls. ``False`` opens both to whoever reaches the port (perf_analyzer with shared memory).
     """
 
     name = "local"
@@ -107,7 +109,7 @@ class LocalTritonRuntime(TritonRuntime):
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         auto_complete_config: bool = False,
         environment: dict[str, str] | None = None,
-        restricted_api: bool = False,
+        restricted_api: bool = True,
     ) -> None:
         self.server_env = Path(server_env).expanduser() if server_env else triton_server_env()
         self.work_root = Path(work_root).expanduser() if work_root else batch_infer_home() / "servers"

@@ -22,6 +22,7 @@ from airflow_batch_infer.client.streaming import ChunkStreamer, InferenceError, 
 from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.runtimes import get_runtime
+from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.staging import output_part_path, rejects_part_path, stage_parquet
 from tests.conftest import MODEL_REPOSITORY, chunk_threads, processes_mentioning
 
@@ -85,6 +86,7 @@ def streamer(
         row_id_column="row_id",
         client_factory=hook.get_async_client,
         url=info.grpc_url,
+        headers=server_headers(info),
     )
 
 

@@ -21,6 +21,8 @@ from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, I
 from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
+from airflow_batch_infer.runtimes import ServerInfo
+from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.sinks import get_sink
 from airflow_batch_infer.staging import Manifest, output_part_path, rejects_part_path, stage_parquet
 from tests.conftest import column_layouts, definition_levels
@@ -53,7 +55,9 @@ def chunk_table(manifest: Manifest, index: int = 0) -> pa.Table:
     return pa.Table.from_batches(list(chunk_of(manifest, index).iter_batches(65_536, list(manifest.schema))))
 
 
-def streamer(url: str, chunk: ChunkInput, **settings: object) -> ChunkStreamer:
+def streamer(server: ServerInfo, chunk: ChunkInput, **settings: object) -> ChunkStreamer:
+    """The infer task's streamer for ``chunk``, with the server's key (its shared memory is restricted)."""
+    url = server.grpc_url
     hook = TritonHook(url=url)
     metadata, config = hook.get_model_metadata(MODEL), hook.get_model_config(MODEL)
     inputs = bind_inputs({"features": FEATURES}, chunk.schema, metadata, config["max_batch_size"])
@@ -69,6 +73,7 @@ def streamer(url: str, chunk: ChunkInput, **settings: object) -> ChunkStreamer:
         passthrough_columns=["transaction_id"],
         client_factory=hook.get_async_client,
         url=url,
+        headers=server_headers(server),
     )
 
 
@@ -85,7 +90,7 @@ def test_outputs_equal_the_model_run_directly(
     triton_server, tmp_path, model_repository, shared_memory
 ) -> None:
     manifest = stage(tmp_path, 60_000)
-    s = streamer(triton_server.grpc_url, chunk_of(manifest), shared_memory=shared_memory, request_rows=4096)
+    s = streamer(triton_server, chunk_of(manifest), shared_memory=shared_memory, request_rows=4096)
     result = run_chunk(s, manifest)
 
     assert (result.rows, result.rows_out, result.rows_rejected) == (60_000, 60_000, 0)
@@ -115,7 +120,7 @@ def test_the_server_batches_concurrent_requests(triton_server, tmp_path) -> None
     for _attempt in range(2):
         requests_before, executions_before = counters()
         result = run_chunk(
-            streamer(triton_server.grpc_url, chunk_of(manifest), request_rows=250, max_in_flight=32),
+            streamer(triton_server, chunk_of(manifest), request_rows=250, max_in_flight=32),
             manifest,
         )
         requests_after, executions_after = counters()
@@ -142,7 +147,7 @@ def test_parts_are_required_where_their_chunk_has_no_nulls_and_persist_as_one_ta
     pq.write_table(table.set_column(0, "transaction_id", pa.array(ids, pa.int64())), second)
     manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=rows // 2)
     results = [
-        run_chunk(streamer(triton_server.grpc_url, chunk_of(manifest, chunk.index)), manifest, chunk.index)
+        run_chunk(streamer(triton_server, chunk_of(manifest, chunk.index)), manifest, chunk.index)
         for chunk in manifest.chunks
     ]
 
@@ -183,7 +188,7 @@ def test_bad_rows_are_set_aside_with_a_reason_and_the_rest_scored(
     pq.write_table(table, tmp_path / "bad" / "part.parquet")
     manifest = stage_parquet(tmp_path / "bad", tmp_path / "run", chunk_rows=rows)
 
-    result = run_chunk(streamer(triton_server.grpc_url, chunk_of(manifest), request_rows=1000), manifest)
+    result = run_chunk(streamer(triton_server, chunk_of(manifest), request_rows=1000), manifest)
 
     assert (result.rows_out, result.rows_rejected) == (rows - 3, 3)
     rejects = pq.read_table(result.rejects_path).to_pydict()
@@ -203,9 +208,7 @@ def test_bad_rows_are_set_aside_with_a_reason_and_the_rest_scored(
 
 def test_an_unreachable_server_fails_after_retries_and_leaves_no_part(triton_server, tmp_path) -> None:
     manifest = stage(tmp_path, 2_000)
-    s = streamer(
-        triton_server.grpc_url, chunk_of(manifest), retry=RetryPolicy(max_attempts=3, initial_wait=0.05)
-    )
+    s = streamer(triton_server, chunk_of(manifest), retry=RetryPolicy(max_attempts=3, initial_wait=0.05))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
@@ -273,7 +276,7 @@ def test_a_retry_removes_what_a_killed_attempt_left_and_rewrites_its_chunk(trito
     leftover.write_bytes(b"half a parquet file")
     final.write_bytes(b"an older attempt's part")
 
-    result = run_chunk(streamer(triton_server.grpc_url, chunk_of(manifest)), manifest)
+    result = run_chunk(streamer(triton_server, chunk_of(manifest)), manifest)
 
     assert not leftover.exists()
     assert pq.read_metadata(result.output_path).num_rows == result.rows_out == 5_000

@@ -24,6 +24,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerStartError, get_runtime
+from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.runtimes.local import LocalTritonRuntime, check_server_numpy
 from airflow_batch_infer.runtimes.local_processes import free_ports, http_get
 from tests.conftest import processes_mentioning
@@ -78,7 +79,8 @@ def test_start_infer_stop(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
         assert client.is_server_ready()
         assert client.is_model_ready("risk_scorer")
         assert client.get_server_metadata().name == server_id  # --id is the server's name
-        assert [m.name for m in client.get_model_repository_index().models] == ["risk_scorer"]
+        index = client.get_model_repository_index(headers=server_headers(info))  # restricted: the key
+        assert [m.name for m in index.models] == ["risk_scorer"]
 
         rng = np.random.default_rng(7)
         features = rng.standard_normal((1000, 16)).astype(np.float32)
@@ -387,9 +389,8 @@ def test_the_server_gets_an_allowlisted_environment_not_the_workers_secrets(
 
 
 def test_restricted_api_needs_the_servers_key_for_shared_memory_and_model_control(tmp_path: Path) -> None:
-    from airflow_batch_infer.runtimes.access import server_headers
 
-    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"), restricted_api=True)
+    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"))  # restricted by default
     info = runtime.start(str(REPO), ["risk_scorer"])
     server = json.loads(json.dumps(info.to_dict()))  # what a task gets: the key's file, not the key
     key_file = Path(server["handle"]["api_key_file"])
@@ -423,7 +424,7 @@ def test_an_infer_task_sends_a_restricted_servers_key_for_its_shared_memory(tmp_
     from airflow_batch_infer.operators.infer import TritonInferenceOperator
     from airflow_batch_infer.staging import stage_parquet
 
-    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"), restricted_api=True)
+    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"))  # restricted by default
     info = runtime.start(str(REPO), ["risk_scorer"])
     server = json.loads(json.dumps(info.to_dict()))
     write_transactions(tmp_path / "in", 3_000, files=1)

@@ -21,6 +21,7 @@ from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, S
 from airflow_batch_infer.client.tensors import InputBinding, OutputBinding, bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.runtimes import get_runtime
+from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.staging import output_part_path, rejects_part_path, stage_parquet
 from tests.conftest import MODEL_REPOSITORY, chunk_threads
 
@@ -69,6 +70,7 @@ def make_streamer(server, manifest, model: str, transport: str, shared_memory: s
         row_id_column="row_id",
         client_factory=hook.get_async_client,
         url=server.grpc_url,
+        headers=server_headers(server),
     )
 
 
@@ -201,12 +203,13 @@ def test_a_restart_noticed_by_many_requests_registers_each_region_once(server) -
 
     async def re_register() -> set[str]:
         async with TritonHook(url=server.grpc_url).get_async_client() as client:
-            pool = SharedMemoryPool(client, inputs, outputs, rows=64, slots=3)
+            key = server_headers(server)
+            pool = SharedMemoryPool(client, inputs, outputs, rows=64, slots=3, headers=key)
             async with pool:
-                await client.unregister_system_shared_memory()  # what a restart does: every region forgotten
+                await client.unregister_system_shared_memory(headers=key)  # a restart: every region forgotten
                 # Every request in flight notices at once (this raced: ALREADY_EXISTS failed the chunk).
                 await asyncio.gather(*(pool.ensure_registered() for _ in range(6)))
-                status = await client.get_system_shared_memory_status(as_json=True)
+                status = await client.get_system_shared_memory_status(headers=key, as_json=True)
                 return set(status.get("regions", {}))
 
     regions = asyncio.run(re_register())
@@ -245,6 +248,7 @@ streamer = ChunkStreamer(
     outputs=bind_outputs({{"probability": "score"}}, metadata, 1024),
     settings=StreamSettings("risk_scorer", request_rows=2048, shared_memory="on"),
     row_id_column="row_id", client_factory=hook.get_async_client, url={server.grpc_url!r},
+    headers={server_headers(server)!r},
 )
 result = streamer.run(chunk, {str(tmp_path / "out.parquet")!r}, {str(tmp_path / "rej.parquet")!r})
 children = [

@@ -11,6 +11,7 @@ import pytest
 
 from airflow_batch_infer.operators.reaper import select_orphans
 from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, get_runtime
+from airflow_batch_infer.runtimes.container_keeper import LEASE_FILE, POD_ANNOTATIONS_FILE
 from airflow_batch_infer.runtimes.containers import TRITON_IMAGE
 from airflow_batch_infer.runtimes.labels import LEASE_RENEWED_KEY, LEASE_TIMEOUT_KEY
 from airflow_batch_infer.runtimes.lease import renew
@@ -27,6 +28,13 @@ def test_a_pod_has_a_hard_deadline_and_a_lease_its_run_renews(kube: FakeKubernet
     assert pod["spec"]["activeDeadlineSeconds"] == 86400  # Kubernetes kills it whatever Airflow does
     assert pod["spec"]["automountServiceAccountToken"] is False  # no token for a model's code to read
     assert pod["metadata"]["annotations"][LEASE_TIMEOUT_KEY] == "600"
+    # Its keeper reads the renewal annotation from a downward-API file and stops the server without it.
+    [container] = pod["spec"]["containers"]
+    assert container["command"][:2] == ["/bin/sh", "-c"]
+    assert "tritonserver" in container["command"]
+    assert {"name": "BATCH_INFER_LEASE_FILE", "value": POD_ANNOTATIONS_FILE} in container["env"]
+    [downward] = [v for v in pod["spec"]["volumes"] if v["name"] == "pod-annotations"]
+    assert downward["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.annotations"
     launched = float(pod["metadata"]["annotations"][LEASE_RENEWED_KEY])
 
     # An hour passes without a renewal (the annotation is moved back): the reaper would stop it.
@@ -61,21 +69,60 @@ def test_no_deadline_and_no_lease_when_asked(kube: FakeKubernetes) -> None:
     runtime.stop(info)
 
 
-def test_a_container_records_its_lease_timeout_and_is_reaped_by_its_run_state() -> None:
+def test_a_container_keeps_its_lease_in_a_file_its_run_renews_and_its_keeper_reads() -> None:
     with FakeDockerEngine(images=(TRITON_IMAGE,)).running() as engine:
         runtime = get_runtime("docker", docker_url=engine.url, gpus=0, lease_timeout=900)
         info = runtime.launch("/srv/models", ["risk_scorer"], owner=OWNER)
         [(_, _, _, created)] = engine.calls("POST", "/containers/create$")
         assert created["Labels"][LEASE_TIMEOUT_KEY] == "900"
         assert created["HostConfig"]["PortBindings"]["8001/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": ""}]
-        [listed] = runtime.list_servers()
-        # Docker labels cannot change: no renewal, so the run's state decides, never the lease.
-        assert renew(info, {"docker_url": engine.url}) is False
+        # Its first process is the keeper, which stops tritonserver when the lease file grows too old.
+        assert created["Cmd"][:2] == ["/bin/sh", "-c"]
+        assert "tritonserver" in created["Cmd"]
+        assert "BATCH_INFER_LEASE_TIMEOUT=900" in created["Env"]
+        assert f"BATCH_INFER_LEASE_FILE={LEASE_FILE}" in created["Env"]
+
+        # Not renewed for two hours (counted from its creation): the reaper would stop it, run or not.
         later = time.time() + 7200
-        assert select_orphans([listed], lambda d, r: "running", now=later, min_age=0) == []
-        [(_, reason)] = select_orphans([listed], lambda d, r: "failed", now=later, min_age=0)
+        [listed] = runtime.list_servers()
+        [(_, reason)] = select_orphans([listed], lambda d, r: "running", now=later, min_age=0)
+        assert reason.startswith("its lease expired")
+
+        # A task renews it: the lease file is copied in, dated now; the reaper reads that date back.
+        assert renew(json.loads(json.dumps(info.to_dict())), {"docker_url": engine.url}) is True
+        [(_, _, query, _)] = engine.calls("PUT", "/archive$")
+        assert query["path"] == "/"
+        [listed] = runtime.list_servers()
+        assert abs(listed.handle["lease_renewed_at"] - time.time()) < 5
+        assert select_orphans([listed], lambda d, r: "running", now=time.time() + 60, min_age=0) == []
+        [(_, reason)] = select_orphans([listed], lambda d, r: "failed", now=time.time() + 60, min_age=0)
         assert reason.endswith("is no longer queued or running (failed)")
+
         runtime.stop(ServerInfo.from_dict(info.to_dict()))
+        assert renew(info, {"docker_url": engine.url}) is False  # gone: says so, does not raise
+
+
+def test_container_servers_close_model_control_and_shared_memory_to_every_client(
+    kube: FakeKubernetes,
+) -> None:
+    with FakeDockerEngine(images=(TRITON_IMAGE,)).running() as engine:
+        get_runtime("docker", docker_url=engine.url, gpus=0).launch("/srv/models", ["risk_scorer"])
+        [(_, _, _, created)] = engine.calls("POST", "/containers/create$")
+    pod_runtime = get_runtime("kubernetes", kubernetes_conn_id="kube_test", model_repository="s3://m/prod")
+    info = pod_runtime.launch("/models", ["risk_scorer"], owner=OWNER)
+    pod = kube.pods[("ml", info.handle["server_id"])]
+    for command in (created["Cmd"], pod["spec"]["containers"][0]["command"]):
+        flags = [
+            a for a in command if a.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))
+        ]
+        assert len(flags) == 2
+        assert all(
+            f.split("=", 1)[1].startswith("model-repository,shared-memory:batch-infer-key=") for f in flags
+        )
+    # A key nobody is given: it is in no environment, label or annotation, and each server has its own.
+    assert not [e for e in created["Env"] if "batch-infer-key" in e]
+    assert created["Cmd"][-1] != pod["spec"]["containers"][0]["command"][-1]
+    pod_runtime.stop(info)
 
 
 def test_docker_keeps_aws_keys_out_of_the_containers_environment(monkeypatch: pytest.MonkeyPatch) -> None:

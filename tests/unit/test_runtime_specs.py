@@ -97,7 +97,7 @@ def test_container_spec_field_by_field() -> None:
     create, host = spec.create, spec.host_config
     assert create["image"] == TRITON_IMAGE
     assert create["name"] == SERVER_ID
-    assert create["command"] == [
+    assert create["command"][:-2] == [
         "tritonserver",
         "--model-repository=/models",
         f"--id={SERVER_ID}",
@@ -110,6 +110,7 @@ def test_container_spec_field_by_field() -> None:
         "--model-control-mode=explicit",
         "--load-model=risk_scorer",
     ]
+    assert create["command"][-2].startswith("--http-restricted-api=model-repository,shared-memory:")
     assert create["labels"] == {
         MANAGED_BY_KEY: MANAGED_BY,
         "app.kubernetes.io/name": "triton-inference-server",
@@ -200,7 +201,8 @@ def test_docker_launch_stop_list_through_the_engine_api(engine: FakeDockerEngine
     ]
     assert body["HostConfig"]["ShmSize"] == 1024**3
     assert body["HostConfig"]["Binds"] == ["/srv/triton_models:/models:ro"]
-    assert body["Cmd"][:2] == ["tritonserver", "--model-repository=/models"]
+    server_command = body["Cmd"][body["Cmd"].index("tritonserver") :]  # under the lease keeper
+    assert server_command[:2] == ["tritonserver", "--model-repository=/models"]
     assert not engine.calls("POST", "/images/create")  # the image was there: no pull
 
     # The endpoint uses the ports Docker published, on the advertised host.
@@ -310,7 +312,7 @@ def test_pod_spec_field_by_field() -> None:
     [container] = spec["containers"]
     assert container["name"] == "tritonserver"
     assert container["image"] == TRITON_IMAGE
-    assert container["command"][1] == "--model-repository=s3://triton-models/prod"
+    assert "--model-repository=s3://triton-models/prod" in container["command"]
     assert f"--id={SERVER_ID}" in container["command"]
     assert "--load-model=risk_scorer" in container["command"]
     assert container["resources"] == {
