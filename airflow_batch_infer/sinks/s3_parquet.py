@@ -15,9 +15,9 @@ A run, holding the partition's lock (``sinks/locks.py``: a second writer fails a
 2. copies its parts (server side when they are on the same store) into a new version folder of both tables,
    which nobody reads yet: its name starts with ``_``, and the pointer does not name it;
 3. commits: replaces the pointer in ONE conditional write (S3 ``If-Match`` on that ETag, ``If-None-Match``
-   for the first commit; compare and rename on disk). The pointer is JSON with today's ``_SUCCESS`` fields
-   for the outputs (``rows``, ``files`` relative to the partition folder, ``committed_at``) plus
-   ``version`` and ``rejects`` (``table``, ``rows``, ``files``): outputs and rejects switch together;
+   for the first commit; compare and rename on disk). The pointer is JSON with the fields ``_SUCCESS``
+   always had, for the outputs (``rows``, ``files`` relative to the partition folder, ``committed_at``),
+   plus ``version`` and ``rejects`` (``table``, ``rows``, ``files``): outputs and rejects switch together;
 4. deletes everything else in the two partition folders (earlier versions, versions of failed runs, files
    of the earlier, unversioned layout). A failure there is logged, not raised: the next run deletes them.
 
@@ -25,9 +25,11 @@ A failure before the commit leaves the previous version and pointer as they were
 removed, or by the next run). Every attempt writes its own version, so a retry leaves one copy of the rows.
 
 Readers read the pointer, then exactly the files it lists (:func:`read_partition`, :func:`committed_files`;
-for the rejects table, pass ``<table>_rejects``: its files are listed in the output table's pointer). Plain
+for the rejects table, pass ``<table>_rejects``: its files are listed in the output table's pointer); other
+engines read the files listed (DuckDB ``read_parquet([...], hive_partitioning = true)``). A reader that read
+the pointer just before a switch can find those files deleted: :func:`read_partition` reads it again. Plain
 hive discovery of the table folder (``spark.read.parquet("<path>/<table>")``, ``pyarrow.dataset``, DuckDB
-globs, an Athena crawler) finds NO rows of partitions written this way: a folder listing cannot switch
+globs, a Glue crawler) finds NO rows of partitions written this way: a folder listing cannot switch
 many files at once, and every version folder is hidden from it (``_``) so that it can never show two
 versions, or half of one. To query the dataset with Athena, use the ``athena`` sink, which switches the Glue
 partition location instead.

@@ -226,3 +226,20 @@ def test_a_partition_of_the_unversioned_layout_is_read_then_replaced(lake: str, 
     version = pointer(lake)["version"]
     assert listing(storage.join(lake, "scores_rejects", DAY)) == [f"{version}/part-00000.parquet"]
     assert listing(storage.join(lake, "scores", DAY)) == ["_SUCCESS", f"{version}/part-00000.parquet"]
+
+
+def test_a_reader_whose_pointer_went_stale_reads_the_new_version(
+    lake: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink(lake).replace_partition("2026-11-21", *write_run_parts(tmp_path / "one", [[1, 2]]))
+    stale = committed_version(lake, "scores", "2026-11-21")
+    sink(lake).replace_partition("2026-11-21", *write_run_parts(tmp_path / "two", [[10]]))
+    assert not any(storage.exists(f) for f in stale[1])  # the files it names are deleted
+    answers = [stale]
+
+    def pointer_read_before_the_switch(*args: str) -> tuple[str | None, list[str]]:
+        return answers.pop() if answers else committed_version(*args)
+
+    monkeypatch.setattr(s3_versions, "committed_version", pointer_read_before_the_switch)
+    assert row_ids(read_partition(lake, "scores", "2026-11-21")) == [10]
+    assert not answers  # the stale pointer was read, and then the current one
