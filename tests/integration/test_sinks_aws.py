@@ -59,7 +59,7 @@ def fail_on_call(monkeypatch: pytest.MonkeyPatch, module, number: int) -> None:
 # --- s3_parquet ---------------------------------------------------------------------------------------
 
 
-def test_s3_parquet_replaces_a_partition_marker_last(bucket: str, tmp_path) -> None:
+def test_s3_parquet_replaces_a_partition_with_a_new_version(bucket: str, tmp_path) -> None:
     outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2, 3], [4, 5]], rejected=frozenset({5}))
     dataset = get_sink("s3_parquet", table="scores", path=f"s3://{bucket}/lake", conn_id=AWS_CONN_ID)
 
@@ -71,45 +71,39 @@ def test_s3_parquet_replaces_a_partition_marker_last(bucket: str, tmp_path) -> N
     assert (second.rows, second.rejected, second.replaced) == (4, 1, 4)
     assert first.location == f"s3://{bucket}/lake/scores/batch_partition=2026-11-21"
     day = "lake/scores/batch_partition=2026-11-21/"
-    assert keys(bucket, day) == [day + "_SUCCESS", day + "part-00000.parquet", day + "part-00001.parquet"]
-    assert not keys(bucket, "lake/scores/_incoming")
     marker = json.loads(storage.read_text(s3_url(bucket, day + "_SUCCESS")))
-    assert (marker["rows"], marker["files"]) == (4, ["part-00000.parquet", "part-00001.parquet"])
-    import pyarrow.dataset as ds
+    version = marker["version"]
+    files = [f"{version}/part-00000.parquet", f"{version}/part-00001.parquet"]
+    assert keys(bucket, day) == [day + "_SUCCESS", *(day + f for f in files)]
+    assert (marker["rows"], marker["files"]) == (4, files)
+    lake = s3_url(bucket, "lake")
+    for partition, ids in (("2026-11-21", [1, 2, 3, 4]), ("2026-11-22", [1, 2, 3])):
+        table = s3_parquet_sink.read_partition(lake, "scores", partition)
+        assert sorted(table.column("row_id").to_pylist()) == ids  # each row once
+        assert set(table.column("batch_partition").to_pylist()) == {partition}
 
-    fs, root = storage.filesystem(s3_url(bucket, "lake/scores"))
-    table = ds.dataset(root, filesystem=storage.arrow_filesystem(fs), partitioning="hive").to_table()
-    counts = table.group_by("batch_partition").aggregate([("row_id", "count_distinct"), ("row_id", "count")])
-    assert sorted(zip(*counts.to_pydict().values(), strict=True)) == [
-        ("2026-11-21", 4, 4),
-        ("2026-11-22", 3, 3),
-    ]
 
-
-def test_s3_parquet_after_a_swap_that_failed_halfway(bucket: str, tmp_path, monkeypatch) -> None:
+def test_s3_parquet_after_a_version_write_that_failed_halfway(bucket: str, tmp_path, monkeypatch) -> None:
     dataset = get_sink("s3_parquet", table="scores", path=s3_url(bucket, "lake"))
-    dataset.replace_partition("p", *write_run_parts(tmp_path / "old", [[1, 2], [3]]))
-    outputs, rejects = write_run_parts(tmp_path / "new", [[10, 11], [12, 13], [14]])
-    # calls 1-3 upload the outputs out of sight, 4-6 the rejects; 7 and 8 move outputs in: fail on the 8th.
-    fail_on_call(monkeypatch, s3_parquet_sink, 8)
+    dataset.replace_partition("p", *write_run_parts(tmp_path / "old", [[1, 2], [3]], rejected=frozenset({3})))
+    folder = "lake/scores/batch_partition=p/"
+    before = keys(bucket, folder)
+    outputs, rejects = write_run_parts(tmp_path / "new", [[10, 11], [12, 13], [14]], rejected=frozenset({14}))
+    # calls 1-3 copy the outputs into the new version, 4-6 the rejects: fail on the 5th.
+    fail_on_call(monkeypatch, s3_parquet_sink, 5)
     with pytest.raises(OSError, match="interrupted"):
         dataset.replace_partition("p", outputs, rejects)
 
-    folder = "lake/scores/batch_partition=p/"
-    left = keys(bucket, folder)
-    assert folder + "_SUCCESS" not in left  # readers that honour the marker skip the partition
-    assert read_ids([s3_url(bucket, k) for k in left]) == [10, 11]  # part of the new rows, none of the old
+    lake = s3_url(bucket, "lake")
+    assert keys(bucket, folder) == before  # the old version as committed; the new one removed
+    assert read_ids(s3_parquet_sink.committed_files(lake, "scores", "p")) == [1, 2]
+    assert read_ids(s3_parquet_sink.committed_files(lake, "scores_rejects", "p")) == [3]
 
     monkeypatch.undo()
     dataset.replace_partition("p", outputs, rejects)
-    assert read_ids([s3_url(bucket, k) for k in keys(bucket, folder) if k.endswith(".parquet")]) == [
-        10,
-        11,
-        12,
-        13,
-        14,
-    ]
-    assert folder + "_SUCCESS" in keys(bucket, folder)
+    assert read_ids(s3_parquet_sink.committed_files(lake, "scores", "p")) == [10, 11, 12, 13]
+    assert read_ids(s3_parquet_sink.committed_files(lake, "scores_rejects", "p")) == [14]
+    assert len([k for k in keys(bucket, folder) if k.endswith(".parquet")]) == 3  # the new version only
 
 
 def test_s3_parquet_refuses_outputs_that_do_not_fit_the_dataset(bucket: str, tmp_path) -> None:
