@@ -1,12 +1,12 @@
 """SQLQuerySource: the rows of one SQL query, streamed from any common-sql connection, or from DuckDB.
 
-The query runs once, as one statement, so it reads one consistent snapshot of the database; the stage
-task writes those rows into chunk files, and every mapped infer task reads the chunks, never the table:
-a table that changes during the run does not change what is scored.
+The query reads one consistent snapshot of the database (one statement, or ranges of it that all import
+one exported snapshot); the stage task writes those rows into chunk files, and every mapped infer task
+reads the chunks, never the table: a table that changes during the run does not change what is scored.
 
-A query can only read: it must be one statement, PostgreSQL runs it in a read-only transaction, and DuckDB
-opens the database read-only with external access (files, URLs, extensions) disabled. A query from a
-manual run's Params can so neither write nor reach outside the database it names.
+A query can only read: it must be one statement, PostgreSQL runs it (each range too) in a read-only
+transaction, and DuckDB opens the database read-only with external access (files, URLs, extensions)
+disabled. A query from a manual run's Params can so neither write nor reach outside the database it names.
 
 Memory stays bounded: PostgreSQL rows come through a server-side (named) cursor, ``batch_rows`` at a time;
 DuckDB hands over Arrow record batches directly; other DB-API drivers are read with ``fetchmany`` (whether
