@@ -41,7 +41,9 @@ def copy_rows(
 ) -> Manifest:
     """Copy ``source``'s rows into chunk files; the caller writes the returned manifest.
 
-    When the source cannot count its rows beforehand (a SQL query), chunks of ``chunk_rows`` are written as
+    A PostgreSQL query that allows it is exported in parallel ranges of one snapshot instead
+    (:mod:`~airflow_batch_infer.sources.sql_ranges`). When the source cannot count its rows beforehand
+    (a SQL query read as one stream), chunks of ``chunk_rows`` are written as
     the rows come; in the rare case that this makes more than ``max_chunks`` chunks, the staged rows are
     cut again into fewer, larger chunks (the source itself is not read twice).
 
@@ -54,6 +56,14 @@ def copy_rows(
     :param max_chunks: upper bound on the chunk count.
     :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
     """
+    # A PostgreSQL query that allows it is exported in parallel ranges (imported here: it imports this).
+    from airflow_batch_infer.sources.sql_ranges import copy_ranges
+
+    ranged = copy_ranges(
+        source, run_dir, chunk_rows, columns, keep, row_id_column, max_chunks, parallel_tasks
+    )
+    if ranged is not None:
+        return ranged
     generated_ids = row_id_column is None
     id_column = row_id_column or DEFAULT_ROW_ID_COLUMN
     total = source.count_rows()
@@ -103,6 +113,8 @@ class _ChunkWriter:
     :param rows_per_chunk: rows per chunk file.
     :param id_column: the row id column; generated when ``generate_ids``.
     :param sequential_ids: whether the ids run 0, 1, 2... in stream order (then ``first_row`` is set).
+    :param first_index: the number of its first chunk (a range of a ranged export starts further on).
+    :param first_id: the generated id of its first row.
     """
 
     def __init__(
@@ -113,6 +125,8 @@ class _ChunkWriter:
         id_column: str,
         generate_ids: bool,
         sequential_ids: bool,
+        first_index: int = 0,
+        first_id: int = 0,
     ) -> None:
         self.run_dir = str(run_dir)
         self.folder = folder
@@ -120,6 +134,8 @@ class _ChunkWriter:
         self.id_column = id_column
         self.generate_ids = generate_ids
         self.sequential_ids = sequential_ids
+        self.first_index = first_index
+        self.first_id = first_id
         self.chunks: list[ChunkDescriptor] = []
         self.schema: pa.Schema | None = None
         self._writer: pq.ParquetWriter | None = None
@@ -129,7 +145,8 @@ class _ChunkWriter:
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self.generate_ids:
-            ids = pa.array(range(self._rows_seen, self._rows_seen + batch.num_rows), type=pa.int64())
+            start = self.first_id + self._rows_seen
+            ids = pa.array(range(start, start + batch.num_rows), type=pa.int64())
             batch = pa.RecordBatch.from_arrays([ids, *batch.columns], [self.id_column, *batch.schema.names])
         offset = 0
         while offset < batch.num_rows:
@@ -137,7 +154,7 @@ class _ChunkWriter:
             piece = batch.slice(offset, take)
             if self._writer is None:
                 self.schema = batch.schema
-                self._tmp = atomic_target(self._final(len(self.chunks)))
+                self._tmp = atomic_target(self._final(self.first_index + len(self.chunks)))
                 self._writer = parquet_writer(self._tmp, required_where_no_nulls(piece), chunk=True)
             else:
                 self._allow_nulls(piece)
@@ -161,7 +178,7 @@ class _ChunkWriter:
             return
         widened = pa.schema([f.with_nullable(True) if f.name in newly_null else f for f in schema])
         self._writer.close()
-        written, self._tmp = self._tmp, atomic_target(self._final(len(self.chunks)))
+        written, self._tmp = self._tmp, atomic_target(self._final(self.first_index + len(self.chunks)))
         self._writer = parquet_writer(self._tmp, widened, chunk=True)
         try:
             done = pq.ParquetFile(written)
@@ -178,11 +195,11 @@ class _ChunkWriter:
         if self._writer is None or self._tmp is None:
             return
         self._writer.close()
-        index = len(self.chunks)
+        index = self.first_index + len(self.chunks)
         final = self._final(index)
         size = self._tmp.stat().st_size
         commit(self._tmp, final)
-        first = self._rows_seen - self._in_chunk if self.sequential_ids else -1
+        first = self.first_id + self._rows_seen - self._in_chunk if self.sequential_ids else -1
         self.chunks.append(ChunkDescriptor(self.run_dir, index, str(final), self._in_chunk, size, first))
         self._writer, self._tmp, self._in_chunk = None, None, 0
 

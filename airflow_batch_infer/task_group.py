@@ -47,6 +47,8 @@ def batch_inference(
     sql_conn_id: str | None = None,
     sql_parameters: dict[str, Any] | list[Any] | None = None,
     sql_database: str | None = None,
+    sql_split_column: str | None = None,
+    sql_export_parallelism: int | str | None = None,
     staging_conn_id: str | None = None,
     start_options: dict[str, Any] | None = None,
     lease_timeout: float | None = None,
@@ -93,6 +95,9 @@ def batch_inference(
     :param sql_conn_id: a common-sql connection for ``sql`` (the embedded DuckDB file when ``None``).
     :param sql_parameters: parameters of the query.
     :param sql_database: database (schema) for the query, when the connection has several.
+    :param sql_split_column: integer column whose ranges a PostgreSQL query is exported in, in parallel
+        (default: ``row_id_column`` when it is an integer; see :class:`StageInputsOperator`).
+    :param sql_export_parallelism: connections exporting ranges at once; ``1``: one stream.
     :param staging_conn_id: connection for a ``staging_root`` on object storage.
     :param start_options: further keyword arguments of the start task (``deferrable``, ``poll_interval``).
     :param lease_timeout: seconds the server may go without a lease renewal before its keeper or the
@@ -117,6 +122,8 @@ def batch_inference(
             sql_conn_id=sql_conn_id,
             sql_parameters=sql_parameters,
             sql_database=sql_database,
+            sql_split_column=sql_split_column,
+            sql_export_parallelism=sql_export_parallelism,
             staging_root=staging_root,
             staging_conn_id=staging_conn_id,
             chunk_rows=chunk_rows,

@@ -62,6 +62,11 @@ class StageInputsOperator(BaseOperator):
         embedded DuckDB warehouse (``sql_database``).
     :param sql_parameters: parameters of the query, in the driver's style; never pasted into its text.
     :param sql_database: the DuckDB file queried when ``sql_conn_id`` is ``None``.
+    :param sql_split_column: an integer column of a PostgreSQL query whose value ranges are exported in
+        parallel, in one snapshot (default: ``row_id_column``, when it is an integer); a query that does
+        not allow ranges is read as one stream (:mod:`~airflow_batch_infer.sources.sql_ranges`).
+    :param sql_export_parallelism: connections exporting ranges at once (default: the cores, at most 4);
+        ``1`` reads the query as one stream.
     :param staging_root: root of run snapshots (default ``$BATCH_INFER_HOME/staging``); may be a URL.
     :param staging_conn_id: Airflow connection for a ``staging_root`` on object storage.
     :param chunk_rows: rows per chunk, raised when needed to stay within ``max_map_length``; ``"auto"``
@@ -94,6 +99,8 @@ class StageInputsOperator(BaseOperator):
         "sql_conn_id",
         "sql_parameters",
         "sql_database",
+        "sql_split_column",
+        "sql_export_parallelism",
         "staging_root",
         "staging_conn_id",
         "chunk_rows",
@@ -116,6 +123,8 @@ class StageInputsOperator(BaseOperator):
         sql_conn_id: str | None = None,
         sql_parameters: dict[str, Any] | list[Any] | None = None,
         sql_database: str | None = None,
+        sql_split_column: str | None = None,
+        sql_export_parallelism: int | str | None = None,
         staging_root: str | None = None,
         staging_conn_id: str | None = None,
         chunk_rows: int | str = "auto",
@@ -147,6 +156,13 @@ class StageInputsOperator(BaseOperator):
         self.sql_conn_id = sql_conn_id
         self.sql_parameters = sql_parameters
         self.sql_database = sql_database
+        if not any("{{" in str(v) for v in (sql_split_column, sql_export_parallelism)):
+            from airflow_batch_infer.sources.sql import check_export_parallelism, check_split_column
+
+            check_split_column(sql_split_column)  # refused at parse time, not at the run's stage
+            check_export_parallelism(sql_export_parallelism)
+        self.sql_split_column = sql_split_column
+        self.sql_export_parallelism = sql_export_parallelism
         self.staging_root = staging_root
         self.staging_conn_id = staging_conn_id
         self.chunk_rows = chunk_rows
@@ -168,6 +184,8 @@ class StageInputsOperator(BaseOperator):
                 conn_id=_given(self.sql_conn_id),
                 parameters=_given(self.sql_parameters),
                 database=_given(self.sql_database),
+                split_column=_given(self.sql_split_column),
+                export_parallelism=_given(self.sql_export_parallelism),
             )
         return ParquetSource(source, conn_id=_given(self.source_conn_id))
 

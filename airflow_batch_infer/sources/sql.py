@@ -1,21 +1,26 @@
 """SQLQuerySource: the rows of one SQL query, streamed from any common-sql connection, or from DuckDB.
 
-The query runs once, as one statement, so it reads one consistent snapshot of the database; the stage
-task writes those rows into chunk files, and every mapped infer task reads the chunks, never the table:
-a table that changes during the run does not change what is scored.
+The query reads one consistent snapshot of the database (one statement, or ranges of it that all import
+one exported snapshot); the stage task writes those rows into chunk files, and every mapped infer task
+reads the chunks, never the table: a table that changes during the run does not change what is scored.
 
-A query can only read: it must be one statement, PostgreSQL runs it in a read-only transaction, and DuckDB
-opens the database read-only with external access (files, URLs, extensions) disabled. A query from a
-manual run's Params can so neither write nor reach outside the database it names.
+A query can only read: it must be one statement, PostgreSQL runs it (each range too) in a read-only
+transaction, and DuckDB opens the database read-only with external access (files, URLs, extensions)
+disabled. A query from a manual run's Params can so neither write nor reach outside the database it names.
 
 Memory stays bounded: PostgreSQL rows come through a server-side (named) cursor, ``batch_rows`` at a time;
 DuckDB hands over Arrow record batches directly; other DB-API drivers are read with ``fetchmany`` (whether
 that streams depends on the driver).
+
+A PostgreSQL query that allows it is exported in parallel ranges of an integer ``split_column`` instead,
+all in one exported snapshot (:mod:`airflow_batch_infer.sources.sql_ranges`). DuckDB queries stay one
+stream: DuckDB already runs one query on all cores, and ranges measured no faster (see that module).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -75,6 +80,11 @@ class SQLQuerySource(Source):
     :param database: the DuckDB file when ``conn_id`` is ``None`` (default
         ``$BATCH_INFER_HOME/warehouse.duckdb``).
     :param batch_rows: rows fetched per round trip, and per record batch.
+    :param split_column: an integer column of the query whose value ranges PostgreSQL exports in
+        parallel; ``None``: the ``row_id_column`` of the stage, when it is an integer. Ranges are used
+        only where the query allows them (see :mod:`~airflow_batch_infer.sources.sql_ranges`).
+    :param export_parallelism: connections exporting ranges at once (``None``: the cores, at most 4);
+        ``1`` reads the query as one stream.
     """
 
     def __init__(
@@ -84,6 +94,8 @@ class SQLQuerySource(Source):
         parameters: Mapping[str, Any] | Sequence[Any] | None = None,
         database: str | None = None,
         batch_rows: int = 50_000,
+        split_column: str | None = None,
+        export_parallelism: int | str | None = None,
     ) -> None:
         if not sql or not sql.strip():
             raise StagingError("The SQL query is empty.")
@@ -98,6 +110,8 @@ class SQLQuerySource(Source):
         self.parameters = parameters
         self.database = database
         self.batch_rows = int(batch_rows)
+        self.split_column = check_split_column(split_column)
+        self.export_parallelism = check_export_parallelism(export_parallelism)
 
     @property
     def description(self) -> str:
@@ -109,6 +123,18 @@ class SQLQuerySource(Source):
         if conn is not None:
             return str(conn.host or conn.schema or conn.extra_dejson.get("database") or ":memory:")
         return str(self.database or batch_infer_home() / "warehouse.duckdb")
+
+    def postgres_hook(self) -> Any | None:
+        """The ``PostgresHook`` of ``conn_id``; ``None`` when the query runs on DuckDB or another database."""
+        if self.conn_id is None:
+            return None
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(self.conn_id)
+        if conn.conn_type == "duckdb":
+            return None
+        hook = conn.get_hook()
+        return hook if _is_postgres(hook) else None
 
     @contextmanager
     def open(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatchReader]:
@@ -156,7 +182,7 @@ class SQLQuerySource(Source):
     def _open_dbapi(self, hook: Any) -> Iterator[pa.RecordBatchReader]:
         connection = hook.get_conn()
         driver_error = _driver_error(connection)
-        postgres = type(hook).__name__ == "PostgresHook" or getattr(hook, "conn_type", "") == "postgres"
+        postgres = _is_postgres(hook)
         try:
             if postgres:
                 with connection.cursor() as first:  # the transaction's first statement: it can only read
@@ -231,6 +257,39 @@ class SQLQuerySource(Source):
                     ) from err
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
             rows = _tuples(cursor.fetchmany(self.batch_rows))
+
+
+def default_export_parallelism() -> int:
+    """Ranges exported at once when not set: the cores, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def check_split_column(value: str | None) -> str | None:
+    """``split_column`` as given (``None`` when empty), refused when it is not a column name."""
+    if value is None or str(value).strip() in ("", "None"):
+        return None
+    if not isinstance(value, str):
+        raise StagingError(f"split_column must be the name of a column of the query, got {value!r}.")
+    return value.strip()
+
+
+def check_export_parallelism(value: int | str | None) -> int:
+    """``export_parallelism`` as a whole number of at least 1 (``None``: the default)."""
+    if value is None or str(value).strip() in ("", "None"):
+        return default_export_parallelism()
+    try:
+        number = int(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or number < 1:
+        raise StagingError(
+            f"export_parallelism must be a whole number of at least 1 (1: no ranges), got {value!r}."
+        )
+    return number
+
+
+def _is_postgres(hook: Any) -> bool:
+    return type(hook).__name__ == "PostgresHook" or getattr(hook, "conn_type", "") == "postgres"
 
 
 def _to_float(value: Any) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import duckdb
@@ -151,3 +153,41 @@ def test_stage_operator_takes_exactly_one_input(warehouse: Path, tmp_path: Path)
     assert run_dir.relative_to(tmp_path / "staging").parts[1] == "2026-11-21"
     assert run_dir.name.startswith("manual__2026-11-21-")
     assert Manifest.load(run_dir).total_rows == 1000
+
+
+def test_a_duckdb_query_stays_one_stream_and_says_why_once(
+    warehouse: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="airflow_batch_infer.sources.sql_ranges")
+    source = SQLQuerySource(
+        "SELECT event_id, x FROM events",
+        database=str(warehouse),
+        split_column="event_id",
+        export_parallelism=3,
+    )
+    manifest = stage_source(source, tmp_path / "run", chunk_rows=300, row_id_column="event_id")
+
+    assert [c.rows for c in manifest.chunks] == [300, 300, 300, 100]
+    reasons = [r.getMessage() for r in caplog.records if "serially, as one stream" in r.getMessage()]
+    assert len(reasons) == 1
+    assert "DuckDB" in reasons[0]
+
+
+def test_range_options_are_checked_up_front(warehouse: Path) -> None:
+    for bad in (0, -2, "two", 1.5, True):
+        with pytest.raises(StagingError, match="export_parallelism must be a whole number of at least 1"):
+            SQLQuerySource("SELECT 1", database=str(warehouse), export_parallelism=bad)
+        with pytest.raises(ValueError, match="export_parallelism must be a whole number"):
+            StageInputsOperator(task_id="bad", sql="SELECT 1", sql_export_parallelism=bad)
+    with pytest.raises(StagingError, match="split_column must be the name of a column"):
+        SQLQuerySource("SELECT 1", database=str(warehouse), split_column=3)
+    assert SQLQuerySource("SELECT 1", export_parallelism="2").export_parallelism == 2
+    assert SQLQuerySource("SELECT 1", split_column=" id ").split_column == "id"
+    assert SQLQuerySource("SELECT 1").export_parallelism == max(1, min(4, os.cpu_count() or 1))
+    templated = StageInputsOperator(
+        task_id="templated",
+        sql="SELECT 1",
+        sql_export_parallelism="{{ params.n }}",
+        sql_split_column="{{ x }}",
+    )
+    assert templated.sql_export_parallelism == "{{ params.n }}"
