@@ -314,16 +314,15 @@ class IcebergSink(WarehouseSink):
         if not replace.dropped and not replace.written and not replace.evolved:
             return  # nothing before, nothing now: no snapshot
         transaction = replace.transaction
-        with transaction.update_snapshot(
-            snapshot_properties={PARTITION_PROPERTY: partition}
-        ).overwrite() as ow:
-            # The predicate scopes pyiceberg's conflict checks to this partition when a commit is retried.
-            ow.delete_by_predicate(EqualTo(self.partition_column, partition))
-            for data_file in replace.dropped:
-                ow.delete_data_file(data_file)
-            for data_file in replace.written:
-                ow.append_data_file(data_file)
+        snapshot = transaction.update_snapshot(snapshot_properties={PARTITION_PROPERTY: partition})
         try:
+            with snapshot.overwrite() as overwrite:
+                # The predicate scopes pyiceberg's conflict checks to this partition when a commit is retried.
+                overwrite.delete_by_predicate(EqualTo(self.partition_column, partition))
+                for data_file in replace.dropped:
+                    overwrite.delete_data_file(data_file)
+                for data_file in replace.written:
+                    overwrite.append_data_file(data_file)
             transaction.commit_transaction()
         except ValidationException as err:
             self._discard(replace)
