@@ -27,7 +27,11 @@ SINK_LOCATIONS: dict[str, tuple[str, ...]] = {
     "athena": ("location", "output_location"),
     "redshift": ("s3_prefix",),
     "postgres": (),
+    "iceberg": ("warehouse",),
 }
+# Sink options that say where and how to connect inline, past both allowlists (an Iceberg catalog's uri,
+# warehouse and credentials): refused when either allowlist is in force; a connection says it instead.
+SINK_INLINE_ENDPOINTS: dict[str, tuple[str, ...]] = {"iceberg": ("catalog",)}
 
 
 class NotAllowedError(AirflowFailException):
@@ -97,6 +101,13 @@ def check_sink(
     for key, value in options.items():
         if key.endswith("conn_id"):
             check_conn_id(value, conn_ids, f"sink_options.{key}")
+    for key in SINK_INLINE_ENDPOINTS.get(sink, ()):
+        if options.get(key) and (roots is not None or conn_ids is not None):
+            raise NotAllowedError(
+                f"sink_options.{key} configures the {sink} sink's endpoint inline, which the DAG's "
+                "allowlists cannot check: name a connection instead (catalog_conn_id), which "
+                "allowed_conn_ids governs."
+            )
     check_locations(
         ((f"sink_options.{key}", options.get(key)) for key in SINK_LOCATIONS.get(sink, ())), roots, conn_ids
     )

@@ -82,8 +82,9 @@ def batch_inference(
     :param passthrough_columns: input columns copied to the output table.
     :param request_rows: rows per gRPC request (default from the model config).
     :param max_in_flight: requests outstanding per task (default from the model config).
-    :param sink: warehouse kind (``duckdb``). For ``s3_parquet`` and ``athena``, whose tables are the
-        part files, parts are compressed wherever they are written.
+    :param sink: warehouse kind (``duckdb``, ``postgres``, ``s3_parquet``, ``redshift``, ``athena``,
+        ``iceberg``). For ``s3_parquet`` and ``athena``, whose tables are the part files, parts are
+        compressed wherever they are written.
     :param sink_options: keyword options of the sink.
     :param max_rejected_fraction: fail the run, writing nothing, when more rows than this were set aside.
     :param infer_retries: Airflow retries of each infer task (each rewrites only its chunk).

@@ -69,11 +69,12 @@ with DAG(
             type=["null", "string"],
             description="Where chunks and outputs go, e.g. s3://aws_default@bucket/staging. Empty: local.",
         ),
-        "sink": Param("duckdb", enum=["duckdb", "postgres", "s3_parquet", "redshift", "athena"]),
+        "sink": Param("duckdb", enum=["duckdb", "postgres", "s3_parquet", "redshift", "athena", "iceberg"]),
         "sink_options": Param(
             {"database": str(batch_infer_home() / "warehouse.duckdb")},
             type="object",
-            description='Options of the sink, e.g. {"postgres_conn_id": "postgres_default"}.',
+            description='Options of the sink, e.g. {"postgres_conn_id": "postgres_default"}; for iceberg, '
+            '{} (the embedded catalog under $BATCH_INFER_HOME/iceberg) or {"catalog_conn_id": "glue_lake"}.',
         ),
     },
     doc_md=__doc__,

@@ -38,9 +38,11 @@ class PersistOutputsOperator(BaseOperator):
 
     :param chunks: the stage task's chunk descriptors (``stage.output``).
     :param table: output table; rows set aside go to ``<table>_rejects``.
-    :param sink: warehouse kind: ``duckdb``, ``postgres``, ``s3_parquet``, ``redshift`` or ``athena``.
+    :param sink: warehouse kind: ``duckdb``, ``postgres``, ``s3_parquet``, ``redshift``, ``athena`` or
+        ``iceberg``.
     :param sink_options: keyword options of the sink (a dict, or its JSON text from a template), e.g.
-        ``database`` (duckdb), ``postgres_conn_id`` (postgres), ``path`` (s3_parquet).
+        ``database`` (duckdb), ``postgres_conn_id`` (postgres), ``path`` (s3_parquet), ``warehouse`` or
+        ``catalog_conn_id`` (iceberg).
     :param partition: the run's partition key (default: from the run's data interval or logical date).
     :param partition_column: column holding the partition key.
     :param results: the infer tasks' results (``infer.output``), used for the throughput summary.

@@ -26,6 +26,7 @@ SINKS = {
     "s3_parquet": "airflow_batch_infer.sinks.s3_parquet:S3ParquetSink",
     "redshift": "airflow_batch_infer.sinks.redshift:RedshiftSink",
     "athena": "airflow_batch_infer.sinks.athena:AthenaSink",
+    "iceberg": "airflow_batch_infer.sinks.iceberg:IcebergSink",
 }
 
 # Sinks whose table is made of the part files themselves, as they are: their parts are worth compressing
@@ -36,7 +37,7 @@ PARTS_ARE_THE_TABLE = frozenset({"s3_parquet", "athena"})
 def get_sink(name: str, **options: Any) -> WarehouseSink:
     """Return the sink called ``name`` configured with ``options``.
 
-    :param name: ``duckdb``, ``postgres``, ``s3_parquet``, ``redshift`` or ``athena``.
+    :param name: ``duckdb``, ``postgres``, ``s3_parquet``, ``redshift``, ``athena`` or ``iceberg``.
     :param options: keyword arguments of that sink's constructor (``table``, ``partition_column``,
         ``create_table`` and the sink's own: connection, database, location...).
     """

@@ -52,6 +52,15 @@ def test_a_run_inside_its_allowlists_stages(tmp_path: Path) -> None:
             {"sink": "s3_parquet", "sink_options": {"path": "s3://aws_admin@lake/scores/x"}},
             r"sink_options.path names connection 'aws_admin'",
         ),
+        (
+            {"sink": "iceberg", "sink_options": {"warehouse": "/tmp/lake"}},
+            r"sink_options.warehouse /tmp/lake",
+        ),
+        ({"sink": "iceberg", "sink_options": {"catalog_conn_id": "glue_prod"}}, r"'glue_prod'"),
+        (
+            {"sink": "iceberg", "sink_options": {"catalog": {"type": "rest", "uri": "http://elsewhere"}}},
+            r"sink_options.catalog configures the iceberg sink's endpoint inline",
+        ),
     ],
 )
 def test_params_cannot_point_a_run_elsewhere(tmp_path: Path, overrides: dict, message: str) -> None:
