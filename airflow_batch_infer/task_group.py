@@ -52,6 +52,8 @@ def batch_inference(
     staging_conn_id: str | None = None,
     start_options: dict[str, Any] | None = None,
     lease_timeout: float | None = None,
+    servers: int | str = 1,
+    min_ready: int | None = None,
     allowed_roots: list[str] | None = None,
     allowed_conn_ids: list[str] | None = None,
 ) -> TaskGroup:
@@ -105,6 +107,10 @@ def batch_inference(
         reaper stops it (default: the runtime's, 30 minutes); the infer tasks renew it while they stream.
         It must outlast the run's longest gap without a streaming infer task (a stage running beside the
         start, infer tasks queued for a slot).
+    :param servers: how many Triton servers the run starts, each with its own endpoint, or ``"auto"``
+        (one per visible GPU with the local and docker runtimes); the infer tasks spread their chunks over
+        them (round robin by chunk) and move a chunk to another server when its own stays unavailable.
+    :param min_ready: how many servers must be ready before the infer tasks start (default: all).
     :param allowed_roots: when given, every location a run reads or writes (the source, the staging root,
         the sink's paths) must lie under one of these, whatever a run's Params say; checked by the stage task
         before anything is staged, and by persist.
@@ -146,6 +152,8 @@ def batch_inference(
                 models=[model_name],
                 runtime=runtime,
                 runtime_options=runtime_options,
+                servers=servers,
+                min_ready=min_ready,
                 **({"lease_timeout": lease_timeout} if lease_timeout is not None else {}),
                 **(start_options or {}),
             )

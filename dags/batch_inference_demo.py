@@ -69,6 +69,14 @@ with DAG(
             type=["null", "string"],
             description="Where chunks and outputs go, e.g. s3://aws_default@bucket/staging. Empty: local.",
         ),
+        "servers": Param(
+            1,
+            type="integer",
+            minimum=1,
+            maximum=8,
+            description="Local Triton servers the run starts (each gets its share of the GPUs); the infer "
+            "tasks spread their chunks over them.",
+        ),
         "sink": Param("duckdb", enum=["duckdb", "postgres", "s3_parquet", "redshift", "athena", "iceberg"]),
         "sink_options": Param(
             {"database": str(batch_infer_home() / "warehouse.duckdb")},
@@ -95,6 +103,7 @@ with DAG(
         staging_root="{{ params.staging_root or '' }}",
         sink="{{ params.sink }}",
         sink_options="{{ params.sink_options | tojson }}",
+        servers="{{ params.servers }}",
         allowed_roots=ALLOWED_ROOTS,
         allowed_conn_ids=ALLOWED_CONN_IDS,
     )

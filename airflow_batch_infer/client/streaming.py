@@ -60,6 +60,10 @@ class InferenceError(RuntimeError):
     """Inference on a chunk cannot go on (server gone past the retry budget, model error)."""
 
 
+class ServerUnavailableError(InferenceError):
+    """The server stayed unreachable past the retry budget: another server of the run may finish the chunk."""
+
+
 @dataclass(frozen=True)
 class StreamSettings:
     """How a chunk is streamed through the server.
@@ -688,7 +692,7 @@ class ChunkStreamer:
             result = await settings.retry.call(request, self.log, what, count_retry)
         except InferenceServerException as error:
             if is_transient(error):
-                raise InferenceError(
+                raise ServerUnavailableError(
                     f"The Triton server did not answer a {what} after {settings.retry.max_attempts} attempts "
                     f"({error_status(error)}: {error.message()}). Check that the server is running and "
                     "reachable; Airflow retries the task, which rewrites this chunk's outputs."

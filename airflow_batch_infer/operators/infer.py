@@ -13,10 +13,12 @@ from tritonclient.utils import InferenceServerException
 from airflow_batch_infer.chunk_input import ChunkInput, open_chunk
 from airflow_batch_infer.client.retry import RetryPolicy
 from airflow_batch_infer.client.sizing import resolve_sizes
-from airflow_batch_infer.client.streaming import ChunkStreamer, StreamSettings
+from airflow_batch_infer.client.streaming import ChunkStreamer, ServerUnavailableError, StreamSettings
 from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.runtimes.access import server_headers
+from airflow_batch_infer.runtimes.base import ServerInfo
+from airflow_batch_infer.runtimes.fleet import fleet_servers
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 from airflow_batch_infer.staging import (
@@ -139,21 +141,42 @@ class TritonInferenceOperator(BaseOperator):
         return True if self.sink in PARTS_ARE_THE_TABLE else None
 
     def _lease_renewed(self) -> AbstractContextManager[None]:
-        """While the chunk streams, the lease of a server that a start task returned is kept renewed."""
-        if isinstance(self.server, Mapping) and self.server.get("runtime"):
+        """While the chunk streams, the leases of the servers that a start task returned are kept renewed."""
+        if fleet_servers(self.server):
             return keep_renewed(dict(self.server), self.runtime_options, self.lease_renew_interval)
         return nullcontext()
 
-    def _server_key_headers(self) -> dict[str, str]:
-        """The key of a server started with ``restricted_api``: its shared memory and repository need it."""
-        if isinstance(self.server, Mapping) and self.server.get("runtime"):
-            return server_headers(dict(self.server))
-        return {}
+    def _servers(self, chunk_index: int) -> list[ServerInfo | None]:
+        """The servers to try, in order: the chunk's own (round robin by chunk), then the others of the run;
+        ``[None]`` for an endpoint given as a URL or by the connection."""
+        servers = fleet_servers(self.server)
+        if not servers:
+            return [None]
+        first = chunk_index % len(servers)
+        return servers[first:] + servers[:first]
 
-    def _url(self) -> str | None:
-        if isinstance(self.server, Mapping):
-            return self.server["grpc_url"]
-        return self.server or None
+    def _url(self, server: ServerInfo | None) -> str | None:
+        if server is not None:
+            return server.grpc_url
+        return None if isinstance(self.server, Mapping) else (self.server or None)
+
+    def _ready_hook(self, candidates: list[ServerInfo | None], chunk_index: int) -> tuple[TritonHook, int]:
+        """A hook on the first candidate that is ready (a server still loading or gone is passed over)."""
+        for position, server in enumerate(candidates):
+            hook = TritonHook(self.triton_conn_id, url=self._url(server))
+            if len(candidates) == 1 or hook.is_server_ready():
+                return hook, position
+            self.log.warning(
+                "Chunk %d: Triton server %s at %s is not ready; trying the run's next server.",
+                chunk_index,
+                server.handle.get("server_id") if server else "-",
+                hook.url,
+            )
+            hook.close()
+        raise RuntimeError(
+            f"Chunk {chunk_index}: none of the run's {len(candidates)} Triton servers is ready "
+            f"({', '.join(s.grpc_url for s in candidates if s)}). Check the start task's log."
+        )
 
     def _model_contract(self, hook: TritonHook) -> tuple[dict[str, Any], dict[str, Any]]:
         """Read the model's metadata and config, with errors that say what to do."""
@@ -166,12 +189,10 @@ class TritonInferenceOperator(BaseOperator):
             metadata = hook.get_model_metadata(self.model_name, self.model_version)
             config = hook.get_model_config(self.model_name, self.model_version)
         except InferenceServerException as error:
-            index = (
-                hook.get_conn()
-                .get_model_repository_index(headers=self._server_key_headers(), as_json=True)
-                .get("models", [])
-            )
-            known = sorted({m["name"] for m in index})
+            server = self._server_of(hook)  # its repository index is restricted to the holders of its key
+            headers = server_headers(server) if server else {}
+            index = hook.get_conn().get_model_repository_index(headers=headers, as_json=True)
+            known = sorted({m["name"] for m in index.get("models", [])})
             raise RuntimeError(
                 f"Model {self.model_name!r} (version {self.model_version or 'latest'}) is not available on "
                 f"the Triton server at {hook.url}: {error.message()}. Models in its repository: {known}."
@@ -194,15 +215,21 @@ class TritonInferenceOperator(BaseOperator):
         except SourceChangedError as error:
             raise AirflowFailException(str(error)) from error
 
+    def _server_of(self, hook: TritonHook) -> ServerInfo | None:
+        """The run's server that ``hook`` talks to (``None`` for an endpoint given otherwise)."""
+        return next((s for s in fleet_servers(self.server) if s.grpc_url == hook.url), None)
+
     def execute(self, context: Any) -> dict[str, Any]:
         descriptor = ChunkDescriptor.from_dict(self.chunk)
         manifest = Manifest.load(descriptor.run_dir)
         chunk = self._open_chunk(descriptor, manifest)
-        hook = TritonHook(self.triton_conn_id, url=self._url())
+        candidates = self._servers(descriptor.index)
+        hook, position = self._ready_hook(candidates, descriptor.index)
         try:
             metadata, config = self._model_contract(hook)
-        finally:
+        except BaseException:
             hook.close()
+            raise
         self.prepare_for_model(metadata, config)
         max_batch = int(config.get("max_batch_size") or 0)
         optional = [i["name"] for i in config.get("input", []) if i.get("optional")]
@@ -234,43 +261,70 @@ class TritonInferenceOperator(BaseOperator):
             transport=self.transport,
             token_count_output=self.token_count_output,
         )
-        self.log.info(
-            "Chunk %d: %s rows from %s to model %r at %s, %d rows a request, %d requests in flight",
-            descriptor.index,
-            f"{descriptor.rows:,}",
-            chunk.description,
-            self.model_name,
-            hook.url,
-            request_rows,
-            in_flight,
-        )
-        streamer = ChunkStreamer(
-            inputs=inputs,
-            outputs=outputs,
-            settings=settings,
-            row_id_column=manifest.row_id_column,
-            passthrough_columns=self.passthrough_columns,
-            client_factory=hook.get_async_client,
-            url=hook.url,
-            headers={**(hook.headers or {}), **self._server_key_headers()},
-            logger=self.log,
-            compress_parts=self.parts_compressed(),
-        )
+        moved_from: list[str] = []
         with self._lease_renewed():
-            result = streamer.run(
-                chunk,
-                output_part_path(descriptor.run_dir, descriptor.index),
-                rejects_part_path(descriptor.run_dir, descriptor.index),
-                descriptor.index,
-            )
+            while True:
+                server = candidates[position]
+                self.log.info(
+                    "Chunk %d: %s rows from %s to model %r at %s%s, %d rows a request, %d requests in flight",
+                    descriptor.index,
+                    f"{descriptor.rows:,}",
+                    chunk.description,
+                    self.model_name,
+                    hook.url,
+                    f" (server {server.handle.get('server_id')})" if server else "",
+                    request_rows,
+                    in_flight,
+                )
+                streamer = ChunkStreamer(
+                    inputs=inputs,
+                    outputs=outputs,
+                    settings=settings,
+                    row_id_column=manifest.row_id_column,
+                    passthrough_columns=self.passthrough_columns,
+                    client_factory=hook.get_async_client,
+                    url=hook.url,
+                    headers={**(hook.headers or {}), **(server_headers(server) if server else {})},
+                    logger=self.log,
+                    compress_parts=self.parts_compressed(),
+                )
+                try:
+                    result = streamer.run(
+                        chunk,
+                        output_part_path(descriptor.run_dir, descriptor.index),
+                        rejects_part_path(descriptor.run_dir, descriptor.index),
+                        descriptor.index,
+                    )
+                    break
+                except ServerUnavailableError as error:
+                    hook.close()
+                    rest = candidates[position + 1 :]
+                    if not rest:
+                        raise
+                    self.log.warning(
+                        "Chunk %d moves from Triton server %s (%s) to the run's next server: %s",
+                        descriptor.index,
+                        server.handle.get("server_id") if server else "-",
+                        hook.url,
+                        error,
+                    )
+                    moved_from.append(str(server.handle.get("server_id")) if server else hook.url)
+                    hook, offset = self._ready_hook(rest, descriptor.index)
+                    position += 1 + offset
+        hook.close()
         self.log.info(
-            "Chunk %d done: %s rows scored, %s set aside, %.1f s, %s rows/s (tensors via %s); outputs in %s",
+            "Chunk %d done: %s rows scored, %s set aside, %.1f s, %s rows/s (tensors via %s) on server %s; "
+            "outputs in %s",
             result.index,
             f"{result.rows_out:,}",
             f"{result.rows_rejected:,}",
             result.seconds,
             f"{result.rows_per_second:,.0f}",
             "shared memory" if result.shared_memory else "gRPC",
+            server.handle.get("server_id") if server else hook.url,
             result.output_path,
         )
-        return result.to_dict()
+        return result.to_dict() | {
+            "server": server.handle.get("server_id") if server else hook.url,
+            "moved_from": moved_from,
+        }

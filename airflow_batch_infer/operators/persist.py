@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -12,6 +13,7 @@ from airflow_batch_infer import storage
 from airflow_batch_infer.allowlist import check_sink
 from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.partition import resolve_partition
+from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import get_sink, sink_options
 from airflow_batch_infer.staging import (
     SUMMARY,
@@ -50,6 +52,9 @@ class PersistOutputsOperator(BaseOperator):
     :param allowed_roots: where the sink may write (``sink_options`` paths and URLs), when restricted
         (:mod:`airflow_batch_infer.allowlist`); the stage task checks the same before anything is staged.
     :param allowed_conn_ids: the connections ``sink_options`` may name, when restricted.
+    :param server: the start task's servers (``start.output``), whose leases persist renews while it
+        writes: pass it where the servers outlive persist (a DAG that stops them after it).
+    :param runtime_options: the start task's runtime options (to renew a container server's lease).
     """
 
     template_fields: Sequence[str] = ("chunks", "table", "sink", "sink_options", "partition", "results")
@@ -68,6 +73,8 @@ class PersistOutputsOperator(BaseOperator):
         max_rejected_fraction: float | None = None,
         allowed_roots: list[str] | None = None,
         allowed_conn_ids: list[str] | None = None,
+        server: dict[str, Any] | None = None,
+        runtime_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -80,6 +87,8 @@ class PersistOutputsOperator(BaseOperator):
         self.results = results
         self.max_rejected_fraction = max_rejected_fraction
         self.allowed_roots = allowed_roots
+        self.server = server
+        self.runtime_options = runtime_options
         self.allowed_conn_ids = allowed_conn_ids
 
     def _collect_parts(self, manifest: Manifest) -> tuple[list[RunPath], list[RunPath], int]:
@@ -129,7 +138,9 @@ class PersistOutputsOperator(BaseOperator):
             )
         sink = get_sink(self.sink, table=self.table, partition_column=self.partition_column, **options)
         started = time.monotonic()
-        result = sink.replace_partition(partition, outputs, rejects)
+        renewing = keep_renewed(self.server, self.runtime_options) if self.server else nullcontext()
+        with renewing:
+            result = sink.replace_partition(partition, outputs, rejects)
         seconds = time.monotonic() - started
         summary = result.to_dict() | {
             "total_rows": manifest.total_rows,
@@ -143,6 +154,11 @@ class PersistOutputsOperator(BaseOperator):
             summary["infer_rows_per_second_per_task"] = (
                 round(manifest.total_rows / seconds, 1) if seconds else None
             )
+            summary.update(rows_per_server(self.results))
+            if summary["rows_per_server"]:
+                self.log.info("Rows scored per Triton server: %s", summary["rows_per_server"])
+            if summary["moved_chunks"]:
+                self.log.warning("Chunks that moved to another server: %s", summary["moved_chunks"])
         write_json_atomically(run_file(run_dir, SUMMARY), summary)
         self.log.info(
             "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before; "
@@ -158,3 +174,16 @@ class PersistOutputsOperator(BaseOperator):
             f"{manifest.total_rows / seconds:,.0f}" if seconds else "-",
         )
         return summary
+
+
+def rows_per_server(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Rows each server scored, and the chunks that moved off a server, from the infer tasks' results."""
+    rows: dict[str, int] = {}
+    moved: dict[str, list[str]] = {}
+    for i in range(len(results)):  # by index: Airflow's lazy XCom sequence
+        result = results[i]
+        if result.get("server"):
+            rows[result["server"]] = rows.get(result["server"], 0) + int(result.get("rows_out") or 0)
+        if result.get("moved_from"):
+            moved[str(result.get("index"))] = list(result["moved_from"])
+    return {"rows_per_server": rows, "moved_chunks": moved}

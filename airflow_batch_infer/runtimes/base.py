@@ -44,7 +44,14 @@ class ServerInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServerInfo:
-        return cls(**data)
+        """The server of ``to_dict()``'s output; of a start task's fleet, its first server."""
+        return cls(
+            **{
+                key: data[key]
+                for key in ("runtime", "grpc_url", "http_url", "metrics_url", "handle")
+                if key in data
+            }
+        )
 
 
 class TritonRuntime(ABC):

@@ -30,9 +30,12 @@ from airflow_batch_infer.runtimes.containers import (
     tritonserver_command,
 )
 from airflow_batch_infer.runtimes.labels import (
+    DAG_ID_KEY,
     LEASE_RENEWED_KEY,
     LEASE_TIMEOUT_KEY,
+    RUN_ID_KEY,
     SERVER_ID_KEY,
+    TASK_ID_KEY,
     ServerOwner,
     k8s_labels,
 )
@@ -273,7 +276,31 @@ def build_pod(
             priority_class_name=priority_class_name,
             enable_service_links=False,
             active_deadline_seconds=int(active_deadline_seconds) if active_deadline_seconds else None,
+            affinity=_spread(owner),
         ),
+    )
+
+
+def _spread(owner: ServerOwner | None) -> Any:
+    """Anti-affinity: the servers of one start task (``servers=N``) on different nodes where it can."""
+    from kubernetes import client as k8s
+
+    if owner is None:
+        return None
+    same_start = {
+        key: value
+        for key, value in k8s_labels("-", owner).items()
+        if key in (DAG_ID_KEY, RUN_ID_KEY, TASK_ID_KEY)
+    }
+    term = k8s.V1PodAffinityTerm(
+        label_selector=k8s.V1LabelSelector(match_labels=same_start), topology_key="kubernetes.io/hostname"
+    )
+    return k8s.V1Affinity(
+        pod_anti_affinity=k8s.V1PodAntiAffinity(
+            preferred_during_scheduling_ignored_during_execution=[
+                k8s.V1WeightedPodAffinityTerm(weight=100, pod_affinity_term=term)
+            ]
+        )
     )
 
 

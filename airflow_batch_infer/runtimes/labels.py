@@ -19,6 +19,8 @@ DAG_ID_KEY = "airflow-batch-infer/dag-id"
 RUN_ID_KEY = "airflow-batch-infer/run-id"
 TASK_ID_KEY = "airflow-batch-infer/task-id"
 MAP_INDEX_KEY = "airflow-batch-infer/map-index"
+#: Which of the start task's servers (``servers=N``) this is, from 0.
+REPLICA_KEY = "airflow-batch-infer/replica"
 #: Seconds the server may go without a lease renewal (a label, tag or annotation the reaper reads).
 LEASE_TIMEOUT_KEY = "airflow-batch-infer/lease-timeout"
 #: Epoch seconds of the last renewal: a Pod annotation or an ECS tag, updated by ``lease.renew``.
@@ -40,12 +42,14 @@ class ServerOwner:
     :param run_id: the DAG run.
     :param task_id: the start task.
     :param map_index: the start task's map index (``-1`` when not mapped).
+    :param replica: which of the start task's servers, from 0 (``servers=N``).
     """
 
     dag_id: str
     run_id: str
     task_id: str
     map_index: int = -1
+    replica: int = 0
 
     @classmethod
     def from_context(cls, context: Any) -> ServerOwner | None:
@@ -63,7 +67,13 @@ class ServerOwner:
     def from_dict(cls, data: dict[str, Any] | None) -> ServerOwner | None:
         if not data or not data.get("dag_id") or not data.get("run_id"):
             return None
-        return cls(data["dag_id"], data["run_id"], data.get("task_id", ""), int(data.get("map_index", -1)))
+        return cls(
+            data["dag_id"],
+            data["run_id"],
+            data.get("task_id", ""),
+            int(data.get("map_index", -1)),
+            int(data.get("replica", 0)),
+        )
 
     def labels(self) -> dict[str, str]:
         """Exact values, for docker labels, Kubernetes annotations and ECS tags."""
@@ -72,6 +82,7 @@ class ServerOwner:
             RUN_ID_KEY: self.run_id,
             TASK_ID_KEY: self.task_id,
             MAP_INDEX_KEY: str(self.map_index),
+            REPLICA_KEY: str(self.replica),
         }
 
     @classmethod
@@ -82,9 +93,10 @@ class ServerOwner:
             return None
         try:
             map_index = int(labels.get(MAP_INDEX_KEY, "-1"))
+            replica = int(labels.get(REPLICA_KEY, "0"))
         except ValueError:
-            map_index = -1
-        return cls(labels[DAG_ID_KEY], labels[RUN_ID_KEY], labels.get(TASK_ID_KEY, ""), map_index)
+            map_index, replica = -1, 0
+        return cls(labels[DAG_ID_KEY], labels[RUN_ID_KEY], labels.get(TASK_ID_KEY, ""), map_index, replica)
 
 
 def server_labels(server_id: str, owner: ServerOwner | None, lease_timeout: float = 0) -> dict[str, str]:

@@ -81,26 +81,33 @@ def renew_local(handle: dict[str, Any]) -> bool:
 
 
 def renew(server: dict[str, Any] | ServerInfo, runtime_options: dict[str, Any] | None = None) -> bool:
-    """Renew the lease of a server: call it from every task that uses the server, at least every few minutes.
+    """Renew the lease of a server, or of every server of a start task's fleet: call it from every task that
+    uses them, at least every few minutes.
 
     Cheap (one ``utime`` for a local server), and never raises for a server that is gone: it returns
     ``False`` and logs why, so that a task carries on and fails, if it must, on the server itself.
 
-    :param server: what the start task returned (``ServerInfo.to_dict()``, e.g. ``start.output``), or a
-        :class:`ServerInfo`.
+    :param server: what the start task returned (its fleet, e.g. ``start.output``), one server's
+        ``ServerInfo.to_dict()``, or a :class:`ServerInfo`.
     :param runtime_options: the runtime's options, as given to the start task (needed by remote runtimes).
-    :returns: whether the lease was renewed.
+    :returns: whether every lease was renewed.
     """
     from airflow_batch_infer.runtimes import get_runtime
+    from airflow_batch_infer.runtimes.fleet import fleet_servers
 
-    info = server if isinstance(server, ServerInfo) else ServerInfo.from_dict(dict(server))
-    if info.runtime == "local":
-        return renew_local(info.handle)
-    try:
-        return get_runtime(info.runtime, **(runtime_options or {})).renew_lease(info)
-    except Exception as exc:
-        log.warning("Could not renew the lease of Triton server %s: %s", info.handle.get("server_id"), exc)
-        return False
+    renewed = []
+    for info in fleet_servers(server):
+        if info.runtime == "local":
+            renewed.append(renew_local(info.handle))
+            continue
+        try:
+            renewed.append(get_runtime(info.runtime, **(runtime_options or {})).renew_lease(info))
+        except Exception as exc:
+            log.warning(
+                "Could not renew the lease of Triton server %s: %s", info.handle.get("server_id"), exc
+            )
+            renewed.append(False)
+    return bool(renewed) and all(renewed)
 
 
 @contextmanager

@@ -88,10 +88,9 @@ class LocalTritonRuntime(TritonRuntime):
     :param environment: environment variables of the server and its model stubs, besides an allowlist
         of the worker's (locale, ``TMPDIR``, thread settings): credentials in the worker's environment
         never reach the server.
-    :param restricted_api: require the server's own key (``batch-infer-key`` header) for model control and
-        shared memory (:mod:`.access`), so that another local user's job cannot map this run's regions or
-        load a model; the infer tasks send it, other clients add ``access.server_headers(server)`` to their
-        calls. ``False`` opens both to whoever reaches the port (perf_analyzer with shared memory).
+    :param restricted_api: require the server's own key for model control and shared memory (:mod:`.access`):
+        another local user's job can then neither map this run's regions nor load a model. The infer tasks
+        send it; ``False`` opens both to whoever reaches the port (perf_analyzer with shared memory).
     """
 
     name = "local"

@@ -1,4 +1,4 @@
-"""The demo DAG on a real CeleryExecutor cluster: two workers, PostgreSQL, Redis, one Triton server.
+"""The demo DAG on a real CeleryExecutor cluster: two workers, PostgreSQL, Redis, local Triton servers.
 
 The runs are triggered through the REST API, like a user would; the checks read the REST API, the
 workers' own logs and the DuckDB warehouse. Each test ends with exact row counts: no row lost, none doubled.
@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from transactions_data import write_transactions
 
+from airflow_batch_infer.runtimes.fleet import fleet_servers
 from tests.conftest import processes_mentioning
 from tests.distributed.cluster import CeleryCluster
 
@@ -103,26 +104,26 @@ def assert_server_gone(cluster: CeleryCluster, tis: list[dict[str, Any]], wait: 
     """The run's server (as the infer tasks got it from the start task) is gone, with its shared memory."""
     # Mapped infer tasks that never started (a run marked failed mid-way) have no rendered fields.
     rendered = [t.get("rendered_fields") or {} for t in tis if t["task_id"] == INFER]
-    servers = [fields["server"] for fields in rendered if "server" in fields]
-    assert servers, "no infer task of the run rendered its server"
-    handle = servers[0]["handle"]
+    fleets = [fields["server"] for fields in rendered if "server" in fields]
+    assert fleets, "no infer task of the run rendered its server"
     deadline = time.monotonic() + wait
     while servers_left(cluster) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert servers_left(cluster) == []
-    assert (
-        not psutil.pid_exists(handle["pid"]) or psutil.Process(handle["pid"]).status() == psutil.STATUS_ZOMBIE
-    )
-    assert sorted(Path("/dev/shm").glob(f"{handle['shm_prefix']}*")) == []
+    for server in fleet_servers(fleets[0]):
+        pid = server.handle["pid"]
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert sorted(Path("/dev/shm").glob(f"{server.handle['shm_prefix']}*")) == []
 
 
-def test_the_demo_spreads_its_chunks_over_both_celery_workers(demo: CeleryCluster) -> None:
+def test_the_demo_spreads_its_chunks_over_both_celery_workers_and_both_servers(demo: CeleryCluster) -> None:
     rows, partition, table = 60_000, "2026-11-21", "scores_celery"
     source = write_input(demo, "spread", rows)
     run_id = trigger(
         demo,
         "spread",
-        {"input_path": str(source), "chunk_rows": 10_000, "table": table, "partition": partition},
+        {"input_path": str(source), "chunk_rows": 10_000, "table": table, "partition": partition}
+        | {"servers": 2},
     )
 
     state = demo.wait_for_run(DAG_ID, run_id, RUN_TIMEOUT)
@@ -139,12 +140,22 @@ def test_the_demo_spreads_its_chunks_over_both_celery_workers(demo: CeleryCluste
     # The TI's hostname is the machine's name (``[core] hostname_callable``), not the Celery node name,
     # so on one machine it cannot tell the workers apart; it is set for every task instance.
     assert all(t["hostname"] for t in tis), [t["hostname"] for t in tis]
-    # Both workers' chunks went to the one server the start task returned (through XCom).
-    urls = {t["rendered_fields"]["server"]["grpc_url"] for t in infer}
-    assert len(urls) == 1, urls
+    # The start task returned two servers (through XCom); the chunks went to both, round robin.
+    fleets = [t["rendered_fields"]["server"] for t in infer]
+    servers = fleet_servers(fleets[0])
+    assert len(servers) == 2
+    assert all(fleet_servers(f) == servers for f in fleets)
     for t in infer:
+        server = servers[t["map_index"] % 2]
         log = demo.task_log(DAG_ID, run_id, INFER, t["map_index"], 1).read_text(errors="replace")
-        assert f"at {next(iter(urls))}," in log, t["map_index"]
+        assert f"at {server.grpc_url} (server {server.handle['server_id']})," in log, t["map_index"]
+    # Each server's own statistics, read by the stop task before it stopped them: both did work.
+    stop_log = demo.task_log(DAG_ID, run_id, "batch_inference.stop_server", -1, 1).read_text(errors="replace")
+    for server in servers:
+        stopped = rf"Stopped the Triton server {server.handle['server_id']} at \S+ \(([\d,]+) rows"
+        scored = re.search(stopped, stop_log)
+        assert scored, stop_log[-3000:]
+        assert int(scored.group(1).replace(",", "")) == rows // 2
 
     assert partition_counts(demo, table)[partition] == (rows, rows, rows)
     expected = sorted(pq.read_table(source, columns=["transaction_id"]).column(0).to_pylist())

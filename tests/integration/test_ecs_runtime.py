@@ -272,3 +272,47 @@ def test_lease_tags_are_renewed_and_read_by_the_reaper(aws: dict) -> None:
         assert float(tags()[LEASE_RENEWED_KEY]) > launched
     finally:
         runtime.stop(info)
+
+
+def test_a_start_of_two_servers_runs_two_tagged_tasks(aws: dict) -> None:
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_batch_infer.operators.server import StartTritonServerOperator
+    from airflow_batch_infer.runtimes.labels import REPLICA_KEY, RUN_ID_KEY
+
+    options = {
+        "cluster": "gpu",
+        "aws_conn_id": "aws_moto",
+        "subnets": [aws["subnet"]],
+        "security_groups": [aws["group"]],
+        "log_group": "/triton",
+        "model_repository": "s3://triton-models/prod",
+        "memory": "2048",
+    }
+    start = StartTritonServerOperator(
+        task_id="start_server",
+        model_repository="/opt/airflow/triton_models",
+        models=["risk_scorer"],
+        runtime="ecs",
+        runtime_options=options,
+        servers=2,
+        deferrable=True,
+    )
+    aws["ecs"].register_container_instance(cluster="gpu", instanceIdentityDocument=aws["instance"]())  # room
+    ti = SimpleNamespace(dag_id=OWNER.dag_id, run_id=OWNER.run_id, task_id="start_server", map_index=-1)
+    with pytest.raises(TaskDeferred) as deferred:
+        start.execute({"ti": ti})
+    servers = deferred.value.trigger.servers
+    runtime = ecs_runtime(aws, memory="2048")
+    try:
+        arns = [s["handle"]["task_arn"] for s in servers]
+        assert len(set(arns)) == 2
+        tasks = aws["ecs"].describe_tasks(cluster="gpu", tasks=arns, include=["TAGS"])["tasks"]
+        tags = [{t["key"]: t["value"] for t in task["tags"]} for task in tasks]
+        assert sorted(t[REPLICA_KEY] for t in tags) == ["0", "1"]
+        assert {t[RUN_ID_KEY] for t in tags} == {OWNER.run_id}
+    finally:
+        for server in servers:
+            runtime.stop(ServerInfo.from_dict(server))

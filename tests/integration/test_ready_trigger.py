@@ -75,7 +75,8 @@ def test_timeout_then_ready_then_missing_model(runtime: LocalTritonRuntime, work
         started = time.monotonic()
         event = run_trigger(info, work_root, ["risk_scorer"], deadline=time.time() + 60)
         assert event["status"] == "ready", event
-        assert event["server"] == info.to_dict()
+        assert event["ready"] == [info.to_dict()]
+        assert event["loading"] == event["failed"] == []
         assert time.monotonic() - started < 30
 
         # A model the server does not have fails at once, naming what it has.
@@ -123,10 +124,11 @@ def test_trigger_round_trips_through_serialize() -> None:
     classpath, kwargs = trigger.serialize()
     assert classpath == "airflow_batch_infer.triggers.server.TritonServerReadyTrigger"
     assert kwargs == {
-        "server": trigger.server,
+        "servers": [trigger.servers[0]],
         "runtime": "docker",
         "runtime_options": {"docker_url": "tcp://gpu:2376", "gpus": "all"},
         "models": ["risk_scorer"],
         "deadline": 1.5e9,
         "poll_interval": 5.0,
+        "min_ready": 1,
     }
