@@ -9,7 +9,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export BATCH_INFER_HOME ?= $(CURDIR)/.data
 export BATCH_INFER_TRITON_ENV ?= $(BATCH_INFER_HOME)/triton-server-env
 
-.PHONY: setup demo test lint unit bench bench-e2e models lock clean
+.PHONY: setup demo test lint unit bench bench-e2e bench-servers models lock clean
 
 # Both environments are byte-compiled once here (uv does not, and where PYTHONDONTWRITEBYTECODE is set
 # nothing ever is): every Airflow task process, DAG parse and model stub then skips compiling its imports.
@@ -52,6 +52,10 @@ bench: setup
 # The whole DAG (dags test and a LocalExecutor scheduler) beside Ray Data and a naive loop; BENCH_ROWS rows.
 bench-e2e: setup
 	$(PY) benchmarks/e2e.py
+
+# The infer phase over 1 and 2 local servers, side by side (BENCH_ARGS: --rows, --servers, --model).
+bench-servers: setup
+	$(PY) benchmarks/servers.py $(BENCH_ARGS)
 
 # Rebuild the ONNX models in triton_models/ from their fixed seeds.
 models: $(VENV)/.installed

@@ -17,14 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.errors import SourceChangedError, StagingError
 from airflow_batch_infer.parquet_files import open_parquet
-from airflow_batch_infer.staging import (
-    ChunkDescriptor,
-    Manifest,
-    SourceChangedError,
-    StagingError,
-    check_inside,
-)
+from airflow_batch_infer.staging import ChunkDescriptor, Manifest, check_inside
 
 
 class ChunkInput(ABC):

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.chunk_sizing import plan_chunk_rows
 from airflow_batch_infer.parquet_files import open_parquet, parquet_writer, required_where_no_nulls
 from airflow_batch_infer.sources.base import Source
 from airflow_batch_infer.staging import (
@@ -24,7 +25,6 @@ from airflow_batch_infer.staging import (
     check_columns,
     check_unique_ids,
     commit,
-    plan_chunk_rows,
     run_file,
 )
 

@@ -16,15 +16,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.chunk_sizing import plan_chunk_rows
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.sources.parquet import ParquetSource
-from airflow_batch_infer.staging import (
-    DEFAULT_ROW_ID_COLUMN,
-    ChunkDescriptor,
-    Manifest,
-    StagingError,
-    check_unique_ids,
-    plan_chunk_rows,
-)
+from airflow_batch_infer.staging import DEFAULT_ROW_ID_COLUMN, ChunkDescriptor, Manifest, check_unique_ids
 
 
 def pin_files(

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import posixpath
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.errors import StagingError
 
 if TYPE_CHECKING:
     from airflow_batch_infer.sources.base import Source
@@ -48,23 +48,10 @@ SUMMARY = "summary.json"  # written by the persist task once the partition is co
 DEFAULT_ROW_ID_COLUMN = "row_id"
 DEFAULT_MAX_CHUNKS = 1024  # Airflow's [core] max_map_length default
 SNAPSHOTS = ("reference", "copy")
-# chunk_rows="auto": one chunk per parallel infer task, each of at least this many rows (a task's start
-# and its first connection cost a second or more under a real scheduler) and at most this many (a retry
-# redoes one chunk).
-AUTO_MIN_CHUNK_ROWS = 500_000
-AUTO_MAX_CHUNK_ROWS = 25_000_000
 _SAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 
 # A file of the run: a Path when local, a location string (``s3://conn@bucket/key``) on object storage.
 RunPath = Path | str
-
-
-class StagingError(ValueError):
-    """The input cannot be staged; the message says what is wrong with it."""
-
-
-class SourceChangedError(StagingError):
-    """A file pinned by the run's snapshot changed after the stage task: its chunk cannot be scored."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +123,8 @@ class Manifest:
     partition: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Shallow: a deep copy of the pinned files' row-group lists cost more than reading their footers.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["chunks"] = [c.to_dict() for c in self.chunks]
         return data
 
@@ -216,31 +204,6 @@ def commit(tmp: str | Path, final: str | Path) -> None:
 
 def write_json_atomically(path: str | Path, data: dict[str, Any]) -> None:
     storage.write_bytes(path, json.dumps(data, indent=2).encode())
-
-
-def plan_chunk_rows(total_rows: int, chunk_rows: int | str, max_chunks: int, parallel_tasks: int = 1) -> int:
-    """Rows per chunk: ``chunk_rows``, raised as needed so the chunk count stays within ``max_chunks``.
-
-    ``chunk_rows="auto"`` gives one chunk per parallel infer task (``parallel_tasks``), each of at least
-    :data:`AUTO_MIN_CHUNK_ROWS` rows, and more chunks, in whole rounds of ``parallel_tasks``, where a
-    chunk would exceed :data:`AUTO_MAX_CHUNK_ROWS`.
-
-    :param total_rows: rows to stage (0 when not known beforehand).
-    :param chunk_rows: rows per chunk, or ``"auto"``.
-    :param max_chunks: most chunks allowed (Airflow's ``max_map_length``).
-    :param parallel_tasks: infer tasks that can run at once (for ``"auto"``).
-    """
-    if str(chunk_rows).strip().lower() == "auto":
-        slots = max(1, int(parallel_tasks))
-        rounds = max(1, math.ceil(total_rows / (slots * AUTO_MAX_CHUNK_ROWS)))
-        chunk_rows = max(AUTO_MIN_CHUNK_ROWS, math.ceil(total_rows / (slots * rounds)))
-    try:
-        chunk_rows = int(chunk_rows)
-    except ValueError:
-        raise StagingError(f"chunk_rows must be a number of rows or 'auto', got {chunk_rows!r}.") from None
-    if chunk_rows <= 0:
-        raise StagingError(f"chunk_rows must be positive, got {chunk_rows}.")
-    return max(chunk_rows, math.ceil(total_rows / max_chunks)) if total_rows else chunk_rows
 
 
 def check_columns(

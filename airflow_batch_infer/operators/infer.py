@@ -15,19 +15,14 @@ from airflow_batch_infer.client.retry import RetryPolicy
 from airflow_batch_infer.client.sizing import resolve_sizes
 from airflow_batch_infer.client.streaming import ChunkStreamer, ServerUnavailableError, StreamSettings
 from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
+from airflow_batch_infer.errors import SourceChangedError
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.runtimes.base import ServerInfo
 from airflow_batch_infer.runtimes.fleet import fleet_servers
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
-from airflow_batch_infer.staging import (
-    ChunkDescriptor,
-    Manifest,
-    SourceChangedError,
-    output_part_path,
-    rejects_part_path,
-)
+from airflow_batch_infer.staging import ChunkDescriptor, Manifest, output_part_path, rejects_part_path
 
 
 class TritonInferenceOperator(BaseOperator):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.sources.base import Source
-from airflow_batch_infer.staging import StagingError
 
 
 class ParquetSource(Source):
@@ -123,7 +124,11 @@ def _check_files_agree(dataset: ds.Dataset) -> None:
     Arrow would otherwise fill a missing column with nulls, or fail deep inside the scan.
     """
     expected = dataset.schema
-    for fragment in dataset.get_fragments():
+    fragments = list(dataset.get_fragments())
+    if len(fragments) > 1:  # read the footers at once: parsing one releases the GIL, reading waits on I/O
+        with ThreadPoolExecutor(min(16, len(fragments))) as pool:
+            list(pool.map(lambda f: f.ensure_complete_metadata(), fragments))
+    for fragment in fragments:
         found = fragment.physical_schema
         for field in found:
             wanted = expected.field(field.name) if field.name in expected.names else None

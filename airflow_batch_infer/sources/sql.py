@@ -32,9 +32,9 @@ from typing import Any
 import pyarrow as pa
 import sqlparse
 
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.sources.base import Source
-from airflow_batch_infer.staging import StagingError
 
 # PostgreSQL type OIDs → Arrow types, so that every chunk gets the same schema whatever its values.
 _PG_TYPES: dict[int, pa.DataType] = {

@@ -49,7 +49,9 @@ import sqlparse
 from sqlparse import sql as sql_tokens
 from sqlparse import tokens as T
 
+from airflow_batch_infer.chunk_sizing import plan_chunk_rows
 from airflow_batch_infer.copy_staging import _ChunkWriter, _write_chunks
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.sinks.postgres import _libpq_uri
 from airflow_batch_infer.sources.base import Source
 from airflow_batch_infer.sources.sql import _PG_NUMERIC, _PG_TYPES, SQLQuerySource, _driver_error, _tuples
@@ -57,10 +59,8 @@ from airflow_batch_infer.staging import (
     DEFAULT_ROW_ID_COLUMN,
     ChunkDescriptor,
     Manifest,
-    StagingError,
     check_columns,
     check_unique_ids,
-    plan_chunk_rows,
 )
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
 
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
 from airflow_batch_infer.operators.persist import IncompleteRunError, PersistOutputsOperator
-from airflow_batch_infer.staging import StagingError, stage_parquet
+from airflow_batch_infer.staging import stage_parquet
 
 pytestmark = pytest.mark.integration
 

@@ -15,17 +15,11 @@ import s3fs
 
 from airflow_batch_infer import storage
 from airflow_batch_infer.chunk_input import open_chunk
+from airflow_batch_infer.errors import SourceChangedError, StagingError
 from airflow_batch_infer.operators.persist import IncompleteRunError, PersistOutputsOperator
 from airflow_batch_infer.operators.stage import StageInputsOperator
 from airflow_batch_infer.parquet_files import open_parquet
-from airflow_batch_infer.staging import (
-    Manifest,
-    SourceChangedError,
-    StagingError,
-    check_inside,
-    run_directory,
-    stage_parquet,
-)
+from airflow_batch_infer.staging import Manifest, check_inside, run_directory, stage_parquet
 from tests.aws_fixtures import aws_client, aws_conn, bucket, moto_endpoint, s3_url, write_run_parts
 
 __all__ = ["aws_conn", "bucket", "moto_endpoint"]  # fixtures used by name

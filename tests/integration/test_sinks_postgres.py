@@ -13,17 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.operators.persist import PersistOutputsOperator
 from airflow_batch_infer.sinks import SchemaMismatchError, get_sink
 from airflow_batch_infer.sinks import postgres as postgres_sink
 from airflow_batch_infer.sources import SQLQuerySource
-from airflow_batch_infer.staging import (
-    ChunkDescriptor,
-    Manifest,
-    StagingError,
-    stage_source,
-    write_json_atomically,
-)
+from airflow_batch_infer.staging import ChunkDescriptor, Manifest, stage_source, write_json_atomically
 from tests.aws_fixtures import PG_CONN_ID, PG_DSN, pg_query, pg_schema, write_run_parts
 
 __all__ = ["pg_schema"]  # fixture used by name

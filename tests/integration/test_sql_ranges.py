@@ -13,9 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.operators.stage import StageInputsOperator
 from airflow_batch_infer.sources import SQLQuerySource, sql_ranges
-from airflow_batch_infer.staging import Manifest, StagingError, stage_source
+from airflow_batch_infer.staging import Manifest, stage_source
 from tests.aws_fixtures import PG_CONN_ID, pg_query, pg_schema
 
 __all__ = ["pg_schema"]  # fixture used by name

@@ -12,15 +12,10 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_batch_infer.chunk_input import PinnedChunk, open_chunk
+from airflow_batch_infer.chunk_sizing import AUTO_MAX_CHUNK_ROWS, AUTO_MIN_CHUNK_ROWS, plan_chunk_rows
+from airflow_batch_infer.errors import SourceChangedError
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
-from airflow_batch_infer.staging import (
-    AUTO_MAX_CHUNK_ROWS,
-    AUTO_MIN_CHUNK_ROWS,
-    Manifest,
-    SourceChangedError,
-    plan_chunk_rows,
-    stage_parquet,
-)
+from airflow_batch_infer.staging import Manifest, stage_parquet
 
 
 def write_files(folder: Path, sizes: list[int], group_rows: int) -> None:

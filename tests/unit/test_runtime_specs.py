@@ -119,6 +119,7 @@ def test_container_spec_field_by_field() -> None:
         RUN_ID_KEY: "manual__2026-11-21T00:00:00+00:00",  # docker labels keep the exact value
         "airflow-batch-infer/task-id": "batch_inference.start_server",
         "airflow-batch-infer/map-index": "-1",
+        "airflow-batch-infer/replica": "0",
     }
     assert create["ports"] == [8000, 8001, 8002]
     assert create["environment"] == {"CUDA_MODULE_LOADING": "LAZY"}

@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.operators.stage import StageInputsOperator
 from airflow_batch_infer.sources import ParquetSource, SQLQuerySource
-from airflow_batch_infer.staging import Manifest, StagingError, stage_source
+from airflow_batch_infer.staging import Manifest, stage_source
 
 CONTEXT = {"run_id": "manual__2026-11-21", "logical_date": pendulum.datetime(2026, 11, 21, tz="UTC")}
 

@@ -11,15 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_batch_infer.chunk_input import open_chunk
+from airflow_batch_infer.chunk_sizing import plan_chunk_rows
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.parquet_files import parquet_writer
-from airflow_batch_infer.staging import (
-    Manifest,
-    StagingError,
-    check_inside,
-    plan_chunk_rows,
-    run_directory,
-    stage_parquet,
-)
+from airflow_batch_infer.staging import Manifest, check_inside, run_directory, stage_parquet
 from tests.conftest import column_layouts, definition_levels
 
 
