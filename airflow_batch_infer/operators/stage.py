@@ -13,6 +13,7 @@ from airflow_batch_infer.allowlist import check_conn_id, check_locations, check_
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.sinks import sink_options
+from airflow_batch_infer.sql_options import check_export_parallelism, check_split_column
 from airflow_batch_infer.staging import SNAPSHOTS, run_directory, stage_source
 
 if TYPE_CHECKING:
@@ -157,8 +158,6 @@ class StageInputsOperator(BaseOperator):
         self.sql_parameters = sql_parameters
         self.sql_database = sql_database
         if not any("{{" in str(v) for v in (sql_split_column, sql_export_parallelism)):
-            from airflow_batch_infer.sources.sql import check_export_parallelism, check_split_column
-
             check_split_column(sql_split_column)  # refused at parse time, not at the run's stage
             check_export_parallelism(sql_export_parallelism)
         self.sql_split_column = sql_split_column
