@@ -56,6 +56,8 @@ def batch_inference(
     min_ready: int | None = None,
     allowed_roots: list[str] | None = None,
     allowed_conn_ids: list[str] | None = None,
+    limit_rows: int | str | None = None,
+    validate_only: bool | str = False,
 ) -> TaskGroup:
     """Build stage + start server (setup) → infer (mapped per chunk) → persist, and stop server (teardown).
 
@@ -115,6 +117,10 @@ def batch_inference(
         the sink's paths) must lie under one of these, whatever a run's Params say; checked by the stage task
         before anything is staged, and by persist.
     :param allowed_conn_ids: when given, every connection a run names must be one of these.
+    :param limit_rows: a smoke run: score only the first N rows (templated; empty: all), into the scratch
+        partition ``<partition>__limit_<N>``; the real partition is never touched.
+    :param validate_only: make the run's checks (the mapping against the model's config.pbtxt, the sink's
+        table against the outputs) and skip the rest: no server start, inference or persist (templated).
     :param infer_operator: the mapped infer operator: :class:`TritonInferenceOperator`, or a subclass
         such as ``TritonGenerateOperator`` for LLM generation.
     """
@@ -143,6 +149,11 @@ def batch_inference(
             allowed_conn_ids=allowed_conn_ids,
             sink=sink,
             sink_options=sink_options,
+            limit_rows=limit_rows,
+            validate_only=validate_only,
+            table=table,
+            passthrough_columns=passthrough_columns,
+            **_contract(infer_operator, model_name, model_repository, inputs, outputs, infer_options),
         )
         start = None
         if runtime is not None:
@@ -154,6 +165,7 @@ def batch_inference(
                 runtime_options=runtime_options,
                 servers=servers,
                 min_ready=min_ready,
+                validate_only=validate_only,
                 **({"lease_timeout": lease_timeout} if lease_timeout is not None else {}),
                 **(start_options or {}),
             )
@@ -180,7 +192,10 @@ def batch_inference(
             table=table,
             sink=sink,
             sink_options=sink_options,
-            partition=partition,
+            # A run limited to N rows persists the scratch partition that its stage task staged.
+            partition=partition
+            if limit_rows is None
+            else f"{{{{ ti.xcom_pull(task_ids='{stage.task_id}', key='partition') }}}}",
             max_rejected_fraction=max_rejected_fraction,
             allowed_roots=allowed_roots,
             allowed_conn_ids=allowed_conn_ids,
@@ -194,3 +209,27 @@ def batch_inference(
             [stage, start] >> infer >> [persist, stop]
             stop.as_teardown(setups=start)
     return group
+
+
+def _contract(
+    infer_operator: type[TritonInferenceOperator],
+    model_name: str,
+    model_repository: str | Path | None,
+    inputs: Mapping[str, str | Sequence[str]],
+    outputs: Mapping[str, str] | None,
+    infer_options: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What the stage task needs to check the mapping against the model's config.pbtxt; nothing for an
+    infer operator that adapts the mapping to the served model (``prepare_for_model``, as the LLM one does):
+    its infer tasks check it against the server."""
+    if infer_operator.prepare_for_model is not TritonInferenceOperator.prepare_for_model:
+        return {}
+    options = infer_options or {}
+    return {
+        "model_name": model_name,
+        "model_repository": str(model_repository) if model_repository is not None else None,
+        "inputs": inputs,
+        "outputs": outputs,
+        "input_templates": options.get("input_templates"),
+        "input_constants": options.get("input_constants"),
+    }

@@ -77,6 +77,19 @@ with DAG(
             description="Local Triton servers the run starts (each gets its share of the GPUs); the infer "
             "tasks spread their chunks over them.",
         ),
+        "limit_rows": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            description="Smoke run: score only the first N rows, into the scratch partition "
+            "<partition>__limit_<N> (the real partition is not touched). Empty: every row.",
+        ),
+        "validate_only": Param(
+            False,
+            type="boolean",
+            description="Only check the mapping against the model's config.pbtxt and the sink's table; "
+            "start no server, score and write nothing.",
+        ),
         "sink": Param("duckdb", enum=["duckdb", "postgres", "s3_parquet", "redshift", "athena", "iceberg"]),
         "sink_options": Param(
             {"database": str(batch_infer_home() / "warehouse.duckdb")},
@@ -106,4 +119,6 @@ with DAG(
         servers="{{ params.servers }}",
         allowed_roots=ALLOWED_ROOTS,
         allowed_conn_ids=ALLOWED_CONN_IDS,
+        limit_rows="{{ params.limit_rows or '' }}",
+        validate_only="{{ params.validate_only }}",
     )

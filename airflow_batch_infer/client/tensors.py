@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from airflow_batch_infer.arrow_types import is_list
+from airflow_batch_infer.errors import BatchInferFailure
 
 # Triton datatype → numpy dtype (BYTES travels as numpy object arrays).
 TRITON_NUMPY = {
@@ -34,7 +35,7 @@ RAGGED = -1  # width of a BYTES input fed from a list column of varying length
 INT_TENSORS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 
 
-class ContractError(ValueError):
+class ContractError(BatchInferFailure, ValueError):
     """The declared column → tensor mapping does not fit the data or the model served."""
 
 

@@ -15,7 +15,7 @@ from airflow_batch_infer.client.retry import RetryPolicy
 from airflow_batch_infer.client.sizing import resolve_sizes
 from airflow_batch_infer.client.streaming import ChunkStreamer, ServerUnavailableError, StreamSettings
 from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
-from airflow_batch_infer.errors import SourceChangedError
+from airflow_batch_infer.errors import SourceChangedError, UnknownModelError
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.runtimes.base import ServerInfo
@@ -188,7 +188,7 @@ class TritonInferenceOperator(BaseOperator):
             headers = server_headers(server) if server else {}
             index = hook.get_conn().get_model_repository_index(headers=headers, as_json=True)
             known = sorted({m["name"] for m in index.get("models", [])})
-            raise RuntimeError(
+            raise UnknownModelError(
                 f"Model {self.model_name!r} (version {self.model_version or 'latest'}) is not available on "
                 f"the Triton server at {hook.url}: {error.message()}. Models in its repository: {known}."
             ) from error

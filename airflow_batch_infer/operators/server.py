@@ -10,7 +10,9 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator, conf
+from airflow.sdk.exceptions import AirflowSkipException
 
+from airflow_batch_infer.errors import model_load_failure
 from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.base import TritonRuntime
 from airflow_batch_infer.runtimes.fleet import (
@@ -59,9 +61,18 @@ class StartTritonServerOperator(BaseOperator):
     :param reattach: a retry of this task first looks for running servers that an earlier try started
         (same DAG run, task, map index and replica, same models) and returns them, waiting for those still
         loading, instead of starting more.
+    :param validate_only: start nothing and skip (templated): a run that only makes its checks (see
+        ``StageInputsOperator``); its teardown is skipped with it.
     """
 
-    template_fields: Sequence[str] = ("model_repository", "models", "runtime", "runtime_options", "servers")
+    template_fields: Sequence[str] = (
+        "model_repository",
+        "models",
+        "runtime",
+        "runtime_options",
+        "servers",
+        "validate_only",
+    )
     ui_color = "#76b900"
 
     def __init__(
@@ -77,9 +88,11 @@ class StartTritonServerOperator(BaseOperator):
         poll_interval: float = 5.0,
         lease_timeout: float | None = None,
         reattach: bool = True,
+        validate_only: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.validate_only = validate_only
         if not (isinstance(servers, str) and "{{" in servers):
             resolve_servers(servers, runtime if "{{" not in str(runtime) else "local", gpus=[])  # checks it
         if min_ready is not None and int(min_ready) < 1:
@@ -102,6 +115,8 @@ class StartTritonServerOperator(BaseOperator):
         return options
 
     def execute(self, context: Any) -> dict[str, Any]:
+        if str(self.validate_only).strip().lower() in ("true", "1", "yes", "on"):
+            raise AirflowSkipException("validate_only: the run only makes its checks; no server is started.")
         gpus = visible_gpus() if self.runtime in SHARED_HOST_RUNTIMES else []
         count = resolve_servers(self.servers, self.runtime, gpus)
         min_ready = count if self.min_ready is None else min(int(self.min_ready), count)
@@ -130,8 +145,11 @@ class StartTritonServerOperator(BaseOperator):
                 launched.append(
                     earlier or runtime.launch(str(self.model_repository), models, replica_owner(owner, i))
                 )
-        except BaseException:
+        except BaseException as error:
             self._stop_all(runtimes[0], launched)
+            failure = model_load_failure(str(error)) if isinstance(error, ServerStartError) else None
+            if failure is not None:
+                raise failure from error
             raise
         timeout = runtimes[0].startup_timeout
         self.log.info(
@@ -186,7 +204,13 @@ class StartTritonServerOperator(BaseOperator):
             return runtime.start(str(self.model_repository), models, owner=replica_of)
 
         if len(runtimes) == 1:
-            info = start(0)
+            try:
+                info = start(0)
+            except ServerStartError as error:
+                failure = model_load_failure(str(error))
+                if failure is not None:
+                    raise failure from error
+                raise
             self._log_ready([info])
             return fleet_output([info])
         with ThreadPoolExecutor(max_workers=len(runtimes), thread_name_prefix="start-server") as pool:
@@ -201,10 +225,11 @@ class StartTritonServerOperator(BaseOperator):
             self.log.error("A Triton server of this run did not become ready (left out): %s", message)
         if len(ready) < min_ready:
             self._stop_all(runtimes[0], ready)
-            raise ServerStartError(
+            message = (
                 f"Only {len(ready)} of {len(runtimes)} Triton servers became ready, fewer than "
                 f"min_ready={min_ready}.\n" + "\n\n".join(errors)
             )
+            raise model_load_failure(message) or ServerStartError(message)
         self._log_ready(ready)
         return fleet_output(ready)
 
@@ -229,7 +254,8 @@ class StartTritonServerOperator(BaseOperator):
             runtime,
             ready + loading + ([ServerInfo.from_dict(event["server"])] if event.get("server") else []),
         )
-        raise ServerStartError(event.get("message") or "The Triton server did not become ready.")
+        message = event.get("message") or "The Triton server did not become ready."
+        raise model_load_failure(message) or ServerStartError(message)
 
     @staticmethod
     def _stop_all(runtime: TritonRuntime, servers: Sequence[ServerInfo]) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, conf
+from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_batch_infer import storage
 from airflow_batch_infer.allowlist import check_conn_id, check_locations, check_sink
@@ -17,12 +18,21 @@ from airflow_batch_infer.sql_options import check_export_parallelism, check_spli
 from airflow_batch_infer.staging import SNAPSHOTS, run_directory, stage_source
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from airflow_batch_infer.sources import Source
 
 
 def _given(value: Any) -> Any:
     """``None`` for values a template rendered empty (``"{{ params.x or '' }}"``)."""
     return None if value in (None, "", "None") else value
+
+
+def _flag(value: bool | str | None) -> bool:
+    """A boolean argument, also as a template rendered it (``"True"``, ``"false"``, ``""``)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return bool(value)
 
 
 def parallel_infer_tasks(workers_share_host: bool) -> int:
@@ -91,6 +101,21 @@ class StageInputsOperator(BaseOperator):
         ``staging_conn_id``, ``sql_conn_id``, one in a URL, the sink's) must be one of these.
     :param sink: the run's sink, checked against the allowlists here, at the run's start (templated).
     :param sink_options: the sink's options, likewise (a dict, or its JSON text from a template).
+    :param model_name: with ``model_repository`` and ``inputs``: check the column → tensor mapping against
+        the model's ``config.pbtxt`` before anything is staged (where the input's columns are known from
+        footers; else right after staging), so that a mapping the model cannot take fails the run before
+        the server loads (:mod:`airflow_batch_infer.contract_checks`).
+    :param model_repository: the model repository (a local folder; others are checked by the infer task).
+    :param inputs: input tensor → column(s), as given to the infer task.
+    :param outputs: output tensor → column, as given to the infer task.
+    :param input_templates: BYTES input tensor → template, as given to the infer task.
+    :param input_constants: input tensor → constant, as given to the infer task.
+    :param passthrough_columns: input columns copied to the outputs, for the table check.
+    :param table: the output table: where it exists (DuckDB, PostgreSQL), its columns must take the outputs'
+        (:mod:`airflow_batch_infer.sinks.table_checks`).
+    :param limit_rows: stage only the first N rows (templated; empty: all) into the scratch partition
+        ``<partition>__limit_<N>``, never the real one (:mod:`airflow_batch_infer.row_limits`).
+    :param validate_only: make the checks, stage nothing, and skip the rest of the run (templated).
     """
 
     template_fields: Sequence[str] = (
@@ -110,6 +135,9 @@ class StageInputsOperator(BaseOperator):
         "snapshot",
         "sink",
         "sink_options",
+        "table",
+        "limit_rows",
+        "validate_only",
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql"}
@@ -139,9 +167,29 @@ class StageInputsOperator(BaseOperator):
         allowed_conn_ids: list[str] | None = None,
         sink: str | None = None,
         sink_options: dict[str, Any] | str | None = None,
+        model_name: str | None = None,
+        model_repository: str | None = None,
+        inputs: Mapping[str, str | Sequence[str]] | None = None,
+        outputs: Mapping[str, str] | None = None,
+        input_templates: Mapping[str, str] | None = None,
+        input_constants: Mapping[str, Any] | None = None,
+        passthrough_columns: Sequence[str] = (),
+        table: str | None = None,
+        limit_rows: int | str | None = None,
+        validate_only: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.model_name = model_name
+        self.model_repository = model_repository
+        self.inputs = dict(inputs) if inputs else None
+        self.outputs = dict(outputs) if outputs else None
+        self.input_templates = dict(input_templates or {})
+        self.input_constants = dict(input_constants or {})
+        self.passthrough_columns = list(passthrough_columns)
+        self.table = table
+        self.limit_rows = limit_rows
+        self.validate_only = validate_only
         self.allowed_roots = allowed_roots
         self.allowed_conn_ids = allowed_conn_ids
         self.sink = sink
@@ -210,33 +258,111 @@ class StageInputsOperator(BaseOperator):
         if _given(self.sink):
             check_sink(self.sink, sink_options(self.sink_options), roots, conn_ids)
 
+    def _check_contract(self, schema: pa.Schema | None, row_id_column: str | None) -> bool:
+        """Check the mapping against the model's config, and the outputs against the sink's table; whether
+        it could (``False`` when the input's columns or the model's config are not known here).
+
+        :param schema: the input's columns as staged (``None``: not known yet).
+        :param row_id_column: the row id column the outputs carry (``None``: a generated ``row_id``).
+        """
+        if schema is None or not (self.model_name and self.model_repository and self.inputs):
+            return False
+        import pyarrow as pa
+
+        from airflow_batch_infer.contract_checks import check_mapping, outputs_schema, repository_contract
+        from airflow_batch_infer.sinks.table_checks import check_output_table
+        from airflow_batch_infer.staging import DEFAULT_ROW_ID_COLUMN
+
+        contract = repository_contract(self.model_repository, self.model_name)
+        if contract is None:
+            self.log.info(
+                "Model %r: no local config.pbtxt to check against; the infer task checks the "
+                "mapping against the server.",
+                self.model_name,
+            )
+            return False
+        id_column = row_id_column or DEFAULT_ROW_ID_COLUMN
+        if id_column not in schema.names:
+            schema = schema.insert(0, pa.field(id_column, pa.int64()))
+        bindings = check_mapping(
+            *contract, schema, self.inputs, self.outputs, self.input_templates, self.input_constants
+        )
+        self.log.info(
+            "Contract checked before the server starts: model %r (%s) takes inputs %s and gives outputs %s.",
+            self.model_name,
+            self.model_repository,
+            self.inputs,
+            {b.tensor: b.column for b in bindings},
+        )
+        if _given(self.table) and _given(self.sink):
+            parts = outputs_schema(schema, bindings, id_column, self.passthrough_columns)
+            checked = check_output_table(self.sink, sink_options(self.sink_options), self.table, parts)
+            if checked:
+                self.log.info("The outputs fit the existing %s.", checked)
+        return True
+
+    def _known_schema(self, source: Source) -> pa.Schema | None:
+        """The input's columns as they will be staged, where known before staging."""
+        schema = source.schema()
+        if schema is None or not self.columns:
+            return schema
+        keep = [c for c in [self.row_id_column, *self.columns] if c and c in schema.names]
+        return schema if len(keep) < len(self.columns) else schema.select(list(dict.fromkeys(keep)))
+
     def execute(self, context: Any) -> list[dict[str, Any]]:
+        from airflow_batch_infer.row_limits import LimitedSource, limit_pinned, row_limit, scratch_partition
+
         self._check_allowed()
         partition = resolve_partition(context, self.partition)
+        limit = row_limit(self.limit_rows)
+        if limit:
+            partition = scratch_partition(partition, limit)
+            self.log.info("limit_rows=%d: a smoke run into the scratch partition %s.", limit, partition)
+        if "ti" in context:
+            context["ti"].xcom_push(key="partition", value=partition)
+        source = self._source()
+        checked = self._check_contract(self._known_schema(source), self.row_id_column)
+        if _flag(self.validate_only):
+            if not checked and self.model_name and self.inputs:
+                with source.open(self.columns or None) as reader:  # a query's columns: run it, read none
+                    checked = self._check_contract(reader.schema, self.row_id_column)
+            raise AirflowSkipException(
+                "validate_only: the checks passed"
+                + ("" if checked else " (no mapping or model config to check here)")
+                + "; nothing staged, and the run stops here: no server start, inference or persist."
+            )
         root = _given(self.staging_root) or str(batch_infer_home() / "staging")
         root = storage.location(root, _given(self.staging_conn_id))
         run_dir = run_directory(root, self.dag_id, partition, context["run_id"])
         max_chunks = conf.getint("core", "max_map_length", fallback=1024)
-        source = self._source()
         parallel = self.parallel_tasks or parallel_infer_tasks(self.workers_share_host)
+        snapshot = _given(self.snapshot) or "reference"
+        by_reference = snapshot == "reference" and _given(self.source) is not None
+        chunk_rows = _given(self.chunk_rows) or "auto"
         manifest = stage_source(
-            source,
+            LimitedSource(source, limit) if limit and not by_reference else source,
             run_dir,
-            chunk_rows=_given(self.chunk_rows) or "auto",
+            chunk_rows=chunk_rows,
             columns=self.columns or None,
             row_id_column=self.row_id_column,
             max_chunks=max_chunks,
-            snapshot=_given(self.snapshot) or "reference",
+            snapshot=snapshot,
             parallel_tasks=parallel,
             run={"dag_id": self.dag_id, "run_id": context["run_id"], "partition": partition},
         )
+        if limit and by_reference:
+            manifest = limit_pinned(manifest, limit, chunk_rows, max_chunks, parallel)
         if not manifest.chunks:
             raise ValueError(f"The input {source.description} has no rows: nothing to score.")
+        if not checked and manifest.snapshot == "copy":
+            from airflow_batch_infer.parquet_files import open_parquet
+
+            self._check_contract(open_parquet(manifest.chunks[0].path).schema_arrow, self.row_id_column)
         self.log.info(
             "Staged %s rows from %s (%s) into %d chunk(s) of about %s rows (%d infer tasks at once) under "
             "%s (partition %s)",
             f"{manifest.total_rows:,}",
-            source.description,
+            source.description if not limit else f"the first {limit:,} rows of {source.description}",
             f"{len(manifest.files)} file(s) pinned, nothing copied"
             if manifest.snapshot == "reference"
             else "rows copied into chunk files",

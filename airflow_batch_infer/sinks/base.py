@@ -11,11 +11,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from airflow_batch_infer.errors import BatchInferFailure
+
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 REJECTS_SUFFIX = "_rejects"
 
 
-class SchemaMismatchError(ValueError):
+class SchemaMismatchError(BatchInferFailure, ValueError):
     """An existing table's columns do not fit the outputs; the message names the column."""
 
 
