@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import TaskGroup
 
+from airflow_batch_infer.client.output_binding import OutputTarget, check_output_mapping
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
 from airflow_batch_infer.operators.persist import PersistOutputsOperator
@@ -21,7 +22,7 @@ def batch_inference(
     inputs: Mapping[str, str | Sequence[str]],
     table: str,
     model_repository: str | Path | None = None,
-    outputs: Mapping[str, str] | None = None,
+    outputs: Mapping[str, OutputTarget] | None = None,
     group_id: str = "batch_inference",
     runtime: str | None = "local",
     runtime_options: dict[str, Any] | None = None,
@@ -32,7 +33,9 @@ def batch_inference(
     snapshot: str = "reference",
     columns: list[str] | None = None,
     row_id_column: str | None = None,
-    passthrough_columns: Sequence[str] = (),
+    passthrough_columns: Sequence[str] | str = (),
+    top_k: int = 0,
+    postprocess: Callable[[Any], Any] | None = None,
     request_rows: int | str | None = None,
     max_in_flight: int | str | None = None,
     sink: str = "duckdb",
@@ -69,7 +72,8 @@ def batch_inference(
     :param inputs: input tensor → column, or list of scalar columns stacked into one tensor.
     :param table: warehouse table for the outputs (rows set aside go to ``<table>_rejects``).
     :param model_repository: the Triton model repository (needed when a runtime starts the server).
-    :param outputs: output tensor → output column (all outputs under their own names when ``None``).
+    :param outputs: output tensor → output column (all outputs under their own names when ``None``), a list
+        of columns (one per value of the tensor) or ``{value position: column}`` (chosen values only).
     :param group_id: the TaskGroup's id.
     :param runtime: where the job's own server runs (``local``, ...); ``None`` uses a server that runs
         anyway, at the ``triton_conn_id`` connection's address, with no start and stop tasks.
@@ -83,7 +87,12 @@ def batch_inference(
         an ETL that rewrites its files in place); SQL input is always copied.
     :param columns: input columns to stage (all when ``None``).
     :param row_id_column: the input's own unique row id (a ``row_id`` column is added when ``None``).
-    :param passthrough_columns: input columns copied to the output table.
+    :param passthrough_columns: input columns copied to the output table; ``"*"`` for every column that
+        no input tensor reads.
+    :param top_k: the k most likely class labels as columns (``label``, ``label_score``), from the output
+        whose config names a ``label_filename``; 0 for none.
+    :param postprocess: pandas DataFrame → DataFrame applied to the outputs in the infer tasks (argmax,
+        thresholds, label maps); it keeps every row and the row id column.
     :param request_rows: rows per gRPC request (default from the model config).
     :param max_in_flight: requests outstanding per task (default from the model config).
     :param sink: warehouse kind (``duckdb``, ``postgres``, ``s3_parquet``, ``redshift``, ``athena``,
@@ -126,6 +135,12 @@ def batch_inference(
     """
     if runtime is not None and model_repository is None:
         raise ValueError("batch_inference needs model_repository when a runtime starts the server.")
+    # A mapped task's arguments reach its operator only when it runs: check them now, when the DAG is parsed.
+    check_output_mapping(outputs)
+    if isinstance(passthrough_columns, str) and passthrough_columns != "*":
+        raise ValueError(f"passthrough_columns={passthrough_columns!r}: give a list of columns, or '*'.")
+    if postprocess is not None and not callable(postprocess):
+        raise ValueError(f"postprocess must be a function DataFrame → DataFrame, not {postprocess!r}.")
     with TaskGroup(group_id=group_id) as group:
         stage = StageInputsOperator(
             task_id="stage",
@@ -177,6 +192,8 @@ def batch_inference(
             outputs=outputs,
             triton_conn_id=triton_conn_id,
             passthrough_columns=passthrough_columns,
+            **({"top_k": top_k} if top_k else {}),
+            **({"postprocess": postprocess} if postprocess is not None else {}),
             request_rows=request_rows,
             max_in_flight=max_in_flight,
             retries=infer_retries,

@@ -29,17 +29,34 @@ class MlpSpec:
     seed: int
 
 
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """A classifier: ``features`` FP32 [batch, n_features] → ``probabilities`` FP32 [batch, n_classes]
+    (softmax), with its class names in ``labels.txt`` (the config's ``label_filename``)."""
+
+    name: str
+    layers: tuple[int, ...]
+    labels: tuple[str, ...]
+    seed: int
+
+
 MODELS = (
     MlpSpec(name="risk_scorer", layers=(16, 32, 1), seed=20261121),
     MlpSpec(name="risk_scorer_heavy", layers=(16, 512, 512, 1), seed=20261122),
 )
+CLASSIFIERS = (
+    ClassifierSpec(name="tumor_classifier", layers=(8, 16, 2), labels=("benign", "malignant"), seed=20261206),
+)
 
 
-def build_mlp(spec: MlpSpec) -> onnx.ModelProto:
-    """Return the ONNX graph of ``spec``: Gemm + Relu per hidden layer, Gemm + Sigmoid at the head.
+def build_mlp(spec: MlpSpec | ClassifierSpec) -> onnx.ModelProto:
+    """Return the ONNX graph of ``spec``: Gemm + Relu per hidden layer, Gemm + Sigmoid at the head (Softmax
+    over the classes for a classifier).
 
     :param spec: layer widths and seed of the network.
     """
+    classifier = isinstance(spec, ClassifierSpec)
+    head, output = ("Softmax", "probabilities") if classifier else ("Sigmoid", "probability")
     rng = np.random.default_rng(spec.seed)
     nodes, initializers = [], []
     current = "features"
@@ -51,14 +68,14 @@ def build_mlp(spec: MlpSpec) -> onnx.ModelProto:
         out = f"h{i}"
         nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [out]))
         last = i == len(pairs) - 1
-        act = f"a{i}" if not last else "probability"
-        nodes.append(helper.make_node("Sigmoid" if last else "Relu", [out], [act]))
+        act = f"a{i}" if not last else output
+        nodes.append(helper.make_node(head if last else "Relu", [out], [act]))
         current = act
     graph = helper.make_graph(
         nodes,
         spec.name,
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", spec.layers[0]])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", spec.layers[-1]])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", spec.layers[-1]])],
         initializers,
     )
     model = helper.make_model(
@@ -78,6 +95,12 @@ def main() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(build_mlp(spec).SerializeToString())
         print(f"wrote {target} ({target.stat().st_size} bytes)")
+    for spec in CLASSIFIERS:
+        target = args.repository / spec.name / "1" / "model.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(build_mlp(spec).SerializeToString())
+        (args.repository / spec.name / "labels.txt").write_text("\n".join(spec.labels) + "\n")
+        print(f"wrote {target} ({target.stat().st_size} bytes) and its labels.txt")
 
 
 if __name__ == "__main__":

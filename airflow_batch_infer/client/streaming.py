@@ -21,13 +21,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.chunk_input import ChunkInput, StagedChunk
+from airflow_batch_infer.client.encoding import encode_batch
+from airflow_batch_infer.client.input_binding import InputBinding
 from airflow_batch_infer.client.memory_pool import reusing_memory_pool
+from airflow_batch_infer.client.output_binding import OutputBinding, output_arrays, output_fields
+from airflow_batch_infer.client.part_writer import PartBuffer, Postprocess
 from airflow_batch_infer.client.retry import RetryPolicy, error_status, is_bad_input, is_transient
 from airflow_batch_infer.client.shared_memory import (
     ReadBuffer,
@@ -37,19 +40,11 @@ from airflow_batch_infer.client.shared_memory import (
     supports_shared_memory,
 )
 from airflow_batch_infer.client.stream import InferStream, StreamRequestError
-from airflow_batch_infer.client.tensors import (
-    TRITON_NUMPY,
-    InputBinding,
-    OutputBinding,
-    encode_batch,
-    row_bytes,
-)
-from airflow_batch_infer.parquet_files import parquet_writer
+from airflow_batch_infer.client.tensors import TRITON_NUMPY, row_bytes
 from airflow_batch_infer.staging import atomic_target, commit
 from airflow_batch_infer.storage import discard, is_remote, remove_stale_temps
 
 REASON_COLUMN = "reject_reason"
-WRITE_ROWS = 262_144  # rows per output row group: large groups encode and read fast
 READ_ROWS = 65_536  # most rows decoded at once from the chunk
 READ_BYTES = 16 << 20  # about the most bytes decoded at once (a few requests of long texts)
 READ_BUFFERS = 3  # shared memory read buffers: one being encoded, one being sent, one finishing
@@ -233,30 +228,6 @@ class _ChunkReader:
         return requests
 
 
-def _output_array(values: np.ndarray, binding: OutputBinding) -> pa.Array:
-    rows = values.shape[0]
-    flat = values.reshape(rows, -1)
-    if binding.datatype == "BYTES":
-        items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat[:, 0]]
-        return pa.array(items, type=pa.string())
-    values = _numeric_array(flat.ravel())
-    if binding.width == 1:
-        return values
-    if binding.width > 1:
-        return pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
-    offsets = _numeric_array(np.arange(rows + 1, dtype=np.int32) * flat.shape[1])
-    return pa.ListArray.from_arrays(offsets, values)  # a variable-length output
-
-
-def _numeric_array(values: np.ndarray) -> pa.Array:
-    """An Arrow array over a 1-D numeric numpy array's memory (``pa.array`` imports pandas first)."""
-    values = np.ascontiguousarray(values)
-    if values.dtype == np.bool_:  # Arrow packs booleans as bits
-        packed = np.packbits(values, bitorder="little")
-        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(packed)])
-    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
-
-
 class ChunkStreamer:
     """Streams one chunk through a Triton model and writes its output and rejects parts.
 
@@ -272,6 +243,8 @@ class ChunkStreamer:
     :param compress_parts: Snappy on the parts' integer and text columns; ``None`` decides by where the
         parts go: yes on object storage (bytes over the network and at rest), no on local disk, where a
         part is read once by the persist task and compressing it took two fifths of its write.
+    :param postprocess: pandas DataFrame → DataFrame applied to each output row group before it is written
+        (argmax, thresholds, label maps); it keeps every row and the row id column.
     """
 
     def __init__(
@@ -287,6 +260,7 @@ class ChunkStreamer:
         headers: dict[str, str] | None = None,
         logger: logging.Logger | None = None,
         compress_parts: bool | None = None,
+        postprocess: Postprocess | None = None,
     ) -> None:
         self.inputs = list(inputs)
         self.outputs = list(outputs)
@@ -298,6 +272,7 @@ class ChunkStreamer:
         self.headers = headers
         self.log = logger or logging.getLogger(__name__)
         self.compress_parts = compress_parts
+        self.postprocess = postprocess
         self.requests = 0
         self.retries = 0
         self.tokens_out = 0
@@ -351,7 +326,7 @@ class ChunkStreamer:
         # Rejects parts, rare and small, are nullable throughout.
         keep_fields = [chunk_schema.field(c) for c in [self.row_id_column, *self.passthrough_columns]]
         reject_fields = [chunk_schema.field(c).with_nullable(True) for c in needed]
-        out_schema = pa.schema(keep_fields + [self._output_field(b) for b in self.outputs])
+        out_schema = pa.schema(keep_fields + [f for b in self.outputs for f in output_fields(b)])
         rej_schema = pa.schema([reject_fields[0], pa.field(REASON_COLUMN, pa.string()), *reject_fields[1:]])
 
         for final in (output_path, rejects_path):
@@ -359,14 +334,22 @@ class ChunkStreamer:
                 self.log.info("Removed %s, left by an earlier attempt at this chunk.", stale)
         out_tmp, rej_tmp = atomic_target(output_path), atomic_target(rejects_path)
         compress = is_remote(output_path) if self.compress_parts is None else self.compress_parts
-        out_writer = parquet_writer(out_tmp, out_schema, compress=compress)
-        rej_writer = parquet_writer(rej_tmp, rej_schema, compress=compress)
         rows_out = rows_rejected = 0
         reader = _ChunkReader(chunk, needed, self.inputs, self.settings.request_rows)
         # The first read decodes while the client connects and registers its shared memory.
         first_read = asyncio.create_task(reader.read(None))
         # One thread encodes and writes both parts' row groups, off the event loop.
         writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-write")
+        out = PartBuffer(
+            out_tmp,
+            out_schema,
+            writing,
+            compress=compress,
+            postprocess=self.postprocess,
+            row_id_column=self.row_id_column,
+            chunk=index,
+        )
+        rej = PartBuffer(rej_tmp, rej_schema, writing, compress=compress)
         try:
             async with self.client_factory() as client, contextlib.AsyncExitStack() as stack:
                 self._client = client
@@ -379,10 +362,10 @@ class ChunkStreamer:
                     self._infer_stream = InferStream(client, self.headers)
                     stack.push_async_callback(self._infer_stream.close)
                 rows_out, rows_rejected = await self._stream(
-                    reader, first_read, writing, out_writer, rej_writer, out_schema, rej_schema, total, index
+                    reader, first_read, out, rej, out_schema, rej_schema, total, index
                 )
-            out_writer.close()
-            rej_writer.close()
+            out.close()
+            rej.close()
             commit(out_tmp, output_path)
             commit(rej_tmp, rejects_path)
         finally:
@@ -393,9 +376,8 @@ class ChunkStreamer:
             reader.close()
             writing.shutdown(wait=True, cancel_futures=True)  # before the writers close
             self._client = self._pool = self._infer_stream = None
-            for writer in (out_writer, rej_writer):
-                if writer.is_open:
-                    writer.close()
+            out.abort()
+            rej.abort()
             for tmp in (out_tmp, rej_tmp):
                 discard(tmp)
         return ChunkResult(
@@ -450,25 +432,12 @@ class ChunkStreamer:
             )
             return None
 
-    @staticmethod
-    def _output_field(binding: OutputBinding) -> pa.Field:
-        """The part column of a model output: never null (every row written has the model's answer)."""
-        if binding.datatype == "BYTES":
-            return pa.field(binding.column, pa.string(), nullable=False)
-        value_type = pa.from_numpy_dtype(np.dtype(TRITON_NUMPY[binding.datatype]))
-        if binding.width == 1:
-            return pa.field(binding.column, value_type, nullable=False)
-        if binding.width > 1:
-            return pa.field(binding.column, pa.list_(value_type, binding.width), nullable=False)
-        return pa.field(binding.column, pa.list_(value_type), nullable=False)
-
     async def _stream(
         self,
         reader: _ChunkReader,
         first_read: asyncio.Task[list[_Request] | None],
-        writing: ThreadPoolExecutor,
-        out_writer: pq.ParquetWriter,
-        rej_writer: pq.ParquetWriter,
+        out: PartBuffer,
+        rej: PartBuffer,
         out_schema: pa.Schema,
         rej_schema: pa.Schema,
         total: int,
@@ -516,8 +485,6 @@ class ChunkStreamer:
                     await ordered.put(task)
             await ordered.put(None)
 
-        out = _PartBuffer(out_writer, out_schema, writing)
-        rej = _PartBuffer(rej_writer, rej_schema, writing)
         producer = asyncio.create_task(produce())
         started = last_log = time.monotonic()
         try:
@@ -528,7 +495,7 @@ class ChunkStreamer:
                 if piece.kept.num_rows:
                     arrays = [
                         *piece.kept.columns,
-                        *(_output_array(piece.outputs[b.tensor], b) for b in self.outputs),
+                        *(a for b in self.outputs for a in output_arrays(piece.outputs[b.tensor], b)),
                     ]
                     await out.add(pa.RecordBatch.from_arrays(arrays, schema=out_schema))
                 if piece.rejected.num_rows:
@@ -655,7 +622,7 @@ class ChunkStreamer:
                 item = InferInput(binding.tensor, list(values.shape), binding.datatype)
                 item.set_data_from_numpy(values)
                 infer_inputs.append(item)
-            requested = [InferRequestedOutput(b.tensor) for b in self.outputs]
+            requested = [InferRequestedOutput(b.tensor, class_count=b.class_count) for b in self.outputs]
         what = f"request of {rows:,} rows to model {settings.model_name!r}"
 
         stream, pool = self._infer_stream, self._pool
@@ -704,33 +671,3 @@ class ChunkStreamer:
         if slot is not None:
             return self._pool.outputs_of(slot, rows)
         return {b.tensor: result.as_numpy(b.tensor) for b in self.outputs}
-
-
-class _PartBuffer:
-    """Record batches waiting to be written to a part file, flushed in large row groups.
-
-    :param writer: the part's writer.
-    :param schema: the part's schema.
-    :param thread: where the row groups are encoded and written.
-    """
-
-    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema, thread: ThreadPoolExecutor) -> None:
-        self.writer = writer
-        self.schema = schema
-        self.thread = thread
-        self.rows = 0
-        self._pending: list[pa.RecordBatch] = []
-        self._pending_rows = 0
-
-    async def add(self, batch: pa.RecordBatch) -> None:
-        self._pending.append(batch)
-        self._pending_rows += batch.num_rows
-        self.rows += batch.num_rows
-        if self._pending_rows >= WRITE_ROWS:
-            await self.flush()
-
-    async def flush(self) -> None:
-        if self._pending:
-            table = pa.Table.from_batches(self._pending, schema=self.schema)
-            self._pending, self._pending_rows = [], 0
-            await asyncio.get_running_loop().run_in_executor(self.thread, self.writer.write_table, table)

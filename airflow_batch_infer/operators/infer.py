@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -11,6 +11,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.chunk_input import ChunkInput, open_chunk
+from airflow_batch_infer.client.output_binding import OutputTarget, check_output_mapping
+from airflow_batch_infer.client.part_writer import PostprocessError
 from airflow_batch_infer.client.retry import RetryPolicy
 from airflow_batch_infer.client.sizing import resolve_sizes
 from airflow_batch_infer.client.streaming import ChunkStreamer, ServerUnavailableError, StreamSettings
@@ -36,12 +38,21 @@ class TritonInferenceOperator(BaseOperator):
     :param chunk: a chunk descriptor from :class:`StageInputsOperator` (the value mapped over).
     :param model_name: the model to call.
     :param inputs: input tensor → column, or list of scalar columns stacked into one tensor.
-    :param outputs: output tensor → output column (every output under its own name when ``None``).
+    :param outputs: output tensor → output column (every output under its own name when ``None``), or a
+        list of columns, one per value of the tensor (``["p_benign", "p_malignant"]``), or value position →
+        column for chosen values only (``{1: "p_malignant"}``). Checked when the DAG is parsed, and against
+        the model's widths before any row is sent.
+    :param top_k: the k most likely class labels, as columns ``label`` and ``label_score`` (k = 1) or
+        ``label_1``…``label_k`` and ``label_score_1``…, from the output whose config names a
+        ``label_filename`` (Triton's classification extension); 0 for none.
+    :param postprocess: a function pandas DataFrame → DataFrame applied to each row group of the output
+        part before it is written (argmax, thresholds, label maps); it must keep every row and the row id.
     :param server: the start task's return value (its ``grpc_url`` is used), or a ``host:port``; when
         ``None`` the ``triton_conn_id`` connection gives the endpoint.
     :param triton_conn_id: connection of type ``triton`` (TLS, headers; endpoint when ``server`` is None).
     :param model_version: version to call; ``""`` lets the server choose.
-    :param passthrough_columns: input columns copied to the output next to the row id.
+    :param passthrough_columns: input columns copied to the output next to the row id; ``"*"`` copies every
+        column that no input tensor reads (SageMaker's ``JoinSource=Input``).
     :param request_rows: rows per gRPC request (default: from the model's preferred batch sizes).
     :param max_in_flight: requests outstanding (default: 2 per model instance: one executing, one queued).
     :param request_timeout: seconds per request before it counts as a transient failure.
@@ -83,11 +94,13 @@ class TritonInferenceOperator(BaseOperator):
         chunk: dict[str, Any],
         model_name: str,
         inputs: Mapping[str, str | Sequence[str]],
-        outputs: Mapping[str, str] | None = None,
+        outputs: Mapping[str, OutputTarget] | None = None,
         server: dict[str, Any] | str | None = None,
         triton_conn_id: str = TritonHook.default_conn_name,
         model_version: str = "",
-        passthrough_columns: Sequence[str] = (),
+        passthrough_columns: Sequence[str] | str = (),
+        top_k: int = 0,
+        postprocess: Callable[[Any], Any] | None = None,
         request_rows: int | str | None = None,
         max_in_flight: int | str | None = None,
         request_timeout: float = 120.0,
@@ -108,11 +121,25 @@ class TritonInferenceOperator(BaseOperator):
         self.chunk = chunk
         self.model_name = model_name
         self.inputs = dict(inputs)
+        check_output_mapping(outputs)  # its shape, when the DAG is parsed; widths need the model
         self.outputs = dict(outputs) if outputs else None
         self.server = server
         self.triton_conn_id = triton_conn_id
         self.model_version = model_version
-        self.passthrough_columns = list(passthrough_columns)
+        if isinstance(passthrough_columns, str) and passthrough_columns != "*":
+            raise ValueError(
+                f"passthrough_columns={passthrough_columns!r}: give a list of columns, or '*' for every "
+                "column that is not a model input."
+            )
+        self.passthrough_columns: list[str] | str = (
+            "*" if passthrough_columns == "*" else list(passthrough_columns)
+        )
+        if int(top_k) < 0:
+            raise ValueError(f"top_k must be 0 (no labels) or a positive number of labels, not {top_k}.")
+        if postprocess is not None and not callable(postprocess):
+            raise ValueError(f"postprocess must be a function DataFrame → DataFrame, not {postprocess!r}.")
+        self.top_k = int(top_k)
+        self.postprocess = postprocess
         self.request_rows = request_rows
         self.max_in_flight = max_in_flight
         self.request_timeout = request_timeout
@@ -210,6 +237,13 @@ class TritonInferenceOperator(BaseOperator):
         except SourceChangedError as error:
             raise AirflowFailException(str(error)) from error
 
+    def _passthrough(self, columns: Sequence[str], inputs: Sequence[Any]) -> list[str]:
+        """The input columns copied to the outputs: as named, or for ``"*"`` every one no input reads."""
+        if self.passthrough_columns != "*":
+            return list(self.passthrough_columns)
+        read = {column for binding in inputs for column in binding.columns}
+        return [c for c in columns if c not in read]
+
     def _server_of(self, hook: TritonHook) -> ServerInfo | None:
         """The run's server that ``hook`` talks to (``None`` for an endpoint given otherwise)."""
         return next((s for s in fleet_servers(self.server) if s.grpc_url == hook.url), None)
@@ -237,7 +271,8 @@ class TritonInferenceOperator(BaseOperator):
             constants=self.input_constants,
             optional=optional,
         )
-        outputs = bind_outputs(self.outputs, metadata, max_batch)
+        labelled = [o["name"] for o in config.get("output", []) if o.get("label_filename")]
+        outputs = bind_outputs(self.outputs, metadata, max_batch, top_k=self.top_k, labelled_outputs=labelled)
         if self.token_count_output and self.token_count_output not in {b.tensor for b in outputs}:
             raise ContractError(
                 f"token_count_output={self.token_count_output!r} is not among the outputs requested: "
@@ -276,12 +311,13 @@ class TritonInferenceOperator(BaseOperator):
                     outputs=outputs,
                     settings=settings,
                     row_id_column=manifest.row_id_column,
-                    passthrough_columns=self.passthrough_columns,
+                    passthrough_columns=self._passthrough(chunk.schema.names, inputs),
                     client_factory=hook.get_async_client,
                     url=hook.url,
                     headers={**(hook.headers or {}), **(server_headers(server) if server else {})},
                     logger=self.log,
                     compress_parts=self.parts_compressed(),
+                    postprocess=self.postprocess,
                 )
                 try:
                     result = streamer.run(
@@ -291,6 +327,8 @@ class TritonInferenceOperator(BaseOperator):
                         descriptor.index,
                     )
                     break
+                except PostprocessError as error:
+                    raise AirflowFailException(str(error)) from error  # the same rows fail it again
                 except ServerUnavailableError as error:
                     hook.close()
                     rest = candidates[position + 1 :]

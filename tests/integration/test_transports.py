@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
 
-from airflow_batch_infer.client import streaming, tensors
+from airflow_batch_infer.client import encoding, streaming
 from airflow_batch_infer.client.shared_memory import SharedMemoryPool
 from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, StreamSettings
 from airflow_batch_infer.client.tensors import InputBinding, OutputBinding, bind_inputs, bind_outputs
@@ -161,7 +161,7 @@ def test_a_chunk_that_fails_waits_for_the_read_under_way_before_freeing_shared_m
     # would crash the task with a segmentation fault instead of failing it with the model's error.
     monkeypatch.setattr(streaming, "READ_ROWS", 4096)
     reads = []
-    encode_batch, column_values = streaming.encode_batch, tensors._column_values
+    encode_batch, column_values = streaming.encode_batch, encoding._column_values
 
     def counting_encode(batch, bindings, into=None):
         reads.append(into is not None)
@@ -183,7 +183,7 @@ def test_a_chunk_that_fails_waits_for_the_read_under_way_before_freeing_shared_m
         return await request(self, tensors_, slot)
 
     monkeypatch.setattr(streaming, "encode_batch", counting_encode)
-    monkeypatch.setattr(tensors, "_column_values", slow_column_values)
+    monkeypatch.setattr(encoding, "_column_values", slow_column_values)
     monkeypatch.setattr(ChunkStreamer, "_request", failing_request)
     streamer = make_streamer(server, manifest, "risk_scorer", "stream", "on")
     out, rej = output_part_path(tmp_path, 0), rejects_part_path(tmp_path, 0)

@@ -243,7 +243,7 @@ def test_numeric_columns_are_read_as_views_of_their_buffers(arrow_type) -> None:
 
 @pytest.mark.parametrize("dtype", [np.bool_, np.int32, np.uint64, np.float16, np.float32, np.float64])
 def test_outputs_become_arrow_columns_of_the_same_values(dtype) -> None:
-    from airflow_batch_infer.client.streaming import _output_array
+    from airflow_batch_infer.client.output_binding import _output_array
     from airflow_batch_infer.client.tensors import OutputBinding
 
     values = (np.arange(22) % 3).astype(dtype).reshape(11, 2)

@@ -1,0 +1,281 @@
+"""Output binding: output tensors → output columns, checked against the model's metadata.
+
+An output tensor lands as one column (a scalar, or a list for a tensor of several values a row), as one
+named column per value (``["p_benign", "p_malignant"]``), as chosen values only (``{1: "p_malignant"}``),
+or, for an output whose config names a ``label_filename``, as the top-k class labels and scores that
+Triton's classification extension answers (``label``, ``label_score``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from airflow_batch_infer.client.tensors import TRITON_NUMPY, ContractError, row_width
+
+LABEL_COLUMN = "label"
+LABEL_SCORE_COLUMN = "label_score"
+
+# What an output tensor may map to: a column, one column per value, or value index → column.
+OutputTarget = Union[str, Sequence[str], Mapping[int, str]]  # noqa: UP007 (a runtime alias on py3.10)
+
+
+@dataclass(frozen=True)
+class OutputBinding:
+    """One model output written to one or more columns.
+
+    :param tensor: output tensor name.
+    :param datatype: Triton datatype of the tensor as the server returns it (``BYTES`` for labels).
+    :param column: output column name (the whole tensor); unused when ``elements`` or ``class_count``.
+    :param width: elements per row of the tensor; 1 gives a scalar column, more a fixed-size list column.
+    :param elements: value index → column, one column per value kept; empty keeps the whole tensor.
+    :param class_count: top-k labels asked of Triton's classification extension (0: the raw values).
+    """
+
+    tensor: str
+    datatype: str
+    column: str
+    width: int
+    elements: tuple[tuple[int, str], ...] = ()
+    class_count: int = 0
+
+    @property
+    def columns(self) -> list[str]:
+        """The output columns this binding writes, in order."""
+        if self.class_count:
+            return label_columns(self.class_count)
+        if self.elements:
+            return [name for _, name in self.elements]
+        return [self.column]
+
+
+def label_columns(top_k: int) -> list[str]:
+    """``label`` and ``label_score`` for the top class; ``label_1``…``label_k`` then scores for k > 1."""
+    if top_k == 1:
+        return [LABEL_COLUMN, LABEL_SCORE_COLUMN]
+    numbers = range(1, top_k + 1)
+    return [f"{LABEL_COLUMN}_{i}" for i in numbers] + [f"{LABEL_SCORE_COLUMN}_{i}" for i in numbers]
+
+
+def _target_columns(tensor: str, target: Any) -> tuple[str, ...] | dict[int, str]:
+    """One tensor's target, checked for shape: a column name, a list of names, or index → name."""
+    if isinstance(target, str):
+        if not target:
+            raise ContractError(f"outputs[{tensor!r}] is an empty column name.")
+        return (target,)
+    if isinstance(target, Mapping):
+        picked: dict[int, str] = {}
+        for key, name in target.items():
+            index = int(key) if isinstance(key, str) and key.isdigit() else key
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise ContractError(
+                    f"outputs[{tensor!r}] keys are value positions (0, 1, …), not {key!r}: e.g. "
+                    f"{{{tensor!r}: {{1: 'p_positive'}}}}."
+                )
+            if not isinstance(name, str) or not name:
+                raise ContractError(f"outputs[{tensor!r}][{index}] must be a column name, not {name!r}.")
+            picked[index] = name
+        if not picked:
+            raise ContractError(f"outputs[{tensor!r}] picks no values: name at least one {{index: column}}.")
+        return picked
+    if isinstance(target, Sequence) and target and all(isinstance(n, str) and n for n in target):
+        return tuple(target)
+    raise ContractError(
+        f"outputs[{tensor!r}] must be a column name, a list of column names (one per value of the tensor) "
+        f"or {{value index: column name}}, not {target!r}."
+    )
+
+
+def check_output_mapping(outputs: Mapping[str, Any] | None) -> None:
+    """Check the shape of an ``outputs`` mapping without the model (when the DAG is parsed).
+
+    :param outputs: output tensor → column, list of columns, or value index → column.
+    :raises ContractError: naming the tensor and what to write instead.
+    """
+    if outputs is None:
+        return
+    if not isinstance(outputs, Mapping):
+        raise ContractError(f"outputs must map output tensor → column(s), not {outputs!r}.")
+    seen: dict[str, str] = {}
+    for tensor, target in outputs.items():
+        columns = _target_columns(tensor, target)
+        for name in columns.values() if isinstance(columns, dict) else columns:
+            if name in seen:
+                raise ContractError(
+                    f"Output column {name!r} is named twice (outputs of {seen[name]!r} and {tensor!r}): "
+                    "give each column its own name."
+                )
+            seen[name] = tensor
+
+
+def bind_outputs(
+    outputs: Mapping[str, OutputTarget] | None,
+    metadata: Mapping[str, Any],
+    max_batch_size: int,
+    *,
+    top_k: int = 0,
+    labelled_outputs: Sequence[str] = (),
+) -> list[OutputBinding]:
+    """Check the mapping ``tensor → output column(s)`` against the model's metadata.
+
+    :param outputs: output tensor → column name, list of column names (one per value: the tensor's width
+        must match), or value index → column name (chosen values only); ``None`` keeps every output
+        under its own name.
+    :param metadata: the server's model metadata.
+    :param max_batch_size: the model's ``max_batch_size``.
+    :param top_k: the k most likely class labels and their scores, from the output that names a
+        ``label_filename`` in the model's config (Triton's classification extension); 0 for none.
+    :param labelled_outputs: the model's outputs whose config names a ``label_filename``.
+    :raises ContractError: naming the tensor, its width and the columns asked for.
+    """
+    model = metadata.get("name", "the model")
+    declared = {t["name"]: t for t in metadata.get("outputs", [])}
+    check_output_mapping(outputs)
+    mapping: dict[str, Any] = dict(outputs) if outputs else {name: name for name in declared}
+    bindings = []
+    labelled = _labelled_output(model, top_k, labelled_outputs, declared)
+    if labelled is not None:
+        if outputs and labelled in mapping:
+            raise ContractError(
+                f"Output tensor {labelled!r} of model {model!r} is asked for both as values (outputs) and "
+                f"as top_k={top_k} labels: Triton answers a tensor one way per request. Keep the labels "
+                "(drop it from outputs), or keep the values and map them to labels in postprocess."
+            )
+        mapping.pop(labelled, None)
+    for tensor, target in mapping.items():
+        if tensor not in declared:
+            raise ContractError(
+                f"Model {model!r} has no output tensor {tensor!r}; its outputs are {sorted(declared)}."
+            )
+        spec = declared[tensor]
+        width = row_width(spec["shape"], max_batch_size)
+        width = width if width is not None else -1
+        columns = _target_columns(tensor, target)
+        if isinstance(columns, tuple) and len(columns) == 1 and isinstance(target, str):
+            bindings.append(OutputBinding(tensor, spec["datatype"], columns[0], width))
+            continue
+        picked = dict(enumerate(columns)) if isinstance(columns, tuple) else columns
+        if width < 0:
+            raise ContractError(
+                f"Output tensor {tensor!r} of model {model!r} has a variable shape {spec['shape']}: it "
+                "cannot be split into named columns; map it to one column."
+            )
+        if isinstance(columns, tuple) and len(columns) != width:
+            raise ContractError(
+                f"Output tensor {tensor!r} of model {model!r} holds {width} value(s) a row (shape "
+                f"{spec['shape']}) but outputs names {len(columns)} column(s): {list(columns)}. Name one "
+                f"column per value, or pick values with {{index: column}}, e.g. {{{tensor!r}: {{0: 'p'}}}}."
+            )
+        beyond = sorted(i for i in picked if i >= width)
+        if beyond:
+            raise ContractError(
+                f"Output tensor {tensor!r} of model {model!r} holds {width} value(s) a row (shape "
+                f"{spec['shape']}): there is no value at position(s) {beyond} (positions start at 0)."
+            )
+        elements = tuple(sorted(picked.items()))
+        bindings.append(OutputBinding(tensor, spec["datatype"], elements[0][1], width, elements=elements))
+    if labelled is not None:
+        width = row_width(declared[labelled]["shape"], max_batch_size) or 0
+        if top_k > width:
+            raise ContractError(
+                f"top_k={top_k} but output tensor {labelled!r} of model {model!r} has {width} classes."
+            )
+        bindings.append(OutputBinding(labelled, "BYTES", LABEL_COLUMN, top_k, class_count=top_k))
+    names = [name for b in bindings for name in b.columns]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ContractError(f"Output column(s) {twice} are written twice: rename them in outputs.")
+    return bindings
+
+
+def _labelled_output(
+    model: str, top_k: int, labelled_outputs: Sequence[str], declared: Mapping[str, Any]
+) -> str | None:
+    """The output that top-k labels come from (``None`` when no labels are asked for)."""
+    if not top_k:
+        return None
+    if top_k < 0:
+        raise ContractError(f"top_k must be a positive number of labels, not {top_k}.")
+    labelled = [name for name in labelled_outputs if name in declared]
+    if not labelled:
+        raise ContractError(
+            f"top_k={top_k} needs class labels, but no output of model {model!r} names a label_filename "
+            "in its config.pbtxt: add one (a text file, a class name a line), or map the values to labels "
+            "in postprocess."
+        )
+    if len(labelled) > 1:
+        raise ContractError(
+            f"top_k={top_k} is ambiguous: outputs {labelled} of model {model!r} all name a label_filename."
+        )
+    return labelled[0]
+
+
+def output_fields(binding: OutputBinding) -> list[pa.Field]:
+    """The part columns of a model output: never null (every row written has the model's answer)."""
+    if binding.class_count:
+        k = binding.class_count
+        return [pa.field(n, pa.string(), nullable=False) for n in label_columns(k)[:k]] + [
+            pa.field(n, pa.float32(), nullable=False) for n in label_columns(k)[k:]
+        ]
+    if binding.datatype == "BYTES":
+        value_type = pa.string()
+    else:
+        value_type = pa.from_numpy_dtype(np.dtype(TRITON_NUMPY[binding.datatype]))
+    if binding.elements:
+        return [pa.field(name, value_type, nullable=False) for _, name in binding.elements]
+    if binding.width == 1 or binding.datatype == "BYTES":
+        return [pa.field(binding.column, value_type, nullable=False)]
+    if binding.width > 1:
+        return [pa.field(binding.column, pa.list_(value_type, binding.width), nullable=False)]
+    return [pa.field(binding.column, pa.list_(value_type), nullable=False)]
+
+
+def output_arrays(values: np.ndarray, binding: OutputBinding) -> list[pa.Array]:
+    """The columns of one output tensor's values (``[rows, …]``), as :func:`output_fields` declares."""
+    rows = values.shape[0]
+    flat = values.reshape(rows, -1)
+    if binding.class_count:
+        return _label_arrays(flat, binding.class_count)
+    if binding.elements:
+        return [_output_array(flat[:, index : index + 1], binding) for index, _ in binding.elements]
+    return [_output_array(flat, binding)]
+
+
+def _output_array(values: np.ndarray, binding: OutputBinding) -> pa.Array:
+    rows = values.shape[0]
+    flat = values.reshape(rows, -1)
+    if binding.datatype == "BYTES":
+        items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat[:, 0]]
+        return pa.array(items, type=pa.string())
+    array = _numeric_array(flat.ravel())
+    if flat.shape[1] == 1 and (binding.width == 1 or binding.elements):
+        return array
+    if binding.width > 1:
+        return pa.FixedSizeListArray.from_arrays(array, flat.shape[1])
+    offsets = _numeric_array(np.arange(rows + 1, dtype=np.int32) * flat.shape[1])
+    return pa.ListArray.from_arrays(offsets, array)  # a variable-length output
+
+
+def _label_arrays(values: np.ndarray, top_k: int) -> list[pa.Array]:
+    """Triton's ``score:index:label`` answers → ``top_k`` label columns, then ``top_k`` score columns."""
+    labels, scores = [], []
+    for j in range(top_k):
+        text = pa.array(values[:, j], type=pa.binary()).cast(pa.string())
+        parts = pc.split_pattern(text, ":", max_splits=2)
+        scores.append(pc.list_element(parts, 0).cast(pa.float32()))
+        labels.append(pc.list_element(parts, 2))
+    return labels + scores
+
+
+def _numeric_array(values: np.ndarray) -> pa.Array:
+    """An Arrow array over a 1-D numeric numpy array's memory (``pa.array`` imports pandas first)."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == np.bool_:  # Arrow packs booleans as bits
+        packed = np.packbits(values, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(packed)])
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
