@@ -119,7 +119,7 @@ def outputs_schema(
     :param row_id_column: the row id column.
     :param passthrough: input columns copied to the outputs.
     """
-    from airflow_batch_infer.client.streaming import ChunkStreamer
+    from airflow_batch_infer.client.output_binding import output_fields
 
     kept = [schema.field(c) for c in [row_id_column, *passthrough] if c in schema.names]
-    return pa.schema(kept + [ChunkStreamer._output_field(b) for b in bindings])
+    return pa.schema(kept + [field for b in bindings for field in output_fields(b)])
