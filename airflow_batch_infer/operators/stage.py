@@ -232,6 +232,7 @@ class StageInputsOperator(BaseOperator):
         )
         if not manifest.chunks:
             raise ValueError(f"The input {source.description} has no rows: nothing to score.")
+        self._staged = manifest  # for get_openlineage_facets_on_complete
         self.log.info(
             "Staged %s rows from %s (%s) into %d chunk(s) of about %s rows (%d infer tasks at once) under "
             "%s (partition %s)",
@@ -247,3 +248,20 @@ class StageInputsOperator(BaseOperator):
             partition,
         )
         return [chunk.to_dict() for chunk in manifest.chunks]
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the input (files, folders or the query's tables) → the snapshot, with schema and rows.
+
+        :param task_instance: the finished task instance (unused: the manifest staged is kept).
+        """
+        from airflow_batch_infer.lineage import stage_lineage
+
+        sources = _given(self.source)
+        sources = [sources] if isinstance(sources, str) else list(sources or [])
+        return stage_lineage(
+            self._staged,
+            [storage.location(s, _given(self.source_conn_id)) for s in sources],
+            _given(self.sql),
+            _given(self.sql_conn_id),
+            _given(self.sql_database),
+        )
