@@ -209,7 +209,8 @@ class PersistOutputsOperator(BaseOperator):
             "partition": result.partition,
             "rejects_table": result.rejects_table,
         }
-        context["outlet_events"][self.output_alias].add(Asset(uri=location.uri), extra=extra)
+        if "outlet_events" in context:  # not when execute() is called outside a task run
+            context["outlet_events"][self.output_alias].add(Asset(uri=location.uri), extra=extra)
         self._persisted = (manifest, location, result, outputs, rejects)
         return {"output_uri": location.uri, "run_dir": str(manifest.run_dir)}
 
