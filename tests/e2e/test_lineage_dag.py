@@ -19,6 +19,9 @@ from tests.conftest import MODEL_REPOSITORY, task_states
 from tests.dag_registry import register_dag
 
 pytestmark = pytest.mark.e2e
+pytest.importorskip(
+    "airflow.providers.openlineage", reason="the lineage tests need the openlineage extra (in dev)"
+)
 
 LOGICAL_DATE = pendulum.datetime(2026, 11, 21, tz="UTC")
 EVENTS = Path(tempfile.mkdtemp(prefix="abi-lineage-")) / "events.jsonl"
