@@ -39,6 +39,15 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_batch_infer.triggers.server"],
             }
         ],
+        "extra-links": [
+            "airflow_batch_infer.links.TritonMetricsLink",
+            "airflow_batch_infer.links.TritonServerLogLink",
+            "airflow_batch_infer.links.KubernetesPodLink",
+            "airflow_batch_infer.links.EcsTaskLink",
+            "airflow_batch_infer.links.TritonCloudWatchLogLink",
+            "airflow_batch_infer.links.OutputTableLink",
+            "airflow_batch_infer.links.RunReportLink",
+        ],
         "hooks": [
             {
                 "integration-name": "NVIDIA Triton Inference Server",

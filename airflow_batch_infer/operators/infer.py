@@ -345,6 +345,7 @@ class TritonInferenceOperator(BaseOperator):
                     hook, offset = self._ready_hook(rest, descriptor.index)
                     position += 1 + offset
         hook.close()
+        self._scored = (manifest, hook.url, metadata, result)  # for get_openlineage_facets_on_complete
         self.log.info(
             "Chunk %d done: %s rows scored, %s set aside, %.1f s, %s rows/s (tensors via %s) on server %s; "
             "outputs in %s",
@@ -361,3 +362,16 @@ class TritonInferenceOperator(BaseOperator):
             "server": server.handle.get("server_id") if server else hook.url,
             "moved_from": moved_from,
         }
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the snapshot and the served model (name, version, tensors) → the chunk's parts.
+
+        :param task_instance: the finished task instance (unused: what the chunk did is kept).
+        """
+        from airflow_batch_infer.lineage import infer_lineage, served_model_dataset
+
+        manifest, url, metadata, result = self._scored
+        model = served_model_dataset(url, self.model_name, metadata)
+        return infer_lineage(
+            manifest, model, result.output_path, result.rows_out, result.rejects_path, result.rows_rejected
+        )

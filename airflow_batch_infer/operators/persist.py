@@ -7,14 +7,17 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import Asset, AssetAlias, BaseOperator
 
 from airflow_batch_infer import storage
 from airflow_batch_infer.allowlist import check_sink
+from airflow_batch_infer.assets import output_alias_name, table_location
+from airflow_batch_infer.links import OutputTableLink, RunReportLink
 from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import get_sink, sink_options
+from airflow_batch_infer.sinks.base import PersistResult
 from airflow_batch_infer.staging import (
     SUMMARY,
     ChunkDescriptor,
@@ -59,6 +62,7 @@ class PersistOutputsOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("chunks", "table", "sink", "sink_options", "partition", "results")
     ui_color = "#fdf2d0"
+    operator_extra_links = (OutputTableLink(), RunReportLink())
 
     def __init__(
         self,
@@ -90,6 +94,10 @@ class PersistOutputsOperator(BaseOperator):
         self.server = server
         self.runtime_options = runtime_options
         self.allowed_conn_ids = allowed_conn_ids
+        # The output table's Asset is known once the sink's options are rendered: it is emitted through
+        # this alias (a downstream DAG schedules on the Asset, see assets.output_asset, or on the alias).
+        self.output_alias = AssetAlias(name=output_alias_name(self.dag_id, self.task_id))
+        self.outlets = [*self.outlets, self.output_alias]
 
     def _collect_parts(self, manifest: Manifest) -> tuple[list[RunPath], list[RunPath], int]:
         """Check every chunk's parts and return them with the number of rows set aside."""
@@ -159,6 +167,7 @@ class PersistOutputsOperator(BaseOperator):
                 self.log.info("Rows scored per Triton server: %s", summary["rows_per_server"])
             if summary["moved_chunks"]:
                 self.log.warning("Chunks that moved to another server: %s", summary["moved_chunks"])
+        summary.update(self._emit_output_asset(context, options, result, seconds, manifest, outputs, rejects))
         write_json_atomically(run_file(run_dir, SUMMARY), summary)
         self.log.info(
             "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before; "
@@ -174,6 +183,49 @@ class PersistOutputsOperator(BaseOperator):
             f"{manifest.total_rows / seconds:,.0f}" if seconds else "-",
         )
         return summary
+
+    def _emit_output_asset(
+        self,
+        context: Any,
+        options: dict[str, Any],
+        result: PersistResult,
+        seconds: float,
+        manifest: Manifest,
+        outputs: list[RunPath],
+        rejects: list[RunPath],
+    ) -> dict[str, Any]:
+        """Emit the output table's Asset event (rows, rejected rows, rows/s in its ``extra``); keep what the
+        lineage and the links need. Returns the summary's ``output_uri`` and ``run_dir``."""
+        rows_per_second = round(manifest.total_rows / seconds, 1) if seconds else None
+        try:
+            location = table_location(self.sink, self.table, options)
+        except Exception as error:  # the table is committed: a name we cannot form fails nothing
+            self.log.warning("No Asset event for %s: its URI could not be formed: %s", self.table, error)
+            return {"output_uri": None, "run_dir": str(manifest.run_dir)}
+        extra = {
+            "rows": result.rows,
+            "rejected": result.rejected,
+            "rows_per_second": rows_per_second,
+            "partition": result.partition,
+            "rejects_table": result.rejects_table,
+        }
+        if "outlet_events" in context:  # not when execute() is called outside a task run
+            context["outlet_events"][self.output_alias].add(Asset(uri=location.uri), extra=extra)
+        self._persisted = (manifest, location, result, outputs, rejects)
+        return {"output_uri": location.uri, "run_dir": str(manifest.run_dir)}
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the snapshot → the output table and ``<table>_rejects``, with schemas and rows.
+
+        :param task_instance: the finished task instance (unused: what persist wrote is kept).
+        """
+        from airflow_batch_infer.lineage import persist_lineage
+
+        if not hasattr(self, "_persisted"):
+            return None
+        manifest, location, result, outputs, rejects = self._persisted
+        schemas = [open_parquet(parts[0]).schema_arrow if parts else None for parts in (outputs, rejects)]
+        return persist_lineage(manifest, location, result.rows, result.rejected, *schemas)
 
 
 def rows_per_server(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

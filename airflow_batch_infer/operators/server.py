@@ -13,6 +13,13 @@ from airflow.sdk import BaseOperator, conf
 from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_batch_infer.errors import model_load_failure
+from airflow_batch_infer.links import (
+    EcsTaskLink,
+    KubernetesPodLink,
+    TritonCloudWatchLogLink,
+    TritonMetricsLink,
+    TritonServerLogLink,
+)
 from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.base import TritonRuntime
 from airflow_batch_infer.runtimes.fleet import (
@@ -74,6 +81,13 @@ class StartTritonServerOperator(BaseOperator):
         "validate_only",
     )
     ui_color = "#76b900"
+    operator_extra_links = (
+        TritonMetricsLink(),
+        TritonServerLogLink(),
+        KubernetesPodLink(),
+        EcsTaskLink(),
+        TritonCloudWatchLogLink(),
+    )
 
     def __init__(
         self,
@@ -107,6 +121,15 @@ class StartTritonServerOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.lease_timeout = lease_timeout
         self.reattach = reattach
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the models the servers load, in their repository, with their newest version.
+
+        :param task_instance: the finished task instance (unused).
+        """
+        from airflow_batch_infer.lineage import start_lineage
+
+        return start_lineage(str(self.model_repository), list(self.models) if self.models else None)
 
     def _runtime_options(self) -> dict[str, Any]:
         options = dict(self.runtime_options)

@@ -358,6 +358,7 @@ class StageInputsOperator(BaseOperator):
             from airflow_batch_infer.parquet_files import open_parquet
 
             self._check_contract(open_parquet(manifest.chunks[0].path).schema_arrow, self.row_id_column)
+        self._staged = manifest  # for get_openlineage_facets_on_complete
         self.log.info(
             "Staged %s rows from %s (%s) into %d chunk(s) of about %s rows (%d infer tasks at once) under "
             "%s (partition %s)",
@@ -373,3 +374,20 @@ class StageInputsOperator(BaseOperator):
             partition,
         )
         return [chunk.to_dict() for chunk in manifest.chunks]
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the input (files, folders or the query's tables) → the snapshot, with schema and rows.
+
+        :param task_instance: the finished task instance (unused: the manifest staged is kept).
+        """
+        from airflow_batch_infer.lineage import stage_lineage
+
+        sources = _given(self.source)
+        sources = [sources] if isinstance(sources, str) else list(sources or [])
+        return stage_lineage(
+            self._staged,
+            [storage.location(s, _given(self.source_conn_id)) for s in sources],
+            _given(self.sql),
+            _given(self.sql_conn_id),
+            _given(self.sql_database),
+        )
