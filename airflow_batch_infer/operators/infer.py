@@ -23,6 +23,7 @@ from airflow_batch_infer.runtimes.fleet import fleet_servers
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 from airflow_batch_infer.staging import ChunkDescriptor, Manifest, output_part_path, rejects_part_path
+from airflow_batch_infer.templated import as_list, as_mapping
 
 
 class TritonInferenceOperator(BaseOperator):
@@ -35,13 +36,16 @@ class TritonInferenceOperator(BaseOperator):
 
     :param chunk: a chunk descriptor from :class:`StageInputsOperator` (the value mapped over).
     :param model_name: the model to call.
-    :param inputs: input tensor → column, or list of scalar columns stacked into one tensor.
-    :param outputs: output tensor → output column (every output under its own name when ``None``).
+    :param inputs: input tensor → column, or list of scalar columns stacked into one tensor; templated, a
+        mapping or its JSON text (``"{{ params.inputs | tojson }}"``).
+    :param outputs: output tensor → output column (every output under its own name when ``None``);
+        templated, like ``inputs``.
     :param server: the start task's return value (its ``grpc_url`` is used), or a ``host:port``; when
         ``None`` the ``triton_conn_id`` connection gives the endpoint.
     :param triton_conn_id: connection of type ``triton`` (TLS, headers; endpoint when ``server`` is None).
     :param model_version: version to call; ``""`` lets the server choose.
-    :param passthrough_columns: input columns copied to the output next to the row id.
+    :param passthrough_columns: input columns copied to the output next to the row id (templated: a list or
+        its JSON text).
     :param request_rows: rows per gRPC request (default: from the model's preferred batch sizes).
     :param max_in_flight: requests outstanding (default: 2 per model instance: one executing, one queued).
     :param request_timeout: seconds per request before it counts as a transient failure.
@@ -74,7 +78,11 @@ class TritonInferenceOperator(BaseOperator):
         "shared_memory",
         "transport",
         "sink",
+        "inputs",
+        "outputs",
+        "passthrough_columns",
     )
+    template_fields_renderers = {"inputs": "json", "outputs": "json", "passthrough_columns": "json"}
     ui_color = "#d6f5c9"
 
     def __init__(
@@ -82,12 +90,12 @@ class TritonInferenceOperator(BaseOperator):
         *,
         chunk: dict[str, Any],
         model_name: str,
-        inputs: Mapping[str, str | Sequence[str]],
-        outputs: Mapping[str, str] | None = None,
+        inputs: Mapping[str, str | Sequence[str]] | str,
+        outputs: Mapping[str, str] | str | None = None,
         server: dict[str, Any] | str | None = None,
         triton_conn_id: str = TritonHook.default_conn_name,
         model_version: str = "",
-        passthrough_columns: Sequence[str] = (),
+        passthrough_columns: Sequence[str] | str = (),
         request_rows: int | str | None = None,
         max_in_flight: int | str | None = None,
         request_timeout: float = 120.0,
@@ -107,12 +115,14 @@ class TritonInferenceOperator(BaseOperator):
         super().__init__(**kwargs)
         self.chunk = chunk
         self.model_name = model_name
-        self.inputs = dict(inputs)
-        self.outputs = dict(outputs) if outputs else None
+        self.inputs: Any = inputs if isinstance(inputs, str) else dict(inputs)
+        self.outputs: Any = outputs if isinstance(outputs, str) or not outputs else dict(outputs)
         self.server = server
         self.triton_conn_id = triton_conn_id
         self.model_version = model_version
-        self.passthrough_columns = list(passthrough_columns)
+        self.passthrough_columns: Any = (
+            passthrough_columns if isinstance(passthrough_columns, str) else list(passthrough_columns)
+        )
         self.request_rows = request_rows
         self.max_in_flight = max_in_flight
         self.request_timeout = request_timeout
@@ -194,6 +204,13 @@ class TritonInferenceOperator(BaseOperator):
             ) from error
         return metadata, config
 
+    def resolve_templated(self) -> None:
+        """Read the rendered ``inputs``, ``outputs`` and ``passthrough_columns`` (JSON text, from a template)
+        or as given."""
+        self.inputs = as_mapping(self.inputs, "inputs")
+        self.outputs = as_mapping(self.outputs, "outputs") or None
+        self.passthrough_columns = as_list(self.passthrough_columns, "passthrough_columns")
+
     def prepare_for_model(self, metadata: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Adapt settings to the served model before the mapping is checked; a hook for subclasses.
 
@@ -215,6 +232,10 @@ class TritonInferenceOperator(BaseOperator):
         return next((s for s in fleet_servers(self.server) if s.grpc_url == hook.url), None)
 
     def execute(self, context: Any) -> dict[str, Any]:
+        try:
+            self.resolve_templated()
+        except ValueError as error:  # bad input: a retry renders the same text
+            raise AirflowFailException(str(error)) from error
         descriptor = ChunkDescriptor.from_dict(self.chunk)
         manifest = Manifest.load(descriptor.run_dir)
         chunk = self._open_chunk(descriptor, manifest)
