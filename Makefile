@@ -61,9 +61,10 @@ bench-servers: setup
 models: $(VENV)/.installed
 	$(PY) scripts/build_models.py
 
-# Refresh the pinned sets after changing pyproject.toml.
+# Refresh the pinned sets after changing pyproject.toml: every extra and the dev group (test tools), so that
+# `make setup` installs all of them.
 lock: $(VENV)/.installed
-	$(UV) pip compile -q -p $(PY) pyproject.toml --extra dev -o requirements/lock.txt --no-header --annotation-style line
+	$(UV) pip compile -q -p $(PY) pyproject.toml --all-extras --group dev -o requirements/lock.txt --no-header --annotation-style line
 
 clean:
 	rm -rf $(VENV) $(AIRFLOW_HOME) $(BATCH_INFER_HOME) .bench

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_batch_infer import __version__
+from airflow_batch_infer.config import provider_config
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -13,6 +14,7 @@ def get_provider_info() -> dict[str, Any]:
         "name": "Batch inference on Triton",
         "description": "Offline batch inference on NVIDIA Triton Inference Server.",
         "versions": [__version__],
+        "config": provider_config(),
         "integrations": [
             {
                 "integration-name": "NVIDIA Triton Inference Server",

@@ -9,22 +9,26 @@ from typing import Any
 from airflow.sdk import TaskGroup
 
 from airflow_batch_infer.client.output_binding import OutputTarget, check_output_mapping
+from airflow_batch_infer.config import get_setting
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
 from airflow_batch_infer.operators.persist import PersistOutputsOperator
 from airflow_batch_infer.operators.server import StartTritonServerOperator, StopTritonServerOperator
 from airflow_batch_infer.operators.stage import StageInputsOperator
 
+#: ``runtime=`` value that stands for ``[batch_infer] default_runtime``.
+DEFAULT_RUNTIME = "default"
+
 
 def batch_inference(
     *,
     model_name: str,
-    inputs: Mapping[str, str | Sequence[str]],
+    inputs: Mapping[str, str | Sequence[str]] | str,
     table: str,
     model_repository: str | Path | None = None,
-    outputs: Mapping[str, OutputTarget] | None = None,
+    outputs: Mapping[str, OutputTarget] | str | None = None,
     group_id: str = "batch_inference",
-    runtime: str | None = "local",
+    runtime: str | None = DEFAULT_RUNTIME,
     runtime_options: dict[str, Any] | None = None,
     triton_conn_id: str = TritonHook.default_conn_name,
     partition: str | None = None,
@@ -40,7 +44,7 @@ def batch_inference(
     max_in_flight: int | str | None = None,
     sink: str = "duckdb",
     sink_options: dict[str, Any] | None = None,
-    max_rejected_fraction: float | None = None,
+    max_rejected_fraction: float | str | None = None,
     infer_retries: int = 2,
     infer_options: dict[str, Any] | None = None,
     infer_operator: type[TritonInferenceOperator] = TritonInferenceOperator,
@@ -65,8 +69,10 @@ def batch_inference(
     """Build stage + start server (setup) → infer (mapped per chunk) → persist, and stop server (teardown).
 
     The server stops as soon as every chunk is scored, and also when inference fails. Templated
-    arguments (``source``, ``partition``, ``chunk_rows``, ``request_rows``, ...) may use Jinja, such as
-    ``"{{ params.partition }}"``.
+    arguments (``source``, ``partition``, ``chunk_rows``, ``request_rows``, ``inputs``, ``outputs``,
+    ``passthrough_columns``, ``row_id_column``, ``max_rejected_fraction``, ...) may use Jinja, such as
+    ``"{{ params.partition }}"``; a mapping or list from a Param is passed as its JSON text,
+    ``"{{ params.inputs | tojson }}"``.
 
     :param model_name: the Triton model to call.
     :param inputs: input tensor → column, or list of scalar columns stacked into one tensor.
@@ -75,8 +81,11 @@ def batch_inference(
     :param outputs: output tensor → output column (all outputs under their own names when ``None``), a list
         of columns (one per value of the tensor) or ``{value position: column}`` (chosen values only).
     :param group_id: the TaskGroup's id.
-    :param runtime: where the job's own server runs (``local``, ...); ``None`` uses a server that runs
-        anyway, at the ``triton_conn_id`` connection's address, with no start and stop tasks.
+    :param runtime: where the job's own server runs (``local``, ``docker``, ``kubernetes``, ``ecs``, a
+        site's own by entry point name or ``"module:Class"``); ``"default"`` (the default) is
+        ``[batch_infer] default_runtime`` (``local`` unless configured), read when the DAG is parsed;
+        ``None`` uses a server that runs anyway, at the ``triton_conn_id`` connection's address, with no
+        start and stop tasks.
     :param runtime_options: keyword options of the runtime.
     :param triton_conn_id: ``triton`` connection for TLS and headers.
     :param partition: the run's partition key (default: from the run's dates).
@@ -96,8 +105,8 @@ def batch_inference(
     :param request_rows: rows per gRPC request (default from the model config).
     :param max_in_flight: requests outstanding per task (default from the model config).
     :param sink: warehouse kind (``duckdb``, ``postgres``, ``s3_parquet``, ``redshift``, ``athena``,
-        ``iceberg``). For ``s3_parquet`` and ``athena``, whose tables are the part files, parts are
-        compressed wherever they are written.
+        ``iceberg``, or a site's own by entry point name or ``"module:Class"``). For ``s3_parquet`` and
+        ``athena``, whose tables are the part files, parts are compressed wherever they are written.
     :param sink_options: keyword options of the sink.
     :param max_rejected_fraction: fail the run, writing nothing, when more rows than this were set aside.
     :param infer_retries: Airflow retries of each infer task (each rewrites only its chunk).
@@ -133,6 +142,8 @@ def batch_inference(
     :param infer_operator: the mapped infer operator: :class:`TritonInferenceOperator`, or a subclass
         such as ``TritonGenerateOperator`` for LLM generation.
     """
+    if runtime == DEFAULT_RUNTIME:
+        runtime = get_setting("default_runtime") or "local"
     if runtime is not None and model_repository is None:
         raise ValueError("batch_inference needs model_repository when a runtime starts the server.")
     # A mapped task's arguments reach its operator only when it runs: check them now, when the DAG is parsed.

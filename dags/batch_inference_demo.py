@@ -1,9 +1,10 @@
 """Score every transaction with the ``risk_scorer`` model on Triton, after each ETL run.
 
 Scheduled on the ETL's Asset; for a manual run or a backfill, trigger it from the UI with Params
-(input path, partition, chunk rows, request rows, requests in flight, staging root, sink). Embedded
-defaults: a local ``tritonserver`` process, local files under ``$BATCH_INFER_HOME``, and a DuckDB
-warehouse; S3 and PostgreSQL by changing connections and Params only (see README).
+(model name and version, input path, partition, chunk rows, request rows, requests in flight, staging
+root, sink). Embedded defaults: a local ``tritonserver`` process, local files under ``$BATCH_INFER_HOME``,
+and a DuckDB warehouse; S3 and PostgreSQL by changing connections and Params only (see README). Its daily
+twin, ``batch_inference_daily``, runs on a time schedule, so a date range can be backfilled from the UI.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ with DAG(
     max_active_runs=1,
     tags=["demo", "triton"],
     params={
+        "model_name": Param("risk_scorer", type="string", description="Triton model to call."),
+        "model_version": Param(
+            "", type="string", description="Model version to call; empty: the server's choice."
+        ),
         "input_path": Param(str(TRANSACTIONS_PATH), type="string", description="Parquet file or folder."),
         "partition": Param(
             None,
@@ -102,7 +107,7 @@ with DAG(
 ) as dag:
     batch_inference(
         source="{{ params.input_path }}",
-        model_name="risk_scorer",
+        model_name="{{ params.model_name }}",
         model_repository=REPOSITORY,
         inputs={"features": FEATURES},
         outputs={"probability": "risk_score"},
@@ -121,4 +126,5 @@ with DAG(
         allowed_conn_ids=ALLOWED_CONN_IDS,
         limit_rows="{{ params.limit_rows or '' }}",
         validate_only="{{ params.validate_only }}",
+        infer_options={"model_version": "{{ params.model_version }}"},
     )

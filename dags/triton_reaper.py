@@ -12,10 +12,11 @@ The runtimes and their options (the same as the DAGs give them) come from the en
 ``{"local": {}, "docker": {"network": "airflow-batch-infer"}, "kubernetes": {"namespace": "ml"},
 "ecs": {"cluster": "gpu"}}``; only the local runtime by default.
 
-It also removes run folders (manifest, output and rejects parts) older than
-``BATCH_INFER_STAGING_RETENTION_DAYS`` (7 by default) whose runs are over, keeping the latest committed
-run of each partition, under each staging root of ``BATCH_INFER_STAGING_ROOTS`` (a JSON list of roots,
-URLs as ``s3://conn_id@bucket/prefix``; ``$BATCH_INFER_HOME/staging`` by default).
+It also removes run folders (manifest, output and rejects parts) older than ``[batch_infer]
+staging_retention_days`` (7 by default; also ``BATCH_INFER_STAGING_RETENTION_DAYS``) whose runs are over,
+keeping the latest committed run of each partition, under each staging root of
+``BATCH_INFER_STAGING_ROOTS`` (a JSON list of roots, URLs as ``s3://conn_id@bucket/prefix``;
+``$BATCH_INFER_HOME/staging`` by default).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from airflow_batch_infer.operators.retention import StagingRetentionOperator
 REAPED_RUNTIMES: dict[str, dict] = json.loads(os.environ.get("BATCH_INFER_REAPED_RUNTIMES") or "{}")
 REAPED_RUNTIMES = REAPED_RUNTIMES or {"local": {}}
 STAGING_ROOTS: list[str | None] = json.loads(os.environ.get("BATCH_INFER_STAGING_ROOTS") or "null") or [None]
-RETENTION_DAYS = float(os.environ.get("BATCH_INFER_STAGING_RETENTION_DAYS") or 7)
 
 with DAG(
     dag_id="triton_reaper",
@@ -52,6 +52,5 @@ with DAG(
             min_age=900,
         )
     for number, root in enumerate(STAGING_ROOTS):
-        StagingRetentionOperator(
-            task_id=f"remove_old_run_folders_{number}", staging_root=root, retention_days=RETENTION_DAYS
-        )
+        # retention_days: [batch_infer] staging_retention_days, read when the task runs.
+        StagingRetentionOperator(task_id=f"remove_old_run_folders_{number}", staging_root=root)

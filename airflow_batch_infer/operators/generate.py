@@ -51,7 +51,8 @@ class TritonGenerateOperator(TritonInferenceOperator):
     :param chunk: a chunk descriptor from :class:`StageInputsOperator` (the value mapped over).
     :param model_name: the model to call (``ensemble`` for NVIDIA's layout, ``llm_stand_in`` on CPU).
     :param prompt_template: ``str.format`` template over the row's columns, e.g.
-        ``"Summarise:\\n{body}\\nSummary:"`` (double the braces for a literal brace).
+        ``"Summarise:\\n{body}\\nSummary:"``. It is templated too: Jinja renders it first
+        (``{{ params.x }}``), so a literal brace for ``str.format`` is written ``{{ '{{' }}``.
     :param generation: job-level generation parameters, input tensor → value, such as ``max_tokens``
         (default 128), ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop_words`` and ``bad_words``
         (lists of strings); templated, so ``"{{ params.max_tokens }}"`` works.
@@ -70,7 +71,12 @@ class TritonGenerateOperator(TritonInferenceOperator):
     :param transport: ``stream`` (default) or ``unary``.
     """
 
-    template_fields: Sequence[str] = (*TritonInferenceOperator.template_fields, "generation")
+    template_fields: Sequence[str] = (
+        *TritonInferenceOperator.template_fields,
+        "generation",
+        "prompt_template",
+    )
+    template_fields_renderers = {**TritonInferenceOperator.template_fields_renderers, "generation": "json"}
 
     def __init__(
         self,
@@ -80,8 +86,8 @@ class TritonGenerateOperator(TritonInferenceOperator):
         prompt_template: str,
         generation: Mapping[str, Any] | None = None,
         parameter_columns: Mapping[str, str] | None = None,
-        inputs: Mapping[str, str | Sequence[str]] | None = None,
-        outputs: Mapping[str, str] | None = None,
+        inputs: Mapping[str, str | Sequence[str]] | str | None = None,
+        outputs: Mapping[str, str] | str | None = None,
         token_count_output: str | object | None = _UNSET,
         request_rows: int | str | None = None,
         max_in_flight: int | str | None = None,
@@ -92,8 +98,11 @@ class TritonGenerateOperator(TritonInferenceOperator):
         **kwargs: Any,
     ) -> None:
         parameter_columns = dict(parameter_columns or {})
-        inputs = dict(inputs or {})
-        clash = sorted(set(parameter_columns) & (set(generation or {}) | set(inputs) | {_PROMPT_TENSOR}))
+        inputs = inputs if isinstance(inputs, str) else dict(inputs or {})  # JSON text: read when it runs
+        given = (
+            set(generation or {}) | (set(inputs) if isinstance(inputs, dict) else set()) | {_PROMPT_TENSOR}
+        )
+        clash = sorted(set(parameter_columns) & given)
         if clash:
             raise ValueError(
                 f"Generation parameter(s) {clash} are given both per row (parameter_columns) and otherwise "
@@ -102,7 +111,7 @@ class TritonGenerateOperator(TritonInferenceOperator):
         super().__init__(
             chunk=chunk,
             model_name=model_name,
-            inputs={**inputs, **parameter_columns},
+            inputs=inputs if isinstance(inputs, str) else {**inputs, **parameter_columns},
             outputs=outputs,
             request_rows=request_rows,
             max_in_flight=max_in_flight,
@@ -119,6 +128,12 @@ class TritonGenerateOperator(TritonInferenceOperator):
         self.parameter_columns = parameter_columns
         self._default_outputs = outputs is None
         self._default_token_count = token_count_output is _UNSET
+
+    def resolve_templated(self) -> None:
+        """The rendered inputs (with the per-row parameters) and prompt template."""
+        super().resolve_templated()
+        self.inputs = {**self.inputs, **self.parameter_columns}
+        self.input_templates = {_PROMPT_TENSOR: self.prompt_template}
 
     def prepare_for_model(self, metadata: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Set outputs, constants, token count and request sizes from the model's metadata and config.

@@ -25,6 +25,7 @@ from airflow_batch_infer.runtimes.fleet import fleet_servers
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 from airflow_batch_infer.staging import ChunkDescriptor, Manifest, output_part_path, rejects_part_path
+from airflow_batch_infer.templated import as_list, as_mapping
 
 
 class TritonInferenceOperator(BaseOperator):
@@ -37,11 +38,12 @@ class TritonInferenceOperator(BaseOperator):
 
     :param chunk: a chunk descriptor from :class:`StageInputsOperator` (the value mapped over).
     :param model_name: the model to call.
-    :param inputs: input tensor → column, or list of scalar columns stacked into one tensor.
+    :param inputs: input tensor → column, or list of scalar columns stacked into one tensor; templated, a
+        mapping or its JSON text (``"{{ params.inputs | tojson }}"``).
     :param outputs: output tensor → output column (every output under its own name when ``None``), or a
         list of columns, one per value of the tensor (``["p_benign", "p_malignant"]``), or value position →
-        column for chosen values only (``{1: "p_malignant"}``). Checked when the DAG is parsed, and against
-        the model's widths before any row is sent.
+        column for chosen values only (``{1: "p_malignant"}``); templated, like ``inputs``. Checked when the
+        DAG is parsed (when not a template), and against the model's widths before any row is sent.
     :param top_k: the k most likely class labels, as columns ``label`` and ``label_score`` (k = 1) or
         ``label_1``…``label_k`` and ``label_score_1``…, from the output whose config names a
         ``label_filename`` (Triton's classification extension); 0 for none.
@@ -51,8 +53,9 @@ class TritonInferenceOperator(BaseOperator):
         ``None`` the ``triton_conn_id`` connection gives the endpoint.
     :param triton_conn_id: connection of type ``triton`` (TLS, headers; endpoint when ``server`` is None).
     :param model_version: version to call; ``""`` lets the server choose.
-    :param passthrough_columns: input columns copied to the output next to the row id; ``"*"`` copies every
-        column that no input tensor reads (SageMaker's ``JoinSource=Input``).
+    :param passthrough_columns: input columns copied to the output next to the row id (templated: a list or
+        its JSON text); ``"*"`` copies every column that no input tensor reads (SageMaker's
+        ``JoinSource=Input``).
     :param request_rows: rows per gRPC request (default: from the model's preferred batch sizes).
     :param max_in_flight: requests outstanding (default: 2 per model instance: one executing, one queued).
     :param request_timeout: seconds per request before it counts as a transient failure.
@@ -85,7 +88,11 @@ class TritonInferenceOperator(BaseOperator):
         "shared_memory",
         "transport",
         "sink",
+        "inputs",
+        "outputs",
+        "passthrough_columns",
     )
+    template_fields_renderers = {"inputs": "json", "outputs": "json", "passthrough_columns": "json"}
     ui_color = "#d6f5c9"
 
     def __init__(
@@ -93,8 +100,8 @@ class TritonInferenceOperator(BaseOperator):
         *,
         chunk: dict[str, Any],
         model_name: str,
-        inputs: Mapping[str, str | Sequence[str]],
-        outputs: Mapping[str, OutputTarget] | None = None,
+        inputs: Mapping[str, str | Sequence[str]] | str,
+        outputs: Mapping[str, OutputTarget] | str | None = None,
         server: dict[str, Any] | str | None = None,
         triton_conn_id: str = TritonHook.default_conn_name,
         model_version: str = "",
@@ -120,19 +127,15 @@ class TritonInferenceOperator(BaseOperator):
         super().__init__(**kwargs)
         self.chunk = chunk
         self.model_name = model_name
-        self.inputs = dict(inputs)
-        check_output_mapping(outputs)  # its shape, when the DAG is parsed; widths need the model
-        self.outputs = dict(outputs) if outputs else None
+        self.inputs: Any = inputs if isinstance(inputs, str) else dict(inputs)
+        if not isinstance(outputs, str):
+            check_output_mapping(outputs)  # its shape, when the DAG is parsed; widths need the model
+        self.outputs: Any = outputs if isinstance(outputs, str) or not outputs else dict(outputs)
         self.server = server
         self.triton_conn_id = triton_conn_id
         self.model_version = model_version
-        if isinstance(passthrough_columns, str) and passthrough_columns != "*":
-            raise ValueError(
-                f"passthrough_columns={passthrough_columns!r}: give a list of columns, or '*' for every "
-                "column that is not a model input."
-            )
-        self.passthrough_columns: list[str] | str = (
-            "*" if passthrough_columns == "*" else list(passthrough_columns)
+        self.passthrough_columns: Any = (
+            passthrough_columns if isinstance(passthrough_columns, str) else list(passthrough_columns)
         )
         if int(top_k) < 0:
             raise ValueError(f"top_k must be 0 (no labels) or a positive number of labels, not {top_k}.")
@@ -221,6 +224,15 @@ class TritonInferenceOperator(BaseOperator):
             ) from error
         return metadata, config
 
+    def resolve_templated(self) -> None:
+        """Read the rendered ``inputs``, ``outputs`` and ``passthrough_columns`` (JSON text, from a template)
+        or as given."""
+        self.inputs = as_mapping(self.inputs, "inputs")
+        self.outputs = as_mapping(self.outputs, "outputs") or None
+        check_output_mapping(self.outputs)
+        if self.passthrough_columns != "*":  # every column that is not a model input
+            self.passthrough_columns = as_list(self.passthrough_columns, "passthrough_columns")
+
     def prepare_for_model(self, metadata: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Adapt settings to the served model before the mapping is checked; a hook for subclasses.
 
@@ -249,6 +261,10 @@ class TritonInferenceOperator(BaseOperator):
         return next((s for s in fleet_servers(self.server) if s.grpc_url == hook.url), None)
 
     def execute(self, context: Any) -> dict[str, Any]:
+        try:
+            self.resolve_templated()
+        except ValueError as error:  # bad input: a retry renders the same text
+            raise AirflowFailException(str(error)) from error
         descriptor = ChunkDescriptor.from_dict(self.chunk)
         manifest = Manifest.load(descriptor.run_dir)
         chunk = self._open_chunk(descriptor, manifest)

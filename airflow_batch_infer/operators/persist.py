@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_batch_infer import storage
 from airflow_batch_infer.allowlist import check_sink
@@ -28,6 +29,7 @@ from airflow_batch_infer.staging import (
     run_file,
     write_json_atomically,
 )
+from airflow_batch_infer.templated import as_optional_fraction
 
 
 class IncompleteRunError(RuntimeError):
@@ -60,7 +62,16 @@ class PersistOutputsOperator(BaseOperator):
     :param runtime_options: the start task's runtime options (to renew a container server's lease).
     """
 
-    template_fields: Sequence[str] = ("chunks", "table", "sink", "sink_options", "partition", "results")
+    template_fields: Sequence[str] = (
+        "chunks",
+        "table",
+        "sink",
+        "sink_options",
+        "partition",
+        "results",
+        "max_rejected_fraction",
+    )
+    template_fields_renderers = {"sink_options": "json"}
     ui_color = "#fdf2d0"
     operator_extra_links = (OutputTableLink(), RunReportLink())
 
@@ -74,7 +85,7 @@ class PersistOutputsOperator(BaseOperator):
         partition: str | None = None,
         partition_column: str = "batch_partition",
         results: list[dict[str, Any]] | None = None,
-        max_rejected_fraction: float | None = None,
+        max_rejected_fraction: float | str | None = None,
         allowed_roots: list[str] | None = None,
         allowed_conn_ids: list[str] | None = None,
         server: dict[str, Any] | None = None,
@@ -138,7 +149,11 @@ class PersistOutputsOperator(BaseOperator):
         partition = resolve_partition(context, self.partition)
         outputs, rejects, rejected = self._collect_parts(manifest)
         share = rejected / manifest.total_rows if manifest.total_rows else 0.0
-        if self.max_rejected_fraction is not None and share > float(self.max_rejected_fraction):
+        try:
+            limit = as_optional_fraction(self.max_rejected_fraction, "max_rejected_fraction")
+        except ValueError as error:  # bad input: a retry renders the same text
+            raise AirflowFailException(str(error)) from error
+        if limit is not None and share > limit:
             raise IncompleteRunError(
                 f"{rejected:,} of {manifest.total_rows:,} rows ({share:.2%}) were set aside, more than "
                 f"max_rejected_fraction={self.max_rejected_fraction}: nothing written. The reasons are in "

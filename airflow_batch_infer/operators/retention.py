@@ -9,9 +9,10 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.config import get_float
 from airflow_batch_infer.operators.reaper import run_states
 from airflow_batch_infer.paths import batch_infer_home
-from airflow_batch_infer.retention import DEFAULT_RETENTION_DAYS, expired_folders, run_folders
+from airflow_batch_infer.retention import expired_folders, run_folders
 
 
 class StagingRetentionOperator(BaseOperator):
@@ -23,7 +24,7 @@ class StagingRetentionOperator(BaseOperator):
 
     :param staging_root: the root of run folders (default ``$BATCH_INFER_HOME/staging``); may be a URL.
     :param staging_conn_id: Airflow connection for a ``staging_root`` on object storage.
-    :param retention_days: how long a run folder is kept.
+    :param retention_days: how long a run folder is kept (default ``[batch_infer] staging_retention_days``).
     :param dry_run: only log what would be removed.
     """
 
@@ -35,7 +36,7 @@ class StagingRetentionOperator(BaseOperator):
         *,
         staging_root: str | None = None,
         staging_conn_id: str | None = None,
-        retention_days: float = DEFAULT_RETENTION_DAYS,
+        retention_days: float | str | None = None,
         dry_run: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -51,10 +52,11 @@ class StagingRetentionOperator(BaseOperator):
         )
         run_state = run_states(context["ti"])
 
-        groups = run_folders(root)
-        expired = expired_folders(
-            groups, run_state, now=time.time(), retention=float(self.retention_days) * 86400
+        days = (
+            get_float("staging_retention_days") if self.retention_days in (None, "") else self.retention_days
         )
+        groups = run_folders(root)
+        expired = expired_folders(groups, run_state, now=time.time(), retention=float(days) * 86400)
         self.log.info(
             "%d run folder(s) under %s, %d to remove.", sum(len(g) for g in groups), root, len(expired)
         )

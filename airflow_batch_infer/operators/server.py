@@ -12,6 +12,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, conf
 from airflow.sdk.exceptions import AirflowSkipException
 
+from airflow_batch_infer.config import get_float, get_setting
 from airflow_batch_infer.errors import model_load_failure
 from airflow_batch_infer.links import (
     EcsTaskLink,
@@ -20,7 +21,7 @@ from airflow_batch_infer.links import (
     TritonMetricsLink,
     TritonServerLogLink,
 )
-from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, ServerStartError, get_runtime
+from airflow_batch_infer.runtimes import RUNTIMES, ServerInfo, ServerOwner, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.base import TritonRuntime
 from airflow_batch_infer.runtimes.fleet import (
     SHARED_HOST_RUNTIMES,
@@ -51,7 +52,8 @@ class StartTritonServerOperator(BaseOperator):
         ``model_repository`` option overrides where a remote server reads it (``s3://...``).
     :param models: models to load (all in the repository when ``None``).
     :param runtime: where the server runs: ``local`` (a process on this machine), ``docker``,
-        ``kubernetes`` or ``ecs``.
+        ``kubernetes``, ``ecs``, or a site's own (an entry point name or ``"module:Class"``, see
+        :func:`~airflow_batch_infer.runtimes.get_runtime`); default ``[batch_infer] default_runtime``.
     :param runtime_options: keyword options of the runtime (see ``airflow_batch_infer.runtimes``).
     :param servers: how many servers, each with its own endpoint, or ``"auto"``: one per visible GPU for
         the local and docker runtimes (1 on a host without GPUs), each given its share of the GPUs; 1 for
@@ -64,7 +66,8 @@ class StartTritonServerOperator(BaseOperator):
     :param poll_interval: seconds between readiness polls when deferred.
     :param lease_timeout: seconds a server may go without a lease renewal before its keeper (or the
         reaper) stops it; the start task renews it while it waits, the infer and persist tasks while they
-        work (``airflow_batch_infer.runtimes.lease.renew``). Default: the runtime's (30 minutes).
+        work (``airflow_batch_infer.runtimes.lease.renew``). Default: ``[batch_infer] lease_timeout``
+        (30 minutes) for the built-in runtimes, the runtime's own for a site's.
     :param reattach: a retry of this task first looks for running servers that an earlier try started
         (same DAG run, task, map index and replica, same models) and returns them, waiting for those still
         loading, instead of starting more.
@@ -94,7 +97,7 @@ class StartTritonServerOperator(BaseOperator):
         *,
         model_repository: str,
         models: list[str] | None = None,
-        runtime: str = "local",
+        runtime: str | None = None,
         runtime_options: dict[str, Any] | None = None,
         servers: int | str = 1,
         min_ready: int | None = None,
@@ -107,6 +110,7 @@ class StartTritonServerOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.validate_only = validate_only
+        runtime = runtime or get_setting("default_runtime") or "local"
         if not (isinstance(servers, str) and "{{" in servers):
             resolve_servers(servers, runtime if "{{" not in str(runtime) else "local", gpus=[])  # checks it
         if min_ready is not None and int(min_ready) < 1:
@@ -135,6 +139,8 @@ class StartTritonServerOperator(BaseOperator):
         options = dict(self.runtime_options)
         if self.lease_timeout is not None:
             options["lease_timeout"] = float(self.lease_timeout)
+        elif "lease_timeout" not in options and self.runtime in RUNTIMES:
+            options["lease_timeout"] = get_float("lease_timeout")
         return options
 
     def execute(self, context: Any) -> dict[str, Any]:

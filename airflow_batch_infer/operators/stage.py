@@ -16,6 +16,7 @@ from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.sinks import sink_options
 from airflow_batch_infer.sql_options import check_export_parallelism, check_split_column
 from airflow_batch_infer.staging import SNAPSHOTS, run_directory, stage_source
+from airflow_batch_infer.templated import as_optional_str
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -138,9 +139,15 @@ class StageInputsOperator(BaseOperator):
         "table",
         "limit_rows",
         "validate_only",
+        "row_id_column",
     )
     template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers = {"sql": "sql"}
+    template_fields_renderers = {
+        "sql": "sql",
+        "sql_parameters": "json",
+        "sink_options": "json",
+        "columns": "json",
+    }
     ui_color = "#e8f4fd"
 
     def __init__(
@@ -344,7 +351,7 @@ class StageInputsOperator(BaseOperator):
             run_dir,
             chunk_rows=chunk_rows,
             columns=self.columns or None,
-            row_id_column=self.row_id_column,
+            row_id_column=as_optional_str(self.row_id_column),
             max_chunks=max_chunks,
             snapshot=snapshot,
             parallel_tasks=parallel,

@@ -173,7 +173,11 @@ def require_provider(module: str, extra: str) -> None:
     """
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # a parent package is missing too (airflow.providers.cncf)
+        spec = None
+    if spec is None:
         raise ImportError(
             f"{module} is not installed: `pip install 'airflow-provider-batch-infer[{extra}]'` "
             "to use this runtime."

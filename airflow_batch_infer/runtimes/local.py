@@ -66,8 +66,8 @@ _PORT_ATTEMPTS = 3
 class LocalTritonRuntime(TritonRuntime):
     """Runs ``tritonserver`` as a local process that outlives the task that started it, not its run.
 
-    :param server_env: the server's virtual environment (built on first use);
-        default ``$BATCH_INFER_TRITON_ENV``, else ``$BATCH_INFER_HOME/triton-server-env``.
+    :param server_env: the server's prebuilt virtual environment (``prepare`` below; a start never builds
+        it); default ``[batch_infer] triton_server_env``, else ``<home>/triton-server-env``.
     :param work_root: where each server gets its folder (model repository copy, ``server.log``, ``lease``);
         default ``$BATCH_INFER_HOME/servers``.
     :param startup_timeout: seconds to wait for the server and its models to be ready.
@@ -154,7 +154,7 @@ class LocalTritonRuntime(TritonRuntime):
         self, model_repository: str, models: list[str] | None
     ) -> tuple[ServerEnv, str, Path, Path, list[str]]:
         """The server environment, a new server id and folder, and the materialised repository in it."""
-        env = self.ensure_server_env()
+        env = ensure_server_env(self.server_env, build=False)  # a task never installs packages
         remove_orphaned_server_shm()
         server_id = f"abi-{uuid.uuid4().hex[:12]}"
         workdir = (self.work_root / server_id).resolve()
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare = sub.add_parser("prepare", help="build the Triton server environment (idempotent)")
     prepare.add_argument(
         "--server-env",
-        help="where (default: $BATCH_INFER_TRITON_ENV, else $BATCH_INFER_HOME/triton-server-env)",
+        help="where (default: [batch_infer] triton_server_env, else <home>/triton-server-env)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from airflow.sdk.exceptions import AirflowFailException
+
 from airflow_batch_infer.runtimes.base import ServerStartError
 
 log = logging.getLogger(__name__)
@@ -181,18 +183,38 @@ def _run_build_step(cmd: list[str]) -> None:
         )
 
 
-def ensure_server_env(env_path: Path) -> ServerEnv:
-    """Build the server environment at ``env_path`` if it is missing or out of date, and return it.
+class ServerEnvMissingError(ServerStartError, AirflowFailException):
+    """The server environment is not built (or out of date) where a task needs it: a retry cannot fix it,
+    so the task fails at once."""
+
+
+def prepare_command(env_path: Path) -> str:
+    """The command that builds the server environment at ``env_path``, for error messages and docs."""
+    return f"python -m airflow_batch_infer.runtimes.local prepare --server-env {env_path}"
+
+
+def ensure_server_env(env_path: Path, build: bool = True) -> ServerEnv:
+    """Return the server environment at ``env_path``, built first if it is missing or out of date.
 
     Safe when several processes call it at once (a file lock next to the environment). A warm call reads
     the facts probed at build time from the ready marker: no interpreter is started.
 
     :param env_path: root of the server's virtual environment.
+    :param build: build it when needed (``prepare``, at deploy or image build time); ``False`` (a task on a
+        worker, which may have no package index) fails instead with the command that builds it.
     """
     env_path = env_path.resolve()
     marker = env_path / _READY_MARKER
     wanted = _requirements_hash()
     facts = _read_marker(marker, wanted)
+    if facts is None and not build:
+        state = "is out of date (its requirements changed)" if marker.exists() else "is missing"
+        raise ServerEnvMissingError(
+            f"The local Triton runtime's server environment {env_path} {state}; a task never installs "
+            f"packages. Build it on this worker (or in its image) with `{prepare_command(env_path)}` "
+            "(`make setup` does), or point [batch_infer] triton_server_env ($BATCH_INFER_TRITON_ENV) at a "
+            "prebuilt one."
+        )
     if facts is None:
         env_path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = env_path.with_name(env_path.name + ".lock")
@@ -284,8 +306,8 @@ def _load_server_env(env_path: Path, facts: dict[str, Any]) -> ServerEnv:
     if installed != [f"numpy-{env.numpy_version}.dist-info"]:  # numpy changed since the probe: ask again
         env = dataclasses.replace(env, numpy_version=check_server_numpy(env.python))
     if not env.tritonserver.exists() or not env.python.exists():
-        raise ServerStartError(
+        raise ServerEnvMissingError(
             f"{env.tritonserver} is missing: remove {env_path / _READY_MARKER} and run "
-            "`python -m airflow_batch_infer.runtimes.local prepare`."
+            f"`{prepare_command(env_path)}`."
         )
     return env

@@ -1,12 +1,17 @@
-"""Warehouse writers. Each replaces exactly one partition of a table, atomically."""
+"""Warehouse writers. Each replaces exactly one partition of a table, atomically.
+
+Besides the built-in ones (:data:`SINKS`), a site's own :class:`WarehouseSink` subclass is used by its class
+path (``sink="my_pkg.sinks:BigQuerySink"``) or by the name of an entry point in the
+``airflow_batch_infer.sinks`` group (:mod:`airflow_batch_infer.plugins`).
+"""
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
+from airflow_batch_infer.plugins import SINK_GROUP, resolve_plugin
 from airflow_batch_infer.sinks.base import PersistResult, SchemaMismatchError, WarehouseSink
 
 __all__ = [
@@ -28,6 +33,14 @@ SINKS = {
     "athena": "airflow_batch_infer.sinks.athena:AthenaSink",
     "iceberg": "airflow_batch_infer.sinks.iceberg:IcebergSink",
 }
+# Built-in sink → the pip extra that brings its client libraries (the duckdb sink needs only the core).
+SINK_EXTRAS = {
+    "postgres": "postgres",
+    "s3_parquet": "amazon",
+    "redshift": "amazon",
+    "athena": "amazon",
+    "iceberg": "iceberg",
+}
 
 # Sinks whose table is made of the part files themselves, as they are: their parts are worth compressing
 # wherever they are written (a scan is paid by the byte).
@@ -37,14 +50,20 @@ PARTS_ARE_THE_TABLE = frozenset({"s3_parquet", "athena"})
 def get_sink(name: str, **options: Any) -> WarehouseSink:
     """Return the sink called ``name`` configured with ``options``.
 
-    :param name: ``duckdb``, ``postgres``, ``s3_parquet``, ``redshift``, ``athena`` or ``iceberg``.
+    :param name: ``duckdb``, ``postgres``, ``s3_parquet``, ``redshift``, ``athena``, ``iceberg``, an
+        entry point of the ``airflow_batch_infer.sinks`` group, or a class path ``"my_pkg.module:MySink"``.
     :param options: keyword arguments of that sink's constructor (``table``, ``partition_column``,
         ``create_table`` and the sink's own: connection, database, location...).
     """
-    if name not in SINKS:
-        raise ValueError(f"Unknown sink {name!r}; available: {', '.join(repr(s) for s in SINKS)}.")
-    module, _, cls = SINKS[name].partition(":")
-    sink_class = getattr(importlib.import_module(module), cls)
+    try:
+        sink_class = resolve_plugin(name, SINKS, SINK_GROUP, "sink", WarehouseSink)
+    except ValueError as err:
+        if name in SINK_EXTRAS and isinstance(err.__cause__, ImportError):
+            raise ImportError(
+                f"The {name!r} sink needs `pip install 'airflow-provider-batch-infer[{SINK_EXTRAS[name]}]'`: "
+                f"{err.__cause__}"
+            ) from err
+        raise
     try:
         return sink_class(**options)
     except TypeError as err:
