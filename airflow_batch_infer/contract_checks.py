@@ -123,3 +123,69 @@ def outputs_schema(
 
     kept = [schema.field(c) for c in [row_id_column, *passthrough] if c in schema.names]
     return pa.schema(kept + [field for b in bindings for field in output_fields(b)])
+
+
+def check_before_start(
+    schema: pa.Schema,
+    row_id_column: str | None,
+    *,
+    model_name: str,
+    model_repository: str,
+    inputs: Mapping[str, Any] | str,
+    outputs: Mapping[str, Any] | str | None,
+    input_templates: Mapping[str, str] | None,
+    input_constants: Mapping[str, Any] | None,
+    passthrough_columns: Sequence[str],
+    table: str | None,
+    sink: str | None,
+    sink_options: dict[str, Any],
+    log: Any,
+) -> bool:
+    """The stage task's checks before any server starts: the column → tensor mapping against the model's
+    ``config.pbtxt``, then the output parts' columns against the sink's existing table; whether the model's
+    config could be read here (``False``: the infer tasks check against the server).
+
+    :param schema: the input's columns as staged.
+    :param row_id_column: the row id column the outputs carry (``None``: a generated ``row_id``).
+    :param model_name: the model.
+    :param model_repository: its repository.
+    :param inputs: the inputs mapping (or its JSON text, from a template).
+    :param outputs: the outputs mapping (or its JSON text).
+    :param input_templates: BYTES inputs built from templates.
+    :param input_constants: inputs sent as constants.
+    :param passthrough_columns: input columns copied to the outputs.
+    :param table: the output table (``None``: not known here).
+    :param sink: the sink (``None``: not known here).
+    :param sink_options: the sink's options.
+    :param log: where to say what was checked.
+    """
+    from airflow_batch_infer.sinks.table_checks import check_output_table
+    from airflow_batch_infer.staging import DEFAULT_ROW_ID_COLUMN
+    from airflow_batch_infer.templated import as_mapping
+
+    contract = repository_contract(model_repository, model_name)
+    if contract is None:
+        log.info(
+            "Model %r: no local config.pbtxt to check against; the infer task checks the mapping against "
+            "the server.",
+            model_name,
+        )
+        return False
+    id_column = row_id_column or DEFAULT_ROW_ID_COLUMN
+    if id_column not in schema.names:
+        schema = schema.insert(0, pa.field(id_column, pa.int64()))
+    inputs, outputs = as_mapping(inputs, "inputs"), as_mapping(outputs, "outputs") or None
+    bindings = check_mapping(*contract, schema, inputs, outputs, input_templates, input_constants)
+    log.info(
+        "Contract checked before the server starts: model %r (%s) takes inputs %s and gives outputs %s.",
+        model_name,
+        model_repository,
+        inputs,
+        {b.tensor: b.column for b in bindings},
+    )
+    if table and sink:
+        parts = outputs_schema(schema, bindings, id_column, passthrough_columns)
+        checked = check_output_table(sink, sink_options, table, parts)
+        if checked:
+            log.info("The outputs fit the existing %s.", checked)
+    return True

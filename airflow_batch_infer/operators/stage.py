@@ -140,6 +140,10 @@ class StageInputsOperator(BaseOperator):
         "limit_rows",
         "validate_only",
         "row_id_column",
+        "model_name",
+        "model_repository",
+        "inputs",
+        "outputs",
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {
@@ -147,6 +151,8 @@ class StageInputsOperator(BaseOperator):
         "sql_parameters": "json",
         "sink_options": "json",
         "columns": "json",
+        "inputs": "json",
+        "outputs": "json",
     }
     ui_color = "#e8f4fd"
 
@@ -274,39 +280,23 @@ class StageInputsOperator(BaseOperator):
         """
         if schema is None or not (self.model_name and self.model_repository and self.inputs):
             return False
-        import pyarrow as pa
+        from airflow_batch_infer.contract_checks import check_before_start
 
-        from airflow_batch_infer.contract_checks import check_mapping, outputs_schema, repository_contract
-        from airflow_batch_infer.sinks.table_checks import check_output_table
-        from airflow_batch_infer.staging import DEFAULT_ROW_ID_COLUMN
-
-        contract = repository_contract(self.model_repository, self.model_name)
-        if contract is None:
-            self.log.info(
-                "Model %r: no local config.pbtxt to check against; the infer task checks the "
-                "mapping against the server.",
-                self.model_name,
-            )
-            return False
-        id_column = row_id_column or DEFAULT_ROW_ID_COLUMN
-        if id_column not in schema.names:
-            schema = schema.insert(0, pa.field(id_column, pa.int64()))
-        bindings = check_mapping(
-            *contract, schema, self.inputs, self.outputs, self.input_templates, self.input_constants
+        return check_before_start(
+            schema,
+            row_id_column,
+            model_name=self.model_name,
+            model_repository=self.model_repository,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            input_templates=self.input_templates,
+            input_constants=self.input_constants,
+            passthrough_columns=self.passthrough_columns,
+            table=self.table if _given(self.table) else None,
+            sink=self.sink if _given(self.sink) else None,
+            sink_options=sink_options(self.sink_options) if _given(self.sink) else {},
+            log=self.log,
         )
-        self.log.info(
-            "Contract checked before the server starts: model %r (%s) takes inputs %s and gives outputs %s.",
-            self.model_name,
-            self.model_repository,
-            self.inputs,
-            {b.tensor: b.column for b in bindings},
-        )
-        if _given(self.table) and _given(self.sink):
-            parts = outputs_schema(schema, bindings, id_column, self.passthrough_columns)
-            checked = check_output_table(self.sink, sink_options(self.sink_options), self.table, parts)
-            if checked:
-                self.log.info("The outputs fit the existing %s.", checked)
-        return True
 
     def _known_schema(self, source: Source) -> pa.Schema | None:
         """The input's columns as they will be staged, where known before staging."""
