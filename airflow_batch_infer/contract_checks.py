@@ -161,7 +161,7 @@ def check_before_start(
     """
     from airflow_batch_infer.sinks.table_checks import check_output_table
     from airflow_batch_infer.staging import DEFAULT_ROW_ID_COLUMN
-    from airflow_batch_infer.templated import as_mapping
+    from airflow_batch_infer.templated import as_list, as_mapping
 
     contract = repository_contract(model_repository, model_name)
     if contract is None:
@@ -184,6 +184,13 @@ def check_before_start(
         {b.tensor: b.column for b in bindings},
     )
     if table and sink:
+        if isinstance(passthrough_columns, str):  # "*", or a list's JSON text from a template
+            read = {c for v in inputs.values() for c in ([v] if isinstance(v, str) else v)}
+            passthrough_columns = (
+                [c for c in schema.names if c not in read and c != id_column]
+                if passthrough_columns == "*"
+                else as_list(passthrough_columns, "passthrough_columns")
+            )
         parts = outputs_schema(schema, bindings, id_column, passthrough_columns)
         checked = check_output_table(sink, sink_options, table, parts)
         if checked:

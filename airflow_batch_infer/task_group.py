@@ -147,9 +147,17 @@ def batch_inference(
     if runtime is not None and model_repository is None:
         raise ValueError("batch_inference needs model_repository when a runtime starts the server.")
     # A mapped task's arguments reach its operator only when it runs: check them now, when the DAG is parsed.
-    check_output_mapping(outputs)
-    if isinstance(passthrough_columns, str) and passthrough_columns != "*":
-        raise ValueError(f"passthrough_columns={passthrough_columns!r}: give a list of columns, or '*'.")
+    if not isinstance(outputs, str):  # a template's text is checked by the infer task, once rendered
+        check_output_mapping(outputs)
+    if (
+        isinstance(passthrough_columns, str)
+        and passthrough_columns != "*"
+        and "{{" not in passthrough_columns
+    ):
+        raise ValueError(
+            f"passthrough_columns={passthrough_columns!r}: give a list of columns (or a template of its JSON "
+            "text), or '*'."
+        )
     if postprocess is not None and not callable(postprocess):
         raise ValueError(f"postprocess must be a function DataFrame → DataFrame, not {postprocess!r}.")
     with TaskGroup(group_id=group_id) as group:

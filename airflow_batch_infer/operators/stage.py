@@ -195,11 +195,14 @@ class StageInputsOperator(BaseOperator):
         super().__init__(**kwargs)
         self.model_name = model_name
         self.model_repository = model_repository
-        self.inputs = dict(inputs) if inputs else None
-        self.outputs = dict(outputs) if outputs else None
+        # Mappings, or their JSON text from a template (read when the checks run).
+        self.inputs: Any = inputs if isinstance(inputs, str) or not inputs else dict(inputs)
+        self.outputs: Any = outputs if isinstance(outputs, str) or not outputs else dict(outputs)
         self.input_templates = dict(input_templates or {})
         self.input_constants = dict(input_constants or {})
-        self.passthrough_columns = list(passthrough_columns)
+        self.passthrough_columns: Any = (
+            passthrough_columns if isinstance(passthrough_columns, str) else list(passthrough_columns)
+        )
         self.table = table
         self.limit_rows = limit_rows
         self.validate_only = validate_only
