@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from airflow_batch_infer import __version__
 from airflow_batch_infer.config import provider_config
+
+#: The ECS server's links, listed where the amazon provider (the ``amazon`` extra) is installed.
+AWS_LINKS = (
+    ["airflow_batch_infer.links_aws.EcsTaskLink", "airflow_batch_infer.links_aws.TritonCloudWatchLogLink"]
+    if importlib.util.find_spec("airflow.providers.amazon") is not None
+    else []
+)
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -45,8 +53,7 @@ def get_provider_info() -> dict[str, Any]:
             "airflow_batch_infer.links.TritonMetricsLink",
             "airflow_batch_infer.links.TritonServerLogLink",
             "airflow_batch_infer.links.KubernetesPodLink",
-            "airflow_batch_infer.links.EcsTaskLink",
-            "airflow_batch_infer.links.TritonCloudWatchLogLink",
+            *AWS_LINKS,
             "airflow_batch_infer.links.OutputTableLink",
             "airflow_batch_infer.links.RunReportLink",
         ],

@@ -14,10 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-from airflow.providers.amazon.aws.links.base_aws import BASE_AWS_CONSOLE_LINK, BaseAwsLink
-from airflow.providers.amazon.aws.links.logs import CloudWatchEventsLink
-from airflow.providers.common.compat.sdk import XCom
 from airflow.sdk import BaseOperatorLink, conf
+from airflow.sdk.execution_time.xcom import XCom
 
 if TYPE_CHECKING:
     from airflow.sdk.types import TaskInstanceKey
@@ -28,7 +26,7 @@ DASHBOARD_OPTION = ("batch_infer", "kubernetes_dashboard_url")
 REPORT_FILE = "report.html"
 
 
-def _return_value(ti_key: TaskInstanceKey) -> dict[str, Any]:
+def return_value(ti_key: TaskInstanceKey) -> dict[str, Any]:
     value = XCom.get_value(ti_key=ti_key, key="return_value")
     return value if isinstance(value, dict) else {}
 
@@ -50,7 +48,7 @@ class TritonMetricsLink(BaseOperatorLink):
     name = "Triton metrics"
 
     def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
-        return str(_return_value(ti_key).get("metrics_url") or "")
+        return str(return_value(ti_key).get("metrics_url") or "")
 
 
 class TritonServerLogLink(BaseOperatorLink):
@@ -59,7 +57,7 @@ class TritonServerLogLink(BaseOperatorLink):
     name = "Triton server log"
 
     def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
-        log_path = (_return_value(ti_key).get("handle") or {}).get("log_path")
+        log_path = (return_value(ti_key).get("handle") or {}).get("log_path")
         return "file://" + quote(str(log_path)) if log_path else ""
 
 
@@ -69,62 +67,20 @@ class KubernetesPodLink(BaseOperatorLink):
     name = "Kubernetes pod"
 
     def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
-        handle = _return_value(ti_key).get("handle") or {}
+        handle = return_value(ti_key).get("handle") or {}
         template = conf.get(*DASHBOARD_OPTION, fallback="")
         if not handle.get("pod_name") or not template:
             return ""
         return template.format(namespace=quote(handle["namespace"]), pod_name=quote(handle["pod_name"]))
 
 
-def _ecs_task(ti_key: TaskInstanceKey) -> dict[str, str] | None:
-    """Region, partition, cluster, task id and log of the server's ECS task, from its ARN
-    (``arn:<partition>:ecs:<region>:<account>:task/<cluster>/<task id>``)."""
-    handle = _return_value(ti_key).get("handle") or {}
-    arn = str(handle.get("task_arn") or "")
-    fields = arn.split(":", 5)
-    if len(fields) != 6 or fields[2] != "ecs":
-        return None
-    _, cluster, task_id = [*fields[5].split("/"), "", ""][:3]
-    return {
-        "aws_domain": BaseAwsLink.get_aws_domain(fields[1]) or "aws.amazon.com",
-        "region_name": fields[3],
-        "cluster_name": cluster or str(handle.get("cluster") or ""),
-        "task_id": task_id,
-        "log_group": str(handle.get("log_group") or ""),
-        "log_stream": str(handle.get("log_stream") or ""),
-    }
-
-
-class EcsTaskLink(BaseAwsLink):
-    """The server's ECS task in the AWS console (the amazon provider's console link, built from the ARN)."""
-
-    name = "ECS task"
-    key = "batch_infer_ecs_task"
-    format_str = (
-        BASE_AWS_CONSOLE_LINK + "/ecs/v2/clusters/{cluster_name}/tasks/{task_id}?region={region_name}"
-    )
-
-    def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
-        task = _ecs_task(ti_key)
-        return self.format_link(**task) if task else ""
-
-
-class TritonCloudWatchLogLink(CloudWatchEventsLink):
-    """The ECS server's log stream in CloudWatch Logs (the amazon provider's ``CloudWatchEventsLink``)."""
-
-    name = "Triton server log (CloudWatch)"
-    key = "batch_infer_cloudwatch_log"
-
-    def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
-        task = _ecs_task(ti_key)
-        if not task or not task["log_group"]:
-            return ""
-        return self.format_link(
-            aws_domain=task["aws_domain"],
-            awslogs_region=task["region_name"],
-            awslogs_group=task["log_group"],
-            awslogs_stream_name=task["log_stream"],
-        )
+def aws_links() -> list[BaseOperatorLink]:
+    """The ECS task and CloudWatch log links (:mod:`.links_aws`), where the amazon provider is installed."""
+    try:
+        from airflow_batch_infer.links_aws import EcsTaskLink, TritonCloudWatchLogLink
+    except ImportError:  # no amazon extra: no ECS server either
+        return []
+    return [EcsTaskLink(), TritonCloudWatchLogLink()]
 
 
 class OutputTableLink(BaseOperatorLink):
@@ -133,7 +89,7 @@ class OutputTableLink(BaseOperatorLink):
     name = "Output table"
 
     def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
-        uri = str(_return_value(ti_key).get("output_uri") or "")
+        uri = str(return_value(ti_key).get("output_uri") or "")
         if uri.startswith("file://"):
             return uri
         return _file_or_console_url(uri) if uri else ""
@@ -145,7 +101,7 @@ class RunReportLink(BaseOperatorLink):
     name = "Run report"
 
     def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
-        run_dir = str(_return_value(ti_key).get("run_dir") or "")
+        run_dir = str(return_value(ti_key).get("run_dir") or "")
         if not run_dir:
             return ""
         report = run_dir.rstrip("/") + "/" + REPORT_FILE

@@ -14,13 +14,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_batch_infer.config import get_float, get_setting
 from airflow_batch_infer.errors import model_load_failure
-from airflow_batch_infer.links import (
-    EcsTaskLink,
-    KubernetesPodLink,
-    TritonCloudWatchLogLink,
-    TritonMetricsLink,
-    TritonServerLogLink,
-)
+from airflow_batch_infer.links import KubernetesPodLink, TritonMetricsLink, TritonServerLogLink, aws_links
 from airflow_batch_infer.runtimes import RUNTIMES, ServerInfo, ServerOwner, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.base import TritonRuntime
 from airflow_batch_infer.runtimes.fleet import (
@@ -84,13 +78,7 @@ class StartTritonServerOperator(BaseOperator):
         "validate_only",
     )
     ui_color = "#76b900"
-    operator_extra_links = (
-        TritonMetricsLink(),
-        TritonServerLogLink(),
-        KubernetesPodLink(),
-        EcsTaskLink(),
-        TritonCloudWatchLogLink(),
-    )
+    operator_extra_links = (TritonMetricsLink(), TritonServerLogLink(), KubernetesPodLink(), *aws_links())
 
     def __init__(
         self,

@@ -307,7 +307,11 @@ class StageInputsOperator(BaseOperator):
         if schema is None or not self.columns:
             return schema
         keep = [c for c in [self.row_id_column, *self.columns] if c and c in schema.names]
-        return schema if len(keep) < len(self.columns) else schema.select(list(dict.fromkeys(keep)))
+        if len(keep) < len(self.columns):  # a column it lacks: staging names it
+            return schema
+        import pyarrow as pa
+
+        return pa.schema([schema.field(c) for c in dict.fromkeys(keep)])
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         from airflow_batch_infer.row_limits import LimitedSource, limit_pinned, row_limit, scratch_partition

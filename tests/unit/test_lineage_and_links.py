@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from airflow_batch_infer import links
+from airflow_batch_infer import links, links_aws
 from airflow_batch_infer.assets import table_location
 
 LINKS = [
-    "TritonMetricsLink",
-    "TritonServerLogLink",
-    "KubernetesPodLink",
-    "EcsTaskLink",
-    "TritonCloudWatchLogLink",
-    "OutputTableLink",
-    "RunReportLink",
+    "links.TritonMetricsLink",
+    "links.TritonServerLogLink",
+    "links.KubernetesPodLink",
+    "links_aws.EcsTaskLink",  # with the amazon extra, as here
+    "links_aws.TritonCloudWatchLogLink",
+    "links.OutputTableLink",
+    "links.RunReportLink",
 ]
 ECS_FLEET = {
     "runtime": "ecs",
@@ -42,7 +42,7 @@ def test_airflow_lists_every_link_of_the_provider(airflow_db) -> None:
         [airflow, "providers", "links", "-o", "json"], capture_output=True, text=True, check=True
     )
     listed = {row["extra_link_class_name"] for row in json.loads(done.stdout)}
-    assert {f"airflow_batch_infer.links.{name}" for name in LINKS} <= listed
+    assert {f"airflow_batch_infer.{name}" for name in LINKS} <= listed
 
 
 def link_for(monkeypatch, link: object, value: dict) -> str:
@@ -54,10 +54,10 @@ def link_for(monkeypatch, link: object, value: dict) -> str:
 
 
 def test_the_ecs_links_open_the_task_and_its_log_stream_in_the_console(monkeypatch) -> None:
-    assert link_for(monkeypatch, links.EcsTaskLink(), ECS_FLEET) == (
+    assert link_for(monkeypatch, links_aws.EcsTaskLink(), ECS_FLEET) == (
         "https://console.aws.amazon.com/ecs/v2/clusters/gpu/tasks/0123abcd?region=eu-west-1"
     )
-    assert link_for(monkeypatch, links.TritonCloudWatchLogLink(), ECS_FLEET) == (
+    assert link_for(monkeypatch, links_aws.TritonCloudWatchLogLink(), ECS_FLEET) == (
         "https://console.aws.amazon.com/cloudwatch/home?region=eu-west-1#logsV2:log-groups/log-group/"
         "%2Fbatch-infer%2Ftriton/log-events/triton%2Ftriton%2F0123abcd"
     )
@@ -75,7 +75,7 @@ def test_the_pod_link_uses_the_dashboard_url_of_the_configuration(monkeypatch) -
     assert (
         link_for(monkeypatch, links.KubernetesPodLink(), fleet) == "https://k8s.example/#/pod/gpu-jobs/abi-2"
     )
-    assert link_for(monkeypatch, links.EcsTaskLink(), fleet) == ""
+    assert link_for(monkeypatch, links_aws.EcsTaskLink(), fleet) == ""
 
 
 def test_persist_links_open_the_s3_prefix_and_the_report(monkeypatch) -> None:
