@@ -29,6 +29,7 @@ import json
 import posixpath
 import re
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -112,6 +113,7 @@ class Manifest:
     :param filtered_rows: rows the filter removed at stage: all of them for a copy; for a snapshot by
         reference, those of row groups pruned by their statistics (the rest are filtered as the infer
         tasks read, and counted in their results).
+    :param stage_seconds: wall time of the snapshot (for the run report).
     """
 
     run_dir: str
@@ -130,6 +132,7 @@ class Manifest:
     partition: str = ""
     row_filter: dict[str, Any] | None = None
     filtered_rows: int = 0
+    stage_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: a deep copy of the pinned files' row-group lists cost more than reading their footers.
@@ -310,7 +313,7 @@ def stage_source(
     """
     if snapshot not in SNAPSHOTS:
         raise StagingError(f"snapshot must be one of {list(SNAPSHOTS)}, got {snapshot!r}.")
-    known = source.schema()
+    started, known = time.monotonic(), source.schema()
     if known is not None:
         check_columns(known.names, columns, row_id_column, source.description)
     keep = list(columns) if columns else None
@@ -319,7 +322,9 @@ def stage_source(
     from airflow_batch_infer.sources.parquet import ParquetSource
 
     parsed = None
-    if row_filter is not None and not (isinstance(row_filter, str) and not row_filter.strip()):
+    if isinstance(row_filter, str) and row_filter.strip() in ("", "None"):  # a template rendered empty
+        row_filter = None
+    if row_filter is not None:
         if not isinstance(source, ParquetSource):
             raise StagingError(
                 "filter= is for Parquet sources; for a SQL query, put the condition in its WHERE clause."
@@ -343,6 +348,7 @@ def stage_source(
     if run:
         manifest.dag_id, manifest.run_id = str(run["dag_id"]), str(run["run_id"])
         manifest.partition = str(run.get("partition", ""))
+    manifest.stage_seconds = round(time.monotonic() - started, 3)
     write_json_atomically(run_file(run_dir, MANIFEST), manifest.to_dict())
     return manifest
 

@@ -38,3 +38,63 @@ def server_work(info: ServerInfo, timeout: float = 5.0) -> dict[str, int]:
             ((model.get("inference_stats") or {}).get("success") or {}).get("count") or 0
         )
     return totals
+
+
+def model_snapshot(hook: Any, model_name: str) -> dict[str, Any] | None:
+    """Triton's cumulative counters for ``model_name`` (all versions summed), for the run report: successful
+    ``requests``, ``queue_ns`` and ``compute_ns`` (input + infer + output) over them, rows
+    (``inference_count``), ``executions`` (batches) and ``batches`` (batch size → executions). ``None``
+    when the server cannot be asked: the report then says so.
+
+    :param hook: a :class:`~airflow_batch_infer.hooks.triton.TritonHook` of the server.
+    :param model_name: the model.
+    """
+    try:
+        stats = hook.get_inference_statistics(model_name)
+    except Exception as error:
+        log.info("Could not read the statistics of model %s at %s: %s", model_name, hook.url, error)
+        return None
+    snapshot: dict[str, Any] = {
+        "requests": 0,
+        "queue_ns": 0,
+        "compute_ns": 0,
+        "inference_count": 0,
+        "executions": 0,
+        "batches": {},
+    }
+    for model in stats.get("model_stats", []):
+        inference = model.get("inference_stats") or {}
+        snapshot["requests"] += int((inference.get("success") or {}).get("count") or 0)
+        snapshot["queue_ns"] += int((inference.get("queue") or {}).get("ns") or 0)
+        for phase in ("compute_input", "compute_infer", "compute_output"):
+            snapshot["compute_ns"] += int((inference.get(phase) or {}).get("ns") or 0)
+        snapshot["inference_count"] += int(model.get("inference_count") or 0)
+        snapshot["executions"] += int(model.get("execution_count") or 0)
+        for batch in model.get("batch_stats") or []:
+            size = str(int(batch.get("batch_size") or 0))
+            count = int((batch.get("compute_infer") or {}).get("count") or 0)
+            snapshot["batches"][size] = snapshot["batches"].get(size, 0) + count
+    return snapshot
+
+
+def gpu_utilization(metrics_url: str, timeout: float = 2.0) -> float | None:
+    """The mean of the server's ``nv_gpu_utilization`` gauges (0-1) from its Prometheus metrics endpoint;
+    ``None`` where it reports none (a CPU-only server) or cannot be reached.
+
+    :param metrics_url: ``http://host:port/metrics``.
+    :param timeout: seconds for the request.
+    """
+    import urllib.request
+
+    if not metrics_url:
+        return None
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:  # noqa: S310 (the server's own)
+            text = response.read().decode(errors="replace")
+    except Exception as error:
+        log.info("Could not read the metrics at %s: %s", metrics_url, error)
+        return None
+    values = [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("nv_gpu_utilization")
+    ]
+    return round(sum(values) / len(values), 4) if values else None

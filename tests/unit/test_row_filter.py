@@ -116,7 +116,7 @@ def test_filter_is_refused_for_a_sql_source(tmp_path: Path) -> None:
     from airflow_batch_infer.staging import stage_source
 
     source = SQLQuerySource("SELECT range AS key FROM range(10)", database=str(tmp_path / "db.duckdb"))
-    with pytest.raises(StagingError, match="filter= is for Parquet sources.*WHERE clause"):
+    with pytest.raises(StagingError, match=r"filter= is for Parquet sources.*WHERE clause"):
         stage_source(source, tmp_path / "run", snapshot="copy", row_filter="key > 1")
 
 
