@@ -54,7 +54,7 @@ def throughput_chart(tasks: Sequence[Sequence[Sequence[float]]], labels: Sequenc
     axes.set_ylabel("rows/s")
     axes.set_title("Rows/s over time, all infer tasks stacked")
     if 1 < len(labels) <= 12:
-        axes.legend(loc="upper right", fontsize="small")
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return _png(figure)
 
 

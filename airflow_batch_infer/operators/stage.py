@@ -369,13 +369,14 @@ class StageInputsOperator(BaseOperator):
             self._check_contract(open_parquet(manifest.chunks[0].path).schema_arrow, self.row_id_column)
         self._staged = manifest  # for get_openlineage_facets_on_complete
         pinned = f"{len(manifest.files)} file(s) pinned, nothing copied"
-        filtered = f"{manifest.filtered_rows:,} rows filtered out by {manifest.row_filter['text']!r}; "
+        text = (manifest.row_filter or {}).get("text")
+        filtered = f"{manifest.filtered_rows:,} rows filtered out by {text!r}; " if text else ""
         self.log.info(
             "Staged %s rows from %s (%s%s) into %d chunk(s) of about %s rows (%d infer tasks at once) under "
             "%s (partition %s)",
             f"{manifest.total_rows:,}",
             source.description if not limit else f"the first {limit:,} rows of {source.description}",
-            filtered if manifest.row_filter else "",
+            filtered,
             pinned if manifest.snapshot == "reference" else "rows copied into chunk files",
             *(len(manifest.chunks), f"{manifest.chunk_rows:,}", parallel, run_dir, partition),
         )
