@@ -325,7 +325,7 @@ def stage_source(
     if isinstance(row_filter, str) and row_filter.strip() in ("", "None"):  # a template rendered empty
         row_filter = None
     if row_filter is not None:
-        if not isinstance(source, ParquetSource):
+        if not isinstance(getattr(source, "source", source), ParquetSource):  # a LimitedSource reads one
             raise StagingError(
                 "filter= is for Parquet sources; for a SQL query, put the condition in its WHERE clause."
             )

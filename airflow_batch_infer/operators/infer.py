@@ -363,7 +363,7 @@ class TritonInferenceOperator(BaseOperator):
                     hook, offset = self._ready_hook(rest, descriptor.index)
                     position += 1 + offset
                     first = None  # counters of another server
-        last = model_snapshot(hook, self.model_name)
+        last = model_snapshot(hook, self.model_name, settled=first, requests=result.requests)
         hook.close()
         self._scored = (manifest, hook.url, metadata, result)  # for get_openlineage_facets_on_complete
         self.log.info(

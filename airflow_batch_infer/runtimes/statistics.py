@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from airflow_batch_infer.runtimes.base import ServerInfo
@@ -40,15 +41,35 @@ def server_work(info: ServerInfo, timeout: float = 5.0) -> dict[str, int]:
     return totals
 
 
-def model_snapshot(hook: Any, model_name: str) -> dict[str, Any] | None:
+def model_snapshot(
+    hook: Any, model_name: str, settled: dict[str, Any] | None = None, requests: int = 0, wait: float = 2.0
+) -> dict[str, Any] | None:
     """Triton's cumulative counters for ``model_name`` (all versions summed), for the run report: successful
     ``requests``, ``queue_ns`` and ``compute_ns`` (input + infer + output) over them, rows
     (``inference_count``), ``executions`` (batches) and ``batches`` (batch size → executions). ``None``
     when the server cannot be asked: the report then says so.
 
+    Triton counts a request once its response is sent, so a reading taken just after the last response
+    may miss it: given the reading at the start (``settled``) and the ``requests`` the client saw succeed
+    since, this reads again (for up to ``wait`` seconds) until the server has counted at least those.
+
     :param hook: a :class:`~airflow_batch_infer.hooks.triton.TritonHook` of the server.
     :param model_name: the model.
+    :param settled: an earlier reading of the same server, or ``None``.
+    :param requests: requests that succeeded since ``settled``.
+    :param wait: seconds to wait at most for the counters to catch up.
     """
+    deadline = time.monotonic() + wait
+    while True:
+        snapshot = _read_snapshot(hook, model_name)
+        if snapshot is None or settled is None or time.monotonic() > deadline:
+            return snapshot
+        if snapshot["requests"] >= settled["requests"] + requests:
+            return snapshot
+        time.sleep(0.02)
+
+
+def _read_snapshot(hook: Any, model_name: str) -> dict[str, Any] | None:
     try:
         stats = hook.get_inference_statistics(model_name)
     except Exception as error:

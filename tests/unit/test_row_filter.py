@@ -125,3 +125,25 @@ def test_null_comparisons_filter_the_row_out() -> None:
     batch = pa.record_batch([pa.array([1, None, 3])], schema=schema)
     assert parse_filter("a <> 3", schema).mask(batch).to_pylist() == [True, False, False]
     assert parse_filter("a IS NULL OR a = 3", schema).mask(batch).to_pylist() == [False, True, True]
+
+
+def test_a_smoke_run_filters_the_first_rows_of_a_copy(tmp_path: Path) -> None:
+    from airflow_batch_infer.row_limits import LimitedSource
+    from airflow_batch_infer.sources.parquet import ParquetSource
+    from airflow_batch_infer.staging import stage_source
+
+    write_input(tmp_path / "in")
+    source = LimitedSource(ParquetSource(tmp_path / "in"), 1_000)
+    manifest = stage_source(source, tmp_path / "run", snapshot="copy", row_filter="key < 500 OR key > 900")
+    table, _ = staged_rows(manifest)
+    assert table.column("row_id").to_pylist() == [*range(500), *range(901, 1_000)]
+    assert manifest.filtered_rows == 1_000 - 599
+
+
+def test_the_stage_operator_refuses_a_bad_filter_when_the_dag_is_parsed() -> None:
+    from airflow_batch_infer.operators.stage import StageInputsOperator
+
+    with pytest.raises(FilterError, match="'lower' is not allowed in a filter"):
+        StageInputsOperator(task_id="stage", source="/data/in", filter="lower(country) = 'de'")
+    # A templated filter is checked when stage runs, against the input's columns.
+    StageInputsOperator(task_id="stage", source="/data/in", filter="{{ params.filter }}")

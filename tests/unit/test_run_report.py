@@ -98,3 +98,19 @@ def test_metrics_leave_out_what_was_not_reported() -> None:
     assert "batch_infer.latency_p99_ms" not in values
     assert "batch_infer.gpu_utilization" not in values
     assert "batch_infer.average_batch_size" not in values
+
+
+def test_a_report_that_cannot_be_written_does_not_fail_persist(tmp_path) -> None:
+    from airflow_batch_infer.operators.persist import PersistOutputsOperator
+    from airflow_batch_infer.sinks.base import PersistResult
+    from airflow_batch_infer.staging import Manifest
+
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the run folder should be")
+    manifest = Manifest(
+        run_dir=str(blocker), source="x", row_id_column="row_id", total_rows=0, chunk_rows=1, schema={}
+    )
+    persist = PersistOutputsOperator(task_id="persist", chunks=[], table="scores")
+    committed = PersistResult("scores", "scores_rejects", "2026-11-21", 0, 0, 0, "warehouse.duckdb")
+    persist._report(manifest, committed, 0.1, [])  # logs a warning, raises nothing
+    assert blocker.read_text() == "a file where the run folder should be"
