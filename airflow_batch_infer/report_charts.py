@@ -49,7 +49,12 @@ def throughput_chart(tasks: Sequence[Sequence[Sequence[float]]], labels: Sequenc
     """
     starts, rates = throughput_series(tasks)
     figure, axes = _figure()
-    axes.stackplot(starts, *rates, labels=list(labels), step="post", alpha=0.85)
+    if rates:
+        axes.stackplot(starts, *rates, labels=list(labels), step="post", alpha=0.85)
+    else:  # persist was given no infer results
+        axes.text(
+            0.5, 0.5, "no infer task results: no progress recorded", ha="center", transform=axes.transAxes
+        )
     axes.set_xlabel("seconds since the first infer task started")
     axes.set_ylabel("rows/s")
     axes.set_title("Rows/s over time, all infer tasks stacked")

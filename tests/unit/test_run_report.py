@@ -46,6 +46,7 @@ def test_stacked_rows_per_second_adds_up_to_the_rows() -> None:
     assert throughput_chart(tasks, ["chunk 0", "chunk 1"]).startswith(b"\x89PNG")
     assert batch_size_chart({"8": 3, "16": 1}).startswith(b"\x89PNG")
     assert batch_size_chart({}).startswith(b"\x89PNG")
+    assert throughput_chart([], []).startswith(b"\x89PNG")  # no results given to persist
 
 
 def snapshot(requests: int, rows: int, executions: int, batches: dict[str, int]) -> dict:
