@@ -68,15 +68,18 @@ def batch_size_chart(batches: Mapping[str, int]) -> bytes:
 
     :param batches: batch size (as text) → executions, from Triton's ``batch_stats``.
     """
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     sizes = sorted((int(size), count) for size, count in batches.items() if count)
     figure, axes = _figure()
     if sizes and sizes[-1][0] <= 64:  # small sizes: one bar each
         axes.bar([s for s, _ in sizes], [c for _, c in sizes], width=0.8)
-    elif sizes:  # large ones: 30 bins of sizes, each bar the executions in its bin
+    elif sizes:  # larger ones come in log-spaced bins (eight per doubling): one bar per bin, log axis
         values, counts = [s for s, _ in sizes], [c for _, c in sizes]
-        axes.hist(values, bins=min(30, max(1, len(values))), weights=counts, edgecolor="white")
+        widths = [v * (2 ** (1 / 8) - 1) if v > 64 else 1 for v in values]
+        axes.bar(values, counts, width=widths, align="edge", edgecolor="white")
+        axes.set_xscale("log", base=2)
+        axes.xaxis.set_major_formatter(ScalarFormatter())  # 16384, not 2^14
     else:
         axes.text(0.5, 0.5, "the server reported no batches", ha="center", transform=axes.transAxes)
     axes.set_xlabel("batch size (rows per model execution)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -46,8 +47,9 @@ def model_snapshot(
 ) -> dict[str, Any] | None:
     """Triton's cumulative counters for ``model_name`` (all versions summed), for the run report: successful
     ``requests``, ``queue_ns`` and ``compute_ns`` (input + infer + output) over them, rows
-    (``inference_count``), ``executions`` (batches) and ``batches`` (batch size → executions). ``None``
-    when the server cannot be asked: the report then says so.
+    (``inference_count``), ``executions`` (batches) and ``batches`` (batch size → executions; sizes over 64
+    in bins, see :func:`size_bin`, so that the reading stays small for XCom). ``None`` when the server
+    cannot be asked: the report then says so.
 
     Triton counts a request once its response is sent, so a reading taken just after the last response
     may miss it: given the reading at the start (``settled``) and the ``requests`` the client saw succeed
@@ -92,10 +94,18 @@ def _read_snapshot(hook: Any, model_name: str) -> dict[str, Any] | None:
         snapshot["inference_count"] += int(model.get("inference_count") or 0)
         snapshot["executions"] += int(model.get("execution_count") or 0)
         for batch in model.get("batch_stats") or []:
-            size = str(int(batch.get("batch_size") or 0))
+            size = str(size_bin(int(batch.get("batch_size") or 0)))
             count = int((batch.get("compute_infer") or {}).get("count") or 0)
             snapshot["batches"][size] = snapshot["batches"].get(size, 0) + count
     return snapshot
+
+
+def size_bin(size: int) -> int:
+    """The batch-size bin that ``size`` counts in: itself up to 64, then the lower bound of one of eight
+    log-spaced bins per doubling (137 bins up to 32,768)."""
+    if size <= 64:
+        return size
+    return max(65, int(2 ** (math.floor(math.log2(size) * 8) / 8)))
 
 
 def gpu_utilization(metrics_url: str, timeout: float = 2.0) -> float | None:

@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.report import server_figures
-from airflow_batch_infer.runtimes.statistics import gpu_utilization, model_snapshot
+from airflow_batch_infer.runtimes.statistics import gpu_utilization, model_snapshot, size_bin
 
 
 def send(url: str, rows: int) -> None:
@@ -35,7 +35,8 @@ def test_counters_read_before_and_after_give_the_requests_rows_and_batch_sizes(t
         hook.close()
     figures = server_figures([{"server": "s", "statistics": [before, after]}])
     assert (figures["requests"], figures["rows"], figures["executions"]) == (3, 314, 3)
-    assert figures["batch_sizes"] == {"7": 2, "300": 1}
+    assert figures["batch_sizes"] == {"7": 2, str(size_bin(300)): 1}  # sizes over 64 in log-spaced bins
+    assert 256 < size_bin(300) <= 300
     assert figures["average_batch_size"] == round(314 / 3, 2)
     assert figures["compute_ms_per_request"] > 0
 
