@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from airflow_batch_infer import storage
 from airflow_batch_infer.errors import SourceChangedError, StagingError
 from airflow_batch_infer.parquet_files import open_parquet
+from airflow_batch_infer.row_filter import RowFilter
 from airflow_batch_infer.staging import ChunkDescriptor, Manifest, check_inside
 
 
@@ -28,11 +29,14 @@ class ChunkInput(ABC):
     :ivar description: where the rows are, for the log.
     :ivar num_rows: rows in the chunk.
     :ivar schema: its columns; a field is non-nullable where the chunk provably holds no null in it.
+    :ivar filtered_rows: rows of ``num_rows`` that the run's ``filter=`` removed as they were read
+        (neither scored nor set aside); known once the chunk has been read.
     """
 
     description: str
     num_rows: int
     schema: pa.Schema
+    filtered_rows: int = 0
 
     @abstractmethod
     def bytes_per_row(self, columns: Sequence[str]) -> float:
@@ -72,7 +76,8 @@ class PinnedChunk(ChunkInput):
     Every file is checked against its pin (size and version, then its row groups) before a row is read:
     a file changed since the stage task fails the chunk with :class:`SourceChangedError`. Generated row
     ids are the file's first id plus the row's offset in the file; hive partition columns are filled from
-    the values pinned for the file.
+    the values pinned for the file. The run's ``filter=`` is applied as the rows are read, after their
+    ids are numbered; the rows it removes are counted in :attr:`filtered_rows`.
 
     :param manifest: the run's manifest (the only source of file paths: a descriptor names files by index).
     :param descriptor: the chunk.
@@ -93,6 +98,8 @@ class PinnedChunk(ChunkInput):
                 self._files[number] = (pinned, _open_pinned(pinned))
         self._types = {name: _arrow_type(text) for name, text in manifest.schema.items()}
         self.schema = self._chunk_schema(manifest)
+        self._filter = RowFilter.from_dict(manifest.row_filter)
+        self.filtered_rows = 0
 
     def _chunk_schema(self, manifest: Manifest) -> pa.Schema:
         fields = []
@@ -137,10 +144,11 @@ class PinnedChunk(ChunkInput):
 
     def iter_batches(self, batch_size: int, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
         schema = pa.schema([self.schema.field(c) for c in columns])
+        extra = [c for c in self._filter.columns if c not in columns] if self._filter else []
         for piece in self._slices:
             pinned, parquet = self._files[int(piece["file"])]
             partition = pinned["partition"]
-            stored = [c for c in columns if c != self._id_column and c not in partition]
+            stored = [c for c in [*columns, *extra] if c != self._id_column and c not in partition]
             next_id = int(piece["first_row"])
             # Opened again here, where the chunk streams, so that its read buffers come from that pool.
             parquet = open_parquet(pinned["path"], parquet.metadata)
@@ -161,7 +169,22 @@ class PinnedChunk(ChunkInput):
                     else:
                         arrays.append(batch.column(name))
                 next_id += rows
-                yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+                read = pa.RecordBatch.from_arrays(arrays, schema=schema)
+                if self._filter is not None:
+                    read = self._filtered(read, batch, partition, extra)
+                yield read
+
+    def _filtered(
+        self, read: pa.RecordBatch, batch: pa.RecordBatch, partition: dict[str, Any], extra: list[str]
+    ) -> pa.RecordBatch:
+        """The rows of ``read`` that the filter keeps; ``extra`` filter columns come from ``batch`` or the
+        file's partition values."""
+        for name in extra:
+            column = pa.repeat(pa.scalar(partition[name]), read.num_rows) if name in partition else None
+            read = read.append_column(name, column if column is not None else batch.column(name))
+        kept = read.filter(self._filter.mask(read))
+        self.filtered_rows += read.num_rows - kept.num_rows
+        return kept.select(read.schema.names[: read.num_columns - len(extra)])
 
 
 def open_chunk(descriptor: ChunkDescriptor, manifest: Manifest) -> ChunkInput:

@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 
 from airflow_batch_infer import storage
 from airflow_batch_infer.chunk_sizing import plan_chunk_rows
+from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.parquet_files import open_parquet, parquet_writer, required_where_no_nulls
+from airflow_batch_infer.row_filter import RowFilter
 from airflow_batch_infer.sources.base import Source
 from airflow_batch_infer.staging import (
     DEFAULT_ROW_ID_COLUMN,
@@ -38,6 +40,7 @@ def copy_rows(
     row_id_column: str | None,
     max_chunks: int,
     parallel_tasks: int,
+    row_filter: RowFilter | None = None,
 ) -> Manifest:
     """Copy ``source``'s rows into chunk files; the caller writes the returned manifest.
 
@@ -55,7 +58,12 @@ def copy_rows(
     :param row_id_column: the input's own row id column (``None``: a ``row_id`` is generated).
     :param max_chunks: upper bound on the chunk count.
     :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
+    :param row_filter: the rows to copy (a Parquet source's ``filter=``); the others are counted only.
     """
+    if row_filter is not None:
+        return _copy_filtered(
+            source, run_dir, chunk_rows, keep, row_id_column, max_chunks, parallel_tasks, row_filter
+        )
     # A PostgreSQL query that allows it is exported in parallel ranges (imported here: it imports this).
     from airflow_batch_infer.sources.sql_ranges import copy_ranges
 
@@ -102,6 +110,65 @@ def copy_rows(
         chunks=chunks,
         snapshot="copy",
         generated_ids=generated_ids,
+    )
+
+
+def _copy_filtered(
+    source: Source,
+    run_dir: str | Path,
+    chunk_rows: int | str,
+    keep: list[str] | None,
+    row_id_column: str | None,
+    max_chunks: int,
+    parallel_tasks: int,
+    row_filter: RowFilter,
+) -> Manifest:
+    """Copy the rows ``row_filter`` keeps; generated ids are numbered before filtering (the source rows'
+    ids), so they are the ids a run without the filter would give."""
+    generated_ids = row_id_column is None
+    id_column = row_id_column or DEFAULT_ROW_ID_COLUMN
+    rows_per_chunk = plan_chunk_rows(source.count_rows() or 0, chunk_rows, max_chunks, parallel_tasks)
+    names = keep if keep is not None else source.schema().names
+    read = [*names, *(c for c in row_filter.columns if c not in names)]
+    counts = {"seen": 0, "kept": 0}
+
+    def kept_batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+        for batch in reader:
+            mask = row_filter.mask(batch)
+            selected = batch.select(names)
+            if generated_ids:
+                start = counts["seen"]
+                ids = pa.array(range(start, start + batch.num_rows), type=pa.int64())
+                selected = pa.RecordBatch.from_arrays([ids, *selected.columns], [id_column, *names])
+            counts["seen"] += batch.num_rows
+            selected = selected.filter(mask)
+            counts["kept"] += selected.num_rows
+            if selected.num_rows:
+                yield selected
+
+    with source.open(read) as reader:
+        staged_schema = pa.schema([reader.schema.field(c) for c in names])
+        if generated_ids:
+            staged_schema = staged_schema.insert(0, pa.field(id_column, pa.int64()))
+        writer = _ChunkWriter(run_dir, "chunks", rows_per_chunk, id_column, False, False)
+        chunks = _write_chunks(kept_batches(reader), writer).chunks
+    if len(chunks) > max_chunks:  # cannot happen: fewer rows than counted, so no more chunks than planned
+        raise StagingError(f"Filtered staging made {len(chunks)} chunks, more than max_chunks={max_chunks}.")
+    if not generated_ids and chunks:
+        check_unique_ids([c.path for c in chunks], id_column)
+    schema = writer.schema or staged_schema
+    return Manifest(
+        run_dir=str(run_dir),
+        source=source.description,
+        row_id_column=id_column,
+        total_rows=counts["kept"],
+        chunk_rows=rows_per_chunk,
+        schema={f.name: str(f.type) for f in schema},
+        chunks=chunks,
+        snapshot="copy",
+        generated_ids=generated_ids,
+        row_filter=row_filter.to_dict(),
+        filtered_rows=counts["seen"] - counts["kept"],
     )
 
 

@@ -18,6 +18,7 @@ import pyarrow.dataset as ds
 from airflow_batch_infer import storage
 from airflow_batch_infer.chunk_sizing import plan_chunk_rows
 from airflow_batch_infer.errors import StagingError
+from airflow_batch_infer.row_filter import RowFilter
 from airflow_batch_infer.sources.parquet import ParquetSource
 from airflow_batch_infer.staging import DEFAULT_ROW_ID_COLUMN, ChunkDescriptor, Manifest, check_unique_ids
 
@@ -30,6 +31,7 @@ def pin_files(
     row_id_column: str | None,
     max_chunks: int,
     parallel_tasks: int,
+    row_filter: RowFilter | None = None,
 ) -> Manifest:
     """Pin ``source``'s files and cut their row groups into chunks; the caller writes the manifest.
 
@@ -40,9 +42,12 @@ def pin_files(
     :param row_id_column: the input's own row id column (``None``: ids are generated at read time).
     :param max_chunks: upper bound on the chunk count.
     :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
+    :param row_filter: the rows to score: row groups whose statistics rule every row out are pruned here
+        (counted as filtered), the rest are filtered as the infer tasks read them.
     """
-    files = pinned_files(source)
-    total = sum(f["rows"] for f in files)
+    files = pinned_files(source, row_filter)
+    pruned = sum(f["rows"] - _kept_rows(f) for f in files)
+    total = sum(f["rows"] for f in files) - pruned
     rows_per_chunk = plan_chunk_rows(total, chunk_rows, max_chunks, parallel_tasks)
     generated_ids = row_id_column is None
     if not generated_ids and files:
@@ -63,14 +68,17 @@ def pin_files(
         snapshot="reference",
         files=files,
         generated_ids=generated_ids,
+        row_filter=row_filter.to_dict() if row_filter else None,
+        filtered_rows=pruned,
     )
 
 
-def pinned_files(source: ParquetSource) -> list[dict[str, Any]]:
+def pinned_files(source: ParquetSource, row_filter: RowFilter | None = None) -> list[dict[str, Any]]:
     """Each file of ``source`` that holds rows, pinned: read from its footer, never its rows.
 
-    The pin is taken before the footer is read, so a file rewritten in between fails its chunk later
-    rather than being read with a stale footer.
+    With ``row_filter``, ``pruned`` lists the row groups whose statistics (or hive partition values) show
+    that the filter keeps none of their rows. The pin is taken before the footer is read, so a file
+    rewritten in between fails its chunk later rather than being read with a stale footer.
     """
     files = []
     first_row = 0
@@ -92,6 +100,7 @@ def pinned_files(source: ParquetSource) -> list[dict[str, Any]]:
                 "row_group_bytes": [g.total_byte_size for g in groups],
                 "first_row": first_row,
                 "partition": _partition_values(fragment),
+                "pruned": _pruned_groups(fragment, row_filter, source) if row_filter else [],
             }
         )
         first_row += metadata.num_rows
@@ -122,9 +131,13 @@ def row_group_chunks(
 
     for number, pinned in enumerate(files):
         row = pinned["first_row"]
+        pruned = set(pinned.get("pruned") or ())
         for group, (group_rows, group_bytes) in enumerate(
             zip(pinned["row_groups"], pinned["row_group_bytes"], strict=True)
         ):
+            if group in pruned:
+                row += group_rows  # ids stay those of the source rows
+                continue
             last = slices[-1] if slices else None
             if last is not None and last["file"] == number and last["row_groups"][1] == group:
                 last["row_groups"][1] = group + 1
@@ -137,6 +150,22 @@ def row_group_chunks(
                 close()
     close()
     return chunks
+
+
+def _kept_rows(pinned: dict[str, Any]) -> int:
+    pruned = set(pinned.get("pruned") or ())
+    return sum(rows for group, rows in enumerate(pinned["row_groups"]) if group not in pruned)
+
+
+def _pruned_groups(
+    fragment: ds.ParquetFileFragment, row_filter: RowFilter, source: ParquetSource
+) -> list[int]:
+    """The row groups of ``fragment`` that the filter provably keeps nothing of (by their statistics)."""
+    try:
+        kept = {g.id for g in fragment.subset(filter=row_filter.named, schema=source.schema()).row_groups}
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return []  # no usable statistics: every row group is read and filtered
+    return [g for g in range(fragment.metadata.num_row_groups) if g not in kept]
 
 
 def _partition_values(fragment: ds.ParquetFileFragment) -> dict[str, Any]:

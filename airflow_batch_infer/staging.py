@@ -29,6 +29,7 @@ import json
 import posixpath
 import re
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -41,6 +42,8 @@ from airflow_batch_infer import storage
 from airflow_batch_infer.errors import StagingError
 
 if TYPE_CHECKING:
+    import pyarrow.compute as pc
+
     from airflow_batch_infer.sources.base import Source
 
 MANIFEST = "manifest.json"
@@ -105,6 +108,12 @@ class Manifest:
     :param dag_id: the DAG of the run that took the snapshot (for retention; empty when not staged by a run).
     :param run_id: that run's id.
     :param partition: the partition it replaces.
+    :param row_filter: the ``filter=`` applied (:class:`~airflow_batch_infer.row_filter.RowFilter` as a
+        dict), or ``None``.
+    :param filtered_rows: rows the filter removed at stage: all of them for a copy; for a snapshot by
+        reference, those of row groups pruned by their statistics (the rest are filtered as the infer
+        tasks read, and counted in their results).
+    :param stage_seconds: wall time of the snapshot (for the run report).
     """
 
     run_dir: str
@@ -121,6 +130,9 @@ class Manifest:
     dag_id: str = ""
     run_id: str = ""
     partition: str = ""
+    row_filter: dict[str, Any] | None = None
+    filtered_rows: int = 0
+    stage_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: a deep copy of the pinned files' row-group lists cost more than reading their footers.
@@ -273,6 +285,7 @@ def stage_source(
     snapshot: str = "reference",
     parallel_tasks: int = 1,
     run: Mapping[str, str] | None = None,
+    row_filter: str | pc.Expression | None = None,
 ) -> Manifest:
     """Snapshot ``source`` and write the manifest last; staging the same run again replaces the snapshot.
 
@@ -295,31 +308,47 @@ def stage_source(
     :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
     :param run: ``dag_id``, ``run_id`` and ``partition`` of the run, recorded in the manifest (retention
         asks Airflow for the run's state by them).
+    :param row_filter: for a Parquet source, the rows to score: a pyarrow dataset expression or a SQL-like
+        string (:mod:`~airflow_batch_infer.row_filter`); generated row ids stay those of the source rows.
     """
     if snapshot not in SNAPSHOTS:
         raise StagingError(f"snapshot must be one of {list(SNAPSHOTS)}, got {snapshot!r}.")
-    known = source.schema()
+    started, known = time.monotonic(), source.schema()
     if known is not None:
         check_columns(known.names, columns, row_id_column, source.description)
     keep = list(columns) if columns else None
     if keep is not None and row_id_column and row_id_column not in keep:
         keep.insert(0, row_id_column)
-    storage.remove(run_dir)
     from airflow_batch_infer.sources.parquet import ParquetSource
 
+    parsed = None
+    if isinstance(row_filter, str) and row_filter.strip() in ("", "None"):  # a template rendered empty
+        row_filter = None
+    if row_filter is not None:
+        if not isinstance(getattr(source, "source", source), ParquetSource):  # a LimitedSource reads one
+            raise StagingError(
+                "filter= is for Parquet sources; for a SQL query, put the condition in its WHERE clause."
+            )
+        from airflow_batch_infer.row_filter import parse_filter
+
+        parsed = parse_filter(row_filter, source.schema())
+    storage.remove(run_dir)
     if snapshot == "reference" and isinstance(source, ParquetSource):
         from airflow_batch_infer.pinned_staging import pin_files
 
-        manifest = pin_files(source, run_dir, chunk_rows, keep, row_id_column, max_chunks, parallel_tasks)
+        manifest = pin_files(
+            source, run_dir, chunk_rows, keep, row_id_column, max_chunks, parallel_tasks, parsed
+        )
     else:
         from airflow_batch_infer.copy_staging import copy_rows
 
         manifest = copy_rows(
-            source, run_dir, chunk_rows, columns, keep, row_id_column, max_chunks, parallel_tasks
+            source, run_dir, chunk_rows, columns, keep, row_id_column, max_chunks, parallel_tasks, parsed
         )
     if run:
         manifest.dag_id, manifest.run_id = str(run["dag_id"]), str(run["run_id"])
         manifest.partition = str(run.get("partition", ""))
+    manifest.stage_seconds = round(time.monotonic() - started, 3)
     write_json_atomically(run_file(run_dir, MANIFEST), manifest.to_dict())
     return manifest
 
@@ -336,6 +365,7 @@ def stage_parquet(
     snapshot: str = "reference",
     parallel_tasks: int = 1,
     run: Mapping[str, str] | None = None,
+    row_filter: str | pc.Expression | None = None,
 ) -> Manifest:
     """Snapshot Parquet input and write the manifest last (see :func:`stage_source`).
 
@@ -352,6 +382,7 @@ def stage_parquet(
     :param snapshot: ``"reference"`` (pin the files, copy nothing) or ``"copy"`` (chunk files).
     :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
     :param run: ``dag_id``, ``run_id`` and ``partition`` of the run, recorded in the manifest.
+    :param row_filter: the rows to score (a pyarrow dataset expression or a SQL-like string).
     """
     from airflow_batch_infer.sources.parquet import ParquetSource
 
@@ -365,4 +396,5 @@ def stage_parquet(
         snapshot=snapshot,
         parallel_tasks=parallel_tasks,
         run=run,
+        row_filter=row_filter,
     )

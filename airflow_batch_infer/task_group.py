@@ -35,6 +35,7 @@ def batch_inference(
     staging_root: str | None = None,
     chunk_rows: int | str = "auto",
     snapshot: str = "reference",
+    filter: str | Any | None = None,
     columns: list[str] | None = None,
     row_id_column: str | None = None,
     passthrough_columns: Sequence[str] | str = (),
@@ -94,6 +95,8 @@ def batch_inference(
         task that can run at once (see :class:`StageInputsOperator`).
     :param snapshot: ``"reference"`` (pin the Parquet input, copy nothing) or ``"copy"`` (chunk files, for
         an ETL that rewrites its files in place); SQL input is always copied.
+    :param filter: for Parquet input, the rows to score: a pyarrow dataset expression or a SQL-like string
+        (``"country = 'DE'"``); the rows it leaves out are counted, neither scored nor set aside.
     :param columns: input columns to stage (all when ``None``).
     :param row_id_column: the input's own unique row id (a ``row_id`` column is added when ``None``).
     :param passthrough_columns: input columns copied to the output table; ``"*"`` for every column that
@@ -178,6 +181,7 @@ def batch_inference(
             row_id_column=row_id_column,
             partition=partition,
             snapshot=snapshot,
+            filter=filter,
             workers_share_host=runtime == "local",
             allowed_roots=allowed_roots,
             allowed_conn_ids=allowed_conn_ids,

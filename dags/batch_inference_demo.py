@@ -60,6 +60,11 @@ with DAG(
             enum=["reference", "copy"],
             description="reference: pin the input files and read them in place; copy: copy the rows first.",
         ),
+        "filter": Param(
+            "",
+            type="string",
+            description="Rows to score, as after WHERE (e.g. amount > 100 AND customer_id < 100000).",
+        ),
         "request_rows": Param(
             None, type=["null", "integer"], minimum=1, description="Rows per gRPC request (default: model's)."
         ),
@@ -116,6 +121,7 @@ with DAG(
         partition="{{ params.partition or '' }}",
         chunk_rows="{{ params.chunk_rows or 'auto' }}",
         snapshot="{{ params.snapshot }}",
+        filter="{{ params.filter or '' }}",
         request_rows="{{ params.request_rows or '' }}",
         max_in_flight="{{ params.max_in_flight or '' }}",
         staging_root="{{ params.staging_root or '' }}",

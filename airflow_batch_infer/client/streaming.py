@@ -41,6 +41,7 @@ from airflow_batch_infer.client.shared_memory import (
 )
 from airflow_batch_infer.client.stream import InferStream, StreamRequestError
 from airflow_batch_infer.client.tensors import TRITON_NUMPY, row_bytes
+from airflow_batch_infer.client.timing import LatencyHistogram, ProgressSamples
 from airflow_batch_infer.staging import atomic_target, commit
 from airflow_batch_infer.storage import discard, is_remote, remove_stale_temps
 
@@ -111,6 +112,11 @@ class ChunkResult:
     :param retries: requests retried after a transient failure.
     :param shared_memory: whether tensors went through system shared memory.
     :param tokens_out: tokens generated, when the settings name a token count output.
+    :param started_at: when the chunk started (seconds since the epoch).
+    :param latency: request latencies, as :class:`~airflow_batch_infer.client.timing.LatencyHistogram`
+        bucket counts.
+    :param progress: ``[time, rows done]`` samples
+        (:class:`~airflow_batch_infer.client.timing.ProgressSamples`).
     """
 
     index: int
@@ -124,6 +130,9 @@ class ChunkResult:
     retries: int = 0
     shared_memory: bool = False
     tokens_out: int = 0
+    started_at: float = 0.0
+    latency: dict[str, int] = field(default_factory=dict)
+    progress: list[list[float]] = field(default_factory=list)
 
     @property
     def rows_per_second(self) -> float:
@@ -276,6 +285,8 @@ class ChunkStreamer:
         self.requests = 0
         self.retries = 0
         self.tokens_out = 0
+        self.latency = LatencyHistogram()
+        self.progress = ProgressSamples()
         self._client: aioclient.InferenceServerClient | None = None
         self._pool: SharedMemoryPool | None = None
         self._pool_used = False
@@ -392,6 +403,9 @@ class ChunkStreamer:
             retries=self.retries,
             shared_memory=self._pool_used,
             tokens_out=self.tokens_out,
+            started_at=self.progress.samples[0][0],
+            latency=self.latency.to_dict(),
+            progress=self.progress.samples,
         )
 
     async def _open_pool(
@@ -502,6 +516,7 @@ class ChunkStreamer:
                     columns_ = piece.rejected.columns
                     arrays = [columns_[0], pa.array(piece.reasons, type=pa.string()), *columns_[1:]]
                     await rej.add(pa.RecordBatch.from_arrays(arrays, schema=rej_schema))
+                self.progress.add(out.rows + rej.rows)
                 now = time.monotonic()
                 if now - last_log >= settings.progress_interval:
                     last_log = now
@@ -516,6 +531,7 @@ class ChunkStreamer:
             raise
         await out.flush()
         await rej.flush()
+        self.progress.add(out.rows + rej.rows, force=True)
         self._log_progress(index, out.rows + rej.rows, total, rej.rows, time.monotonic() - started)
         return out.rows, rej.rows
 
@@ -655,6 +671,7 @@ class ChunkStreamer:
             self.retries += 1
             self._server_may_have_restarted = True
 
+        sent = time.monotonic()
         try:
             result = await settings.retry.call(request, self.log, what, count_retry)
         except InferenceServerException as error:
@@ -668,6 +685,7 @@ class ChunkStreamer:
                 raise
             raise InferenceError(f"Model {settings.model_name!r} failed a {what}: {error}") from error
         self.requests += 1
+        self.latency.add(time.monotonic() - sent)
         if slot is not None:
             return self._pool.outputs_of(slot, rows)
         return {b.tensor: result.as_numpy(b.tensor) for b in self.outputs}

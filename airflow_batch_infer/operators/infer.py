@@ -23,6 +23,7 @@ from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.runtimes.base import ServerInfo
 from airflow_batch_infer.runtimes.fleet import fleet_servers
 from airflow_batch_infer.runtimes.lease import keep_renewed
+from airflow_batch_infer.runtimes.statistics import gpu_utilization, model_snapshot
 from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 from airflow_batch_infer.staging import ChunkDescriptor, Manifest, output_part_path, rejects_part_path
 from airflow_batch_infer.templated import as_list, as_mapping
@@ -308,6 +309,7 @@ class TritonInferenceOperator(BaseOperator):
             token_count_output=self.token_count_output,
         )
         moved_from: list[str] = []
+        first = model_snapshot(hook, self.model_name)  # Triton's counters, for the run report
         with self._lease_renewed():
             while True:
                 server = candidates[position]
@@ -360,6 +362,8 @@ class TritonInferenceOperator(BaseOperator):
                     moved_from.append(str(server.handle.get("server_id")) if server else hook.url)
                     hook, offset = self._ready_hook(rest, descriptor.index)
                     position += 1 + offset
+                    first = None  # counters of another server
+        last = model_snapshot(hook, self.model_name, settled=first, requests=result.requests)
         hook.close()
         self._scored = (manifest, hook.url, metadata, result)  # for get_openlineage_facets_on_complete
         self.log.info(
@@ -377,6 +381,9 @@ class TritonInferenceOperator(BaseOperator):
         return result.to_dict() | {
             "server": server.handle.get("server_id") if server else hook.url,
             "moved_from": moved_from,
+            "filtered_rows": chunk.filtered_rows,
+            "statistics": [first, last],
+            "gpu_utilization": gpu_utilization(server.metrics_url) if server else None,
         }
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:

@@ -111,7 +111,14 @@ class PersistOutputsOperator(BaseOperator):
         self.outlets = [*self.outlets, self.output_alias]
 
     def _collect_parts(self, manifest: Manifest) -> tuple[list[RunPath], list[RunPath], int]:
-        """Check every chunk's parts and return them with the number of rows set aside."""
+        """Check every chunk's parts and return them with the number of rows set aside.
+
+        A chunk's outputs, rows set aside and rows its infer task filtered out (``filter=`` on a snapshot
+        by reference, from its result) must add up to the chunk's rows.
+        """
+        results = self.results or []
+        indexes = [int(results[i]["index"]) for i in range(len(results))]  # by index: lazy XCom sequence
+        filtered = dict(zip(indexes, filtered_in_read(results), strict=True))
         outputs: list[RunPath] = []
         rejects: list[RunPath] = []
         rejected = 0
@@ -125,10 +132,11 @@ class PersistOutputsOperator(BaseOperator):
                 problems.append(f"chunk {chunk.index} has no output part (its infer task did not finish)")
                 continue
             n_out, n_rej = open_parquet(out).metadata.num_rows, open_parquet(rej).metadata.num_rows
-            if n_out + n_rej != chunk.rows:
+            n_filtered = filtered.get(chunk.index, 0)
+            if n_out + n_rej + n_filtered != chunk.rows:
                 problems.append(
                     f"chunk {chunk.index} staged {chunk.rows} rows but has {n_out} outputs "
-                    f"+ {n_rej} set aside"
+                    f"+ {n_rej} set aside" + (f" + {n_filtered} filtered out" if n_filtered else "")
                 )
             outputs.append(out)
             rejects.append(rej)
@@ -182,8 +190,10 @@ class PersistOutputsOperator(BaseOperator):
                 self.log.info("Rows scored per Triton server: %s", summary["rows_per_server"])
             if summary["moved_chunks"]:
                 self.log.warning("Chunks that moved to another server: %s", summary["moved_chunks"])
+        summary["filtered_rows"] = manifest.filtered_rows + sum(filtered_in_read(self.results or []))
         summary.update(self._emit_output_asset(context, options, result, seconds, manifest, outputs, rejects))
         write_json_atomically(run_file(run_dir, SUMMARY), summary)
+        self._report(manifest, result, summary["persist_seconds"], rejects)
         self.log.info(
             "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before; "
             "%.2f s, %s rows/s",
@@ -198,6 +208,21 @@ class PersistOutputsOperator(BaseOperator):
             f"{manifest.total_rows / seconds:,.0f}" if seconds else "-",
         )
         return summary
+
+    def _report(
+        self, manifest: Manifest, result: PersistResult, seconds: float, rejects: list[RunPath]
+    ) -> None:
+        """Write the run report and send its figures as metrics; the partition is committed already, so a
+        failure here is logged, never raised."""
+        from airflow_batch_infer.report import run_figures, write_run_report
+        from airflow_batch_infer.run_metrics import emit_run_metrics
+
+        try:
+            figures = run_figures(manifest, self.results or [], result, seconds, rejects)
+            self.log.info("Run report: %s", write_run_report(manifest.run_dir, figures))
+            emit_run_metrics(figures, {"dag_id": self.dag_id, "table": result.table})
+        except Exception as error:
+            self.log.warning("The run report could not be written: %s", error, exc_info=True)
 
     def _emit_output_asset(
         self,
@@ -254,3 +279,8 @@ def rows_per_server(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if result.get("moved_from"):
             moved[str(result.get("index"))] = list(result["moved_from"])
     return {"rows_per_server": rows, "moved_chunks": moved}
+
+
+def filtered_in_read(results: Sequence[dict[str, Any]]) -> list[int]:
+    """Rows each infer task's read filtered out (``filter=`` on a snapshot by reference)."""
+    return [int(results[i].get("filtered_rows") or 0) for i in range(len(results))]

@@ -13,6 +13,7 @@ from airflow_batch_infer import storage
 from airflow_batch_infer.allowlist import check_conn_id, check_locations, check_sink
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.paths import batch_infer_home
+from airflow_batch_infer.row_filter import sql_to_expression
 from airflow_batch_infer.sinks import sink_options
 from airflow_batch_infer.sql_options import check_export_parallelism, check_split_column
 from airflow_batch_infer.staging import SNAPSHOTS, run_directory, stage_source
@@ -91,6 +92,8 @@ class StageInputsOperator(BaseOperator):
     :param partition: the run's partition key (default: from the run's data interval or logical date).
     :param snapshot: ``"reference"`` (pin the Parquet files, copy nothing) or ``"copy"`` (chunk files: for
         an ETL that rewrites its files in place). SQL queries are always copied.
+    :param filter: for Parquet input, the rows to score: a pyarrow dataset expression or a SQL-like string
+        (``"country = 'DE' AND amount > 10"``, :mod:`airflow_batch_infer.row_filter`); the rest are counted.
     :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``; ``None`` takes the
         executor's slots (:func:`parallel_infer_tasks`).
     :param workers_share_host: the infer tasks and the server run on this host (the local runtime), so at
@@ -134,6 +137,7 @@ class StageInputsOperator(BaseOperator):
         "columns",
         "partition",
         "snapshot",
+        "filter",
         "sink",
         "sink_options",
         "table",
@@ -174,6 +178,7 @@ class StageInputsOperator(BaseOperator):
         row_id_column: str | None = None,
         partition: str | None = None,
         snapshot: str = "reference",
+        filter: str | Any | None = None,
         parallel_tasks: int | None = None,
         workers_share_host: bool = False,
         allowed_roots: list[str] | None = None,
@@ -212,7 +217,9 @@ class StageInputsOperator(BaseOperator):
         self.sink_options = sink_options
         if "{{" not in str(snapshot) and snapshot not in SNAPSHOTS:
             raise ValueError(f"snapshot must be one of {list(SNAPSHOTS)}, got {snapshot!r}.")
-        self.snapshot = snapshot
+        if isinstance(filter, str) and "{{" not in filter and filter.strip():
+            sql_to_expression(filter)  # a syntax error or a part not allowed fails the DAG's parse
+        self.snapshot, self.filter = snapshot, filter
         self.parallel_tasks = parallel_tasks
         self.workers_share_host = workers_share_host
         self.source = source
@@ -353,29 +360,29 @@ class StageInputsOperator(BaseOperator):
             snapshot=snapshot,
             parallel_tasks=parallel,
             run={"dag_id": self.dag_id, "run_id": context["run_id"], "partition": partition},
+            row_filter=self.filter,
         )
         if limit and by_reference:
             manifest = limit_pinned(manifest, limit, chunk_rows, max_chunks, parallel)
         if not manifest.chunks:
-            raise ValueError(f"The input {source.description} has no rows: nothing to score.")
+            kept = f" that filter={manifest.row_filter['text']!r} keeps" if manifest.row_filter else ""
+            raise ValueError(f"The input {source.description} has no rows{kept}: nothing to score.")
         if not checked and manifest.snapshot == "copy":
             from airflow_batch_infer.parquet_files import open_parquet
 
             self._check_contract(open_parquet(manifest.chunks[0].path).schema_arrow, self.row_id_column)
         self._staged = manifest  # for get_openlineage_facets_on_complete
+        pinned = f"{len(manifest.files)} file(s) pinned, nothing copied"
+        text = (manifest.row_filter or {}).get("text")
+        filtered = f"{manifest.filtered_rows:,} rows filtered out by {text!r}; " if text else ""
         self.log.info(
-            "Staged %s rows from %s (%s) into %d chunk(s) of about %s rows (%d infer tasks at once) under "
+            "Staged %s rows from %s (%s%s) into %d chunk(s) of about %s rows (%d infer tasks at once) under "
             "%s (partition %s)",
             f"{manifest.total_rows:,}",
             source.description if not limit else f"the first {limit:,} rows of {source.description}",
-            f"{len(manifest.files)} file(s) pinned, nothing copied"
-            if manifest.snapshot == "reference"
-            else "rows copied into chunk files",
-            len(manifest.chunks),
-            f"{manifest.chunk_rows:,}",
-            parallel,
-            run_dir,
-            partition,
+            filtered,
+            pinned if manifest.snapshot == "reference" else "rows copied into chunk files",
+            *(len(manifest.chunks), f"{manifest.chunk_rows:,}", parallel, run_dir, partition),
         )
         return [chunk.to_dict() for chunk in manifest.chunks]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from typing import Any
 
 from airflow_batch_infer.runtimes.base import ServerInfo
@@ -38,3 +40,92 @@ def server_work(info: ServerInfo, timeout: float = 5.0) -> dict[str, int]:
             ((model.get("inference_stats") or {}).get("success") or {}).get("count") or 0
         )
     return totals
+
+
+def model_snapshot(
+    hook: Any, model_name: str, settled: dict[str, Any] | None = None, requests: int = 0, wait: float = 2.0
+) -> dict[str, Any] | None:
+    """Triton's cumulative counters for ``model_name`` (all versions summed), for the run report: successful
+    ``requests``, ``queue_ns`` and ``compute_ns`` (input + infer + output) over them, rows
+    (``inference_count``), ``executions`` (batches) and ``batches`` (batch size → executions; sizes over 64
+    in bins, see :func:`size_bin`, so that the reading stays small for XCom). ``None`` when the server
+    cannot be asked: the report then says so.
+
+    Triton counts a request once its response is sent, so a reading taken just after the last response
+    may miss it: given the reading at the start (``settled``) and the ``requests`` the client saw succeed
+    since, this reads again (for up to ``wait`` seconds) until the server has counted at least those.
+
+    :param hook: a :class:`~airflow_batch_infer.hooks.triton.TritonHook` of the server.
+    :param model_name: the model.
+    :param settled: an earlier reading of the same server, or ``None``.
+    :param requests: requests that succeeded since ``settled``.
+    :param wait: seconds to wait at most for the counters to catch up.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        snapshot = _read_snapshot(hook, model_name)
+        if snapshot is None or settled is None or time.monotonic() > deadline:
+            return snapshot
+        if snapshot["requests"] >= settled["requests"] + requests:
+            return snapshot
+        time.sleep(0.02)
+
+
+def _read_snapshot(hook: Any, model_name: str) -> dict[str, Any] | None:
+    try:
+        stats = hook.get_inference_statistics(model_name)
+    except Exception as error:
+        log.info("Could not read the statistics of model %s at %s: %s", model_name, hook.url, error)
+        return None
+    snapshot: dict[str, Any] = {
+        "requests": 0,
+        "queue_ns": 0,
+        "compute_ns": 0,
+        "inference_count": 0,
+        "executions": 0,
+        "batches": {},
+    }
+    for model in stats.get("model_stats", []):
+        inference = model.get("inference_stats") or {}
+        snapshot["requests"] += int((inference.get("success") or {}).get("count") or 0)
+        snapshot["queue_ns"] += int((inference.get("queue") or {}).get("ns") or 0)
+        for phase in ("compute_input", "compute_infer", "compute_output"):
+            snapshot["compute_ns"] += int((inference.get(phase) or {}).get("ns") or 0)
+        snapshot["inference_count"] += int(model.get("inference_count") or 0)
+        snapshot["executions"] += int(model.get("execution_count") or 0)
+        for batch in model.get("batch_stats") or []:
+            size = str(size_bin(int(batch.get("batch_size") or 0)))
+            count = int((batch.get("compute_infer") or {}).get("count") or 0)
+            snapshot["batches"][size] = snapshot["batches"].get(size, 0) + count
+    return snapshot
+
+
+def size_bin(size: int) -> int:
+    """The batch-size bin that ``size`` counts in: itself up to 64, then the lower bound of one of eight
+    log-spaced bins per doubling (137 bins up to 32,768)."""
+    if size <= 64:
+        return size
+    return max(65, int(2 ** (math.floor(math.log2(size) * 8) / 8)))
+
+
+def gpu_utilization(metrics_url: str, timeout: float = 2.0) -> float | None:
+    """The mean of the server's ``nv_gpu_utilization`` gauges (0-1) from its Prometheus metrics endpoint;
+    ``None`` where it reports none (a CPU-only server) or cannot be reached.
+
+    :param metrics_url: ``http://host:port/metrics``.
+    :param timeout: seconds for the request.
+    """
+    import urllib.request
+
+    if not metrics_url:
+        return None
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:  # noqa: S310 (the server's own)
+            text = response.read().decode(errors="replace")
+    except Exception as error:
+        log.info("Could not read the metrics at %s: %s", metrics_url, error)
+        return None
+    values = [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("nv_gpu_utilization")
+    ]
+    return round(sum(values) / len(values), 4) if values else None

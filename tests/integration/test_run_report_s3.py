@@ -1,0 +1,67 @@
+"""A filtered run staged on S3 (a local moto_server): the report is written next to the summary on S3,
+with the rows filtered at stage, scored and set aside as the warehouse holds them."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from airflow_batch_infer import storage
+from airflow_batch_infer.operators.persist import PersistOutputsOperator
+from airflow_batch_infer.operators.stage import StageInputsOperator
+from airflow_batch_infer.parquet_files import open_parquet
+from airflow_batch_infer.staging import Manifest
+from tests.aws_fixtures import aws_conn, bucket, moto_endpoint, write_run_parts
+from tests.integration.test_s3_paths import CONTEXT, put_parquet
+
+__all__ = ["aws_conn", "bucket", "moto_endpoint"]  # fixtures used by name
+
+
+def test_a_filtered_run_on_s3_gets_its_report_beside_its_summary(bucket: str, tmp_path) -> None:
+    put_parquet(
+        bucket, "etl/day.parquet", pa.table({"transaction_id": np.arange(1000, 3500), "f": np.ones(2500)})
+    )
+    stage = StageInputsOperator(
+        task_id="stage",
+        source=f"s3://{bucket}/etl",
+        source_conn_id="aws_test",
+        staging_root=f"s3://{bucket}/staging",
+        staging_conn_id="aws_test",
+        chunk_rows=1000,
+        row_id_column="transaction_id",
+        partition="2026-11-21",
+        snapshot="copy",
+        filter="transaction_id >= 1500",
+    )
+    chunks = stage.execute(CONTEXT)
+    assert [c["rows"] for c in chunks] == [1000, 1000]
+    run_dir = chunks[0]["run_dir"]
+    manifest = Manifest.load(run_dir)
+    assert manifest.filtered_rows == 500
+    ids = [open_parquet(c.path).read().column("transaction_id").to_pylist() for c in manifest.chunks]
+    assert [i for chunk in ids for i in chunk] == list(range(1500, 3500))
+    write_run_parts(run_dir, ids, rejected=frozenset({1500, 2500, 3499}))
+    database = tmp_path / "w.duckdb"
+    persist = PersistOutputsOperator(
+        task_id="persist",
+        chunks=chunks,
+        table="scores",
+        sink_options=json.dumps({"database": str(database)}),
+        partition="2026-11-21",
+    )
+    persist.execute(CONTEXT)
+
+    with duckdb.connect(str(database), read_only=True) as con:
+        scored = con.execute("SELECT count(*) FROM scores").fetchone()[0]
+        set_aside = con.execute("SELECT count(*) FROM scores_rejects").fetchone()[0]
+    report = json.loads(storage.read_text(f"{run_dir}/report.json"))
+    assert report["rows"]["in"] == 2500
+    assert report["rows"]["filtered"] == 500
+    assert (report["rows"]["scored"], report["rows"]["set_aside"]) == (scored, set_aside) == (1997, 3)
+    assert sum(report["rows"]["set_aside_by_reason"].values()) == 3
+    assert json.loads(storage.read_text(f"{run_dir}/summary.json"))["filtered_rows"] == 500
+    page = storage.read_text(f"{run_dir}/report.html")
+    assert page.count('src="data:image/png;base64,') == 2
