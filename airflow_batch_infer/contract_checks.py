@@ -196,3 +196,19 @@ def check_before_start(
         if checked:
             log.info("The outputs fit the existing %s.", checked)
     return True
+
+
+def staged_schema(source: Any, columns: Sequence[str] | None, row_id_column: str | None) -> pa.Schema | None:
+    """The input's columns as they will be staged, where known before staging (``None``: not known).
+
+    :param source: the stage task's source (its ``schema()``, from the Parquet footers; ``None`` for SQL).
+    :param columns: the columns staged (all when empty).
+    :param row_id_column: the input's own row id column.
+    """
+    schema = source.schema()
+    if schema is None or not columns:
+        return schema
+    keep = [c for c in [row_id_column, *columns] if c and c in schema.names]
+    if len(keep) < len(columns):  # a column it lacks: staging names it
+        return schema
+    return pa.schema([schema.field(c) for c in dict.fromkeys(keep)])

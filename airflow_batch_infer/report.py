@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.util
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -153,13 +154,15 @@ def write_run_report(run_dir: str, figures: dict[str, Any]) -> RunPath:
     :param run_dir: the run folder, local or on object storage.
     :param figures: from :func:`run_figures`.
     """
-    from airflow_batch_infer.report_charts import batch_size_chart, throughput_chart
-
     write_json_atomically(run_file(run_dir, REPORT_JSON), figures)
-    charts = {
-        "throughput": throughput_chart(figures["progress"], [f"chunk {c}" for c in figures["chunks"]]),
-        "batch_sizes": batch_size_chart(figures["server"]["batch_sizes"]),
-    }
+    charts: dict[str, bytes] = {}
+    if importlib.util.find_spec("matplotlib") is not None:  # the `report` extra
+        from airflow_batch_infer.report_charts import batch_size_chart, throughput_chart
+
+        charts = {
+            "throughput": throughput_chart(figures["progress"], [f"chunk {c}" for c in figures["chunks"]]),
+            "batch_sizes": batch_size_chart(figures["server"]["batch_sizes"]),
+        }
     for name, png in charts.items():
         storage.write_bytes(run_file(run_dir, CHARTS[name]), png)
     target = run_file(run_dir, REPORT_FILE)
@@ -177,6 +180,8 @@ def render_html(figures: dict[str, Any], charts: dict[str, bytes]) -> str:
         return f"<h2>{html.escape(title)}</h2><table>{body}</table>"
 
     def image(name: str, alt: str) -> str:
+        if name not in charts:
+            return f"<p>{html.escape(alt)}: install the <code>report</code> extra (matplotlib).</p>"
         data = base64.b64encode(charts[name]).decode()
         return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
 

@@ -308,18 +308,6 @@ class StageInputsOperator(BaseOperator):
             log=self.log,
         )
 
-    def _known_schema(self, source: Source) -> pa.Schema | None:
-        """The input's columns as they will be staged, where known before staging."""
-        schema = source.schema()
-        if schema is None or not self.columns:
-            return schema
-        keep = [c for c in [self.row_id_column, *self.columns] if c and c in schema.names]
-        if len(keep) < len(self.columns):  # a column it lacks: staging names it
-            return schema
-        import pyarrow as pa
-
-        return pa.schema([schema.field(c) for c in dict.fromkeys(keep)])
-
     def execute(self, context: Any) -> list[dict[str, Any]]:
         from airflow_batch_infer.row_limits import LimitedSource, limit_pinned, row_limit, scratch_partition
 
@@ -332,7 +320,11 @@ class StageInputsOperator(BaseOperator):
         if "ti" in context:
             context["ti"].xcom_push(key="partition", value=partition)
         source = self._source()
-        checked = self._check_contract(self._known_schema(source), self.row_id_column)
+        from airflow_batch_infer.contract_checks import staged_schema
+
+        checked = self._check_contract(
+            staged_schema(source, self.columns, self.row_id_column), self.row_id_column
+        )
         if _flag(self.validate_only):
             if not checked and self.model_name and self.inputs:
                 with source.open(self.columns or None) as reader:  # a query's columns: run it, read none

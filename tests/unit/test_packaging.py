@@ -21,7 +21,7 @@ SERVER_SIDE = PACKAGE / "runtimes" / "python_models"
 # Imported only when present (``uv`` speeds up ``prepare``; pip is the fallback).
 OPTIONAL_IMPORTS = {"uv"}
 CORE = {"apache-airflow", "tritonclient", "pyarrow", "pandas", "tenacity"}
-EXTRAS = {"amazon", "postgres", "duckdb", "iceberg", "docker", "kubernetes", "openlineage"}
+EXTRAS = {"amazon", "postgres", "duckdb", "iceberg", "docker", "kubernetes", "openlineage", "report"}
 
 
 def _name(requirement: str) -> str:
