@@ -39,6 +39,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_batch_infer.operators.infer",
                     "airflow_batch_infer.operators.generate",
                     "airflow_batch_infer.operators.persist",
+                    "airflow_batch_infer.operators.report",
                     "airflow_batch_infer.operators.reaper",
                 ],
             }

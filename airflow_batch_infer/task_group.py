@@ -13,6 +13,7 @@ from airflow_batch_infer.config import get_setting
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
 from airflow_batch_infer.operators.persist import PersistOutputsOperator
+from airflow_batch_infer.operators.report import RunReportOperator
 from airflow_batch_infer.operators.server import StartTritonServerOperator, StopTritonServerOperator
 from airflow_batch_infer.operators.stage import StageInputsOperator
 
@@ -239,7 +240,12 @@ def batch_inference(
             max_rejected_fraction=max_rejected_fraction,
             allowed_roots=allowed_roots,
             allowed_conn_ids=allowed_conn_ids,
+            write_report=False,  # the report task writes it, once the table is committed
         )
+        report = RunReportOperator(
+            task_id="report", chunks=stage.output, results=infer.output, persisted=persist.output
+        )
+        persist >> report
         if start is None:
             stage >> infer >> persist
         else:

@@ -60,6 +60,8 @@ class PersistOutputsOperator(BaseOperator):
     :param server: the start task's servers (``start.output``), whose leases persist renews while it
         writes: pass it where the servers outlive persist (a DAG that stops them after it).
     :param runtime_options: the start task's runtime options (to renew a container server's lease).
+    :param write_report: write the run report and send its metrics after the commit, in this task;
+        ``batch_inference`` leaves it to a ``RunReportOperator`` after persist, off the data path.
     """
 
     template_fields: Sequence[str] = (
@@ -90,6 +92,7 @@ class PersistOutputsOperator(BaseOperator):
         allowed_conn_ids: list[str] | None = None,
         server: dict[str, Any] | None = None,
         runtime_options: dict[str, Any] | None = None,
+        write_report: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -104,6 +107,7 @@ class PersistOutputsOperator(BaseOperator):
         self.allowed_roots = allowed_roots
         self.server = server
         self.runtime_options = runtime_options
+        self.write_report = write_report
         self.allowed_conn_ids = allowed_conn_ids
         # The output table's Asset is known once the sink's options are rendered: it is emitted through
         # this alias (a downstream DAG schedules on the Asset, see assets.output_asset, or on the alias).
@@ -193,7 +197,8 @@ class PersistOutputsOperator(BaseOperator):
         summary["filtered_rows"] = manifest.filtered_rows + sum(filtered_in_read(self.results or []))
         summary.update(self._emit_output_asset(context, options, result, seconds, manifest, outputs, rejects))
         write_json_atomically(run_file(run_dir, SUMMARY), summary)
-        self._report(manifest, result, summary["persist_seconds"], rejects)
+        if self.write_report:
+            self._report(manifest, result, summary["persist_seconds"], rejects)
         self.log.info(
             "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before; "
             "%.2f s, %s rows/s",

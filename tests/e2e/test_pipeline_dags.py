@@ -142,7 +142,7 @@ def test_a_server_that_runs_anyway_is_reached_through_the_connection(
             sink_options={"database": str(tmp_path / "w.duckdb")},
         )
     register_dag(dag)
-    assert {t.task_id.split(".")[-1] for t in dag.tasks} == {"stage", "infer", "persist"}
+    assert {t.task_id.split(".")[-1] for t in dag.tasks} == {"stage", "infer", "persist", "report"}
 
     run = dag.test(logical_date=LOGICAL_DATE)
 
