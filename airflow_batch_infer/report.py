@@ -170,6 +170,39 @@ def write_run_report(run_dir: str, figures: dict[str, Any]) -> RunPath:
     return target
 
 
+def publish_run_report(
+    manifest: Manifest,
+    results: Sequence[dict[str, Any]],
+    persisted: PersistResult,
+    persist_seconds: float,
+    rejects: Sequence[RunPath],
+    tags: dict[str, str],
+    log: Any,
+) -> RunPath | None:
+    """Write the run report and send its figures as metrics, once the partition is committed: a failure
+    is logged as a warning, never raised. Returns the HTML's path (``None`` when it failed).
+
+    :param manifest: the run's manifest.
+    :param results: the infer tasks' results.
+    :param persisted: what the sink committed.
+    :param persist_seconds: the sink's wall time.
+    :param rejects: the rejects parts, read for the reasons.
+    :param tags: the metrics' tags (``dag_id``, ``table``).
+    :param log: the task's logger.
+    """
+    from airflow_batch_infer.run_metrics import emit_run_metrics
+
+    try:
+        figures = run_figures(manifest, results, persisted, persist_seconds, rejects)
+        report = write_run_report(manifest.run_dir, figures)
+        emit_run_metrics(figures, tags)
+    except Exception as error:
+        log.warning("The run report could not be written: %s", error, exc_info=True)
+        return None
+    log.info("Run report: %s", report)
+    return report
+
+
 def render_html(figures: dict[str, Any], charts: dict[str, bytes]) -> str:
     """The report as one self-contained HTML page (no script, no remote resource)."""
     rows, server, latency = figures["rows"], figures["server"], figures["latency_ms"]

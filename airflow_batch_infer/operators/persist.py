@@ -197,8 +197,13 @@ class PersistOutputsOperator(BaseOperator):
         summary["filtered_rows"] = manifest.filtered_rows + sum(filtered_in_read(self.results or []))
         summary.update(self._emit_output_asset(context, options, result, seconds, manifest, outputs, rejects))
         write_json_atomically(run_file(run_dir, SUMMARY), summary)
-        if self.write_report:
-            self._report(manifest, result, summary["persist_seconds"], rejects)
+        if self.write_report:  # the partition is committed: a report that fails is only logged
+            from airflow_batch_infer.report import publish_run_report
+
+            tags = {"dag_id": self.dag_id, "table": result.table}
+            publish_run_report(
+                manifest, self.results or [], result, summary["persist_seconds"], rejects, tags, self.log
+            )
         self.log.info(
             "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before; "
             "%.2f s, %s rows/s",
@@ -213,21 +218,6 @@ class PersistOutputsOperator(BaseOperator):
             f"{manifest.total_rows / seconds:,.0f}" if seconds else "-",
         )
         return summary
-
-    def _report(
-        self, manifest: Manifest, result: PersistResult, seconds: float, rejects: list[RunPath]
-    ) -> None:
-        """Write the run report and send its figures as metrics; the partition is committed already, so a
-        failure here is logged, never raised."""
-        from airflow_batch_infer.report import run_figures, write_run_report
-        from airflow_batch_infer.run_metrics import emit_run_metrics
-
-        try:
-            figures = run_figures(manifest, self.results or [], result, seconds, rejects)
-            self.log.info("Run report: %s", write_run_report(manifest.run_dir, figures))
-            emit_run_metrics(figures, {"dag_id": self.dag_id, "table": result.table})
-        except Exception as error:
-            self.log.warning("The run report could not be written: %s", error, exc_info=True)
 
     def _emit_output_asset(
         self,

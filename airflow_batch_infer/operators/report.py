@@ -40,21 +40,24 @@ class RunReportOperator(BaseOperator):
         self.persisted = persisted
 
     def execute(self, context: Any) -> str | None:
-        from airflow_batch_infer.report import run_figures, write_run_report
-        from airflow_batch_infer.run_metrics import emit_run_metrics
+        from airflow_batch_infer.report import publish_run_report
 
         try:
             manifest = Manifest.load(ChunkDescriptor.from_dict(self.chunks[0]).run_dir)
             summary = dict(self.persisted)
             persisted = PersistResult(**{k: summary[k] for k in PersistResult.__dataclass_fields__})
-            rejects = [rejects_part_path(manifest.run_dir, c.index) for c in manifest.chunks]
-            figures = run_figures(
-                manifest, self.results or [], persisted, float(summary["persist_seconds"]), rejects
-            )
-            report = write_run_report(manifest.run_dir, figures)
-            emit_run_metrics(figures, {"dag_id": self.dag_id, "table": persisted.table})
-        except Exception as error:
+        except Exception as error:  # the partition is committed: no report is only a warning
             self.log.warning("The run report could not be written: %s", error, exc_info=True)
             return None
-        self.log.info("Run report: %s", report)
-        return str(report)
+        rejects = [rejects_part_path(manifest.run_dir, c.index) for c in manifest.chunks]
+        tags = {"dag_id": self.dag_id, "table": persisted.table}
+        report = publish_run_report(
+            manifest,
+            self.results or [],
+            persisted,
+            float(summary["persist_seconds"]),
+            rejects,
+            tags,
+            self.log,
+        )
+        return str(report) if report is not None else None

@@ -32,14 +32,8 @@ def server_work(info: ServerInfo, timeout: float = 5.0) -> dict[str, int]:
     except Exception as error:
         log.info("Could not read the statistics of Triton server %s: %s", info.handle.get("server_id"), error)
         return {}
-    totals = {"inference_count": 0, "requests": 0, "executions": 0}
-    for model in stats.get("model_stats", []):
-        totals["inference_count"] += int(model.get("inference_count") or 0)
-        totals["executions"] += int(model.get("execution_count") or 0)
-        totals["requests"] += int(
-            ((model.get("inference_stats") or {}).get("success") or {}).get("count") or 0
-        )
-    return totals
+    counters = totals(stats)
+    return {key: counters[key] for key in ("inference_count", "requests", "executions")}
 
 
 def model_snapshot(
@@ -77,7 +71,14 @@ def _read_snapshot(hook: Any, model_name: str) -> dict[str, Any] | None:
     except Exception as error:
         log.info("Could not read the statistics of model %s at %s: %s", model_name, hook.url, error)
         return None
-    snapshot: dict[str, Any] = {
+    return totals(stats)
+
+
+def totals(stats: dict[str, Any]) -> dict[str, Any]:
+    """Triton's statistics (``get_inference_statistics``, as JSON) summed over the models and versions in
+    them: successful ``requests``, ``queue_ns``, ``compute_ns`` (input + infer + output), rows
+    (``inference_count``), ``executions`` (batches) and ``batches`` (size bin → executions)."""
+    summed: dict[str, Any] = {
         "requests": 0,
         "queue_ns": 0,
         "compute_ns": 0,
@@ -87,17 +88,17 @@ def _read_snapshot(hook: Any, model_name: str) -> dict[str, Any] | None:
     }
     for model in stats.get("model_stats", []):
         inference = model.get("inference_stats") or {}
-        snapshot["requests"] += int((inference.get("success") or {}).get("count") or 0)
-        snapshot["queue_ns"] += int((inference.get("queue") or {}).get("ns") or 0)
+        summed["requests"] += int((inference.get("success") or {}).get("count") or 0)
+        summed["queue_ns"] += int((inference.get("queue") or {}).get("ns") or 0)
         for phase in ("compute_input", "compute_infer", "compute_output"):
-            snapshot["compute_ns"] += int((inference.get(phase) or {}).get("ns") or 0)
-        snapshot["inference_count"] += int(model.get("inference_count") or 0)
-        snapshot["executions"] += int(model.get("execution_count") or 0)
+            summed["compute_ns"] += int((inference.get(phase) or {}).get("ns") or 0)
+        summed["inference_count"] += int(model.get("inference_count") or 0)
+        summed["executions"] += int(model.get("execution_count") or 0)
         for batch in model.get("batch_stats") or []:
             size = str(size_bin(int(batch.get("batch_size") or 0)))
             count = int((batch.get("compute_infer") or {}).get("count") or 0)
-            snapshot["batches"][size] = snapshot["batches"].get(size, 0) + count
-    return snapshot
+            summed["batches"][size] = summed["batches"].get(size, 0) + count
+    return summed
 
 
 def size_bin(size: int) -> int:

@@ -103,6 +103,7 @@ def test_metrics_leave_out_what_was_not_reported() -> None:
 
 def test_a_report_that_cannot_be_written_does_not_fail_persist(tmp_path) -> None:
     from airflow_batch_infer.operators.persist import PersistOutputsOperator
+    from airflow_batch_infer.report import publish_run_report
     from airflow_batch_infer.sinks.base import PersistResult
     from airflow_batch_infer.staging import Manifest
 
@@ -113,5 +114,6 @@ def test_a_report_that_cannot_be_written_does_not_fail_persist(tmp_path) -> None
     )
     persist = PersistOutputsOperator(task_id="persist", chunks=[], table="scores")
     committed = PersistResult("scores", "scores_rejects", "2026-11-21", 0, 0, 0, "warehouse.duckdb")
-    persist._report(manifest, committed, 0.1, [])  # logs a warning, raises nothing
+    # What persist (write_report) and the report task call: logs a warning, raises nothing.
+    assert publish_run_report(manifest, [], committed, 0.1, [], {}, persist.log) is None
     assert blocker.read_text() == "a file where the run folder should be"
