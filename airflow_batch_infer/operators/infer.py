@@ -25,6 +25,7 @@ from airflow_batch_infer.runtimes.fleet import fleet_servers
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.runtimes.statistics import gpu_utilization, model_snapshot
 from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
+from airflow_batch_infer.slot_release import release_slot_at_exit
 from airflow_batch_infer.staging import ChunkDescriptor, Manifest, output_part_path, rejects_part_path
 from airflow_batch_infer.templated import as_list, as_mapping
 
@@ -175,16 +176,13 @@ class TritonInferenceOperator(BaseOperator):
     def _servers(self, chunk_index: int) -> list[ServerInfo | None]:
         """The servers to try, in order: the chunk's own (round robin by chunk), then the others of the run;
         ``[None]`` for an endpoint given as a URL or by the connection."""
-        servers = fleet_servers(self.server)
-        if not servers:
-            return [None]
+        servers: list[ServerInfo | None] = [*fleet_servers(self.server)] or [None]
         first = chunk_index % len(servers)
         return servers[first:] + servers[:first]
 
     def _url(self, server: ServerInfo | None) -> str | None:
-        if server is not None:
-            return server.grpc_url
-        return None if isinstance(self.server, Mapping) else (self.server or None)
+        given = None if isinstance(self.server, Mapping) else (self.server or None)
+        return server.grpc_url if server is not None else given
 
     def _ready_hook(self, candidates: list[ServerInfo | None], chunk_index: int) -> tuple[TritonHook, int]:
         """A hook on the first candidate that is ready (a server still loading or gone is passed over)."""
@@ -262,6 +260,7 @@ class TritonInferenceOperator(BaseOperator):
         return next((s for s in fleet_servers(self.server) if s.grpc_url == hook.url), None)
 
     def execute(self, context: Any) -> dict[str, Any]:
+        release_slot_at_exit()
         try:
             self.resolve_templated()
         except ValueError as error:  # bad input: a retry renders the same text

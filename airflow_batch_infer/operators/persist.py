@@ -19,6 +19,7 @@ from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import get_sink, sink_options
 from airflow_batch_infer.sinks.base import PersistResult
+from airflow_batch_infer.slot_release import release_slot_at_exit
 from airflow_batch_infer.staging import (
     SUMMARY,
     ChunkDescriptor,
@@ -152,6 +153,7 @@ class PersistOutputsOperator(BaseOperator):
         return outputs, rejects, rejected
 
     def execute(self, context: Any) -> dict[str, Any]:
+        release_slot_at_exit()
         options = sink_options(self.sink_options)
         check_sink(self.sink, options, self.allowed_roots, self.allowed_conn_ids)
         if not self.chunks:

@@ -10,6 +10,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, get_runtime
+from airflow_batch_infer.slot_release import release_slot_at_exit
 
 #: DAG run states in which a run's server is still wanted.
 ACTIVE_RUN_STATES = ("queued", "running")
@@ -122,6 +123,7 @@ class TritonServerReaperOperator(BaseOperator):
         self.dry_run = dry_run
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
+        release_slot_at_exit()
         runtime = get_runtime(self.runtime, **self.runtime_options)
         run_state = run_states(context["ti"])
 

@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from airflow_batch_infer.sinks.base import PersistResult
+from airflow_batch_infer.slot_release import release_slot_at_exit
 from airflow_batch_infer.staging import ChunkDescriptor, Manifest, rejects_part_path
 
 
@@ -40,6 +41,7 @@ class RunReportOperator(BaseOperator):
         self.persisted = persisted
 
     def execute(self, context: Any) -> str | None:
+        release_slot_at_exit()
         from airflow_batch_infer.report import publish_run_report
 
         try:

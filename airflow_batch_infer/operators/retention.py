@@ -13,6 +13,7 @@ from airflow_batch_infer.config import get_float
 from airflow_batch_infer.operators.reaper import run_states
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.retention import expired_folders, run_folders
+from airflow_batch_infer.slot_release import release_slot_at_exit
 
 
 class StagingRetentionOperator(BaseOperator):
@@ -47,6 +48,7 @@ class StagingRetentionOperator(BaseOperator):
         self.dry_run = dry_run
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
+        release_slot_at_exit()
         root = storage.location(
             self.staging_root or batch_infer_home() / "staging", self.staging_conn_id or None
         )

@@ -27,6 +27,7 @@ from airflow_batch_infer.runtimes.fleet import (
     visible_gpus,
 )
 from airflow_batch_infer.runtimes.statistics import server_work
+from airflow_batch_infer.slot_release import release_slot_at_exit
 from airflow_batch_infer.triggers.server import TritonServerReadyTrigger
 
 #: Extra time Airflow gives a deferred start beyond the trigger's own deadline, so that the trigger (which
@@ -132,6 +133,7 @@ class StartTritonServerOperator(BaseOperator):
         return options
 
     def execute(self, context: Any) -> dict[str, Any]:
+        release_slot_at_exit()
         if str(self.validate_only).strip().lower() in ("true", "1", "yes", "on"):
             raise AirflowSkipException("validate_only: the run only makes its checks; no server is started.")
         gpus = visible_gpus() if self.runtime in SHARED_HOST_RUNTIMES else []
@@ -253,6 +255,7 @@ class StartTritonServerOperator(BaseOperator):
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         """Resume after the trigger: return the ready servers (and those still loading), or stop what was
         launched and fail."""
+        release_slot_at_exit()
         runtime = get_runtime(self.runtime, **self._runtime_options())
         for failure in event.get("failed") or []:
             self.log.error(
@@ -319,6 +322,7 @@ class StopTritonServerOperator(BaseOperator):
         self.runtime_options = runtime_options or {}
 
     def execute(self, context: Any) -> bool:
+        release_slot_at_exit()
         servers = fleet_servers(self.server)
         if not servers:
             self.log.info("No server was started for this run: nothing to stop.")

@@ -15,6 +15,7 @@ from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.row_filter import sql_to_expression
 from airflow_batch_infer.sinks import sink_options
+from airflow_batch_infer.slot_release import release_slot_at_exit
 from airflow_batch_infer.sql_options import check_export_parallelism, check_split_column
 from airflow_batch_infer.staging import SNAPSHOTS, run_directory, stage_source
 from airflow_batch_infer.templated import as_optional_str
@@ -309,6 +310,7 @@ class StageInputsOperator(BaseOperator):
         )
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
+        release_slot_at_exit()
         from airflow_batch_infer.row_limits import LimitedSource, limit_pinned, row_limit, scratch_partition
 
         self._check_allowed()
