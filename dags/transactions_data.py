@@ -5,9 +5,6 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from airflow.sdk import Asset
 
 from airflow_batch_infer.paths import batch_infer_home
@@ -33,6 +30,10 @@ def write_transactions(
     :param seed: random seed; the same seed gives the same rows.
     :param row_group_rows: rows per Parquet row group (chunks by reference end at row-group boundaries).
     """
+    import numpy as np  # here, not at the top: every task process parses the DAG files that import this
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     for old in target.glob("*.parquet"):
