@@ -1,6 +1,6 @@
 """The code the docs show is code that runs: docs/examples/*.py parse as Airflow parses DAGs, with the tasks
-the pages describe; every file the pages include exists, with the sections they name (``mkdocs build
---strict``, ``make docs``, checks that too)."""
+the pages describe; README.md's DAG is docs/examples/quickstart.py, byte for byte; every file the pages
+include exists, with the sections they name (``mkdocs build --strict``, ``make docs``, checks that too)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,12 @@ def test_the_iceberg_example_reads_a_partition_the_sink_wrote(tmp_path) -> None:
 
     day = read_day(str(lake), "2026-11-21")
     assert sorted(day.column("row_id").to_pylist()) == [1, 2]
+
+
+def test_readme_dag_is_the_quickstart_example() -> None:
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert (EXAMPLES / "quickstart.py").read_text() in blocks
 
 
 def test_every_included_file_and_section_exists() -> None:
