@@ -47,7 +47,8 @@ unit: $(VENV)/.installed
 	$(VENV)/bin/pytest -ra tests/unit
 
 # The docs site (mkdocs.yml, docs/) into site/, strictly: a broken link, include or docstring fails it.
-# NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2, printed on every build, says nothing about ours.
+# NO_MKDOCS_2_WARNING silences the banner Material prints on every build (its end of life in May 2027, and
+# Zensical, its successor, which reads the same mkdocs.yml): a notice about the tool, not about these docs.
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
