@@ -9,7 +9,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export BATCH_INFER_HOME ?= $(CURDIR)/.data
 export BATCH_INFER_TRITON_ENV ?= $(BATCH_INFER_HOME)/triton-server-env
 
-.PHONY: setup demo test lint unit bench bench-e2e bench-servers models lock clean
+.PHONY: setup demo test lint unit docs bench bench-e2e bench-servers models lock clean
 
 # Both environments are byte-compiled once here (uv does not, and where PYTHONDONTWRITEBYTECODE is set
 # nothing ever is): every Airflow task process, DAG parse and model stub then skips compiling its imports.
@@ -46,6 +46,12 @@ test: setup lint
 unit: $(VENV)/.installed
 	$(VENV)/bin/pytest -ra tests/unit
 
+# The docs site (mkdocs.yml, docs/) into site/, strictly: a broken link, include or docstring fails it.
+# NO_MKDOCS_2_WARNING silences the banner Material prints on every build (its end of life in May 2027, and
+# Zensical, its successor, which reads the same mkdocs.yml): a notice about the tool, not about these docs.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: setup
 	$(PY) benchmarks/throughput.py
 
@@ -67,4 +73,4 @@ lock: $(VENV)/.installed
 	$(UV) pip compile -q -p $(PY) pyproject.toml --all-extras --group dev -o requirements/lock.txt --no-header --annotation-style line
 
 clean:
-	rm -rf $(VENV) $(AIRFLOW_HOME) $(BATCH_INFER_HOME) .bench
+	rm -rf $(VENV) $(AIRFLOW_HOME) $(BATCH_INFER_HOME) .bench site

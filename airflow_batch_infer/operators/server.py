@@ -306,9 +306,10 @@ class StopTritonServerOperator(BaseOperator):
 
     :param server: the start task's return value (``start.output``): a fleet or one server.
     :param runtime_options: keyword options of the runtime, as given to the start task.
-    :returns: ``True`` when it stopped every server, ``False`` when some were already gone; with
-        ``servers=N`` the per-server report lies in the log and in ``report`` of the task's XCom
-        ``servers`` key.
+
+    Its return value (XCom) is ``True`` when it stopped every server, ``False`` when some were already gone;
+    with ``servers=N`` the per-server report lies in the log and in ``report`` of the task's XCom
+    ``servers`` key.
     """
 
     template_fields: Sequence[str] = ("server", "runtime_options")

@@ -1,7 +1,7 @@
-"""docker-compose.yaml, parsed (no Docker engine here): every service, port and volume the README names.
+"""docker-compose.yaml, parsed (no Docker engine here): every service, port and volume the docs name.
 
-The README's table in "The whole stack with docker compose" is read and checked row by row against the
-file, so that the two cannot drift apart.
+The table of docs/how-to/docker-compose.md ("The whole stack with docker compose") is read and checked row
+by row against the file, so that the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ COMPOSE = yaml.safe_load((REPO / "docker-compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
 
 
-def readme_rows() -> list[dict[str, str]]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("### The whole stack with docker compose", 1)[1]
+def docs_rows() -> list[dict[str, str]]:
+    text = (REPO / "docs" / "how-to" / "docker-compose.md").read_text()
+    section = text.split("# The whole stack with docker compose", 1)[1]
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -29,15 +29,15 @@ def readme_rows() -> list[dict[str, str]]:
     return rows
 
 
-ROWS = readme_rows()
+ROWS = docs_rows()
 
 
-def test_readme_names_every_service() -> None:
+def test_docs_name_every_service() -> None:
     assert sorted(re.sub(r"`", "", r["service"]) for r in ROWS) == sorted(SERVICES)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r["service"].strip("`") for r in ROWS])
-def test_service_matches_readme(row: dict[str, str]) -> None:
+def test_service_matches_docs(row: dict[str, str]) -> None:
     name = row["service"].strip("`")
     service = SERVICES[name]
     published = {str(p).split(":")[-2] for p in service.get("ports", [])}
@@ -90,7 +90,7 @@ def test_airflow_services_share_the_image_and_settings() -> None:
     worker = SERVICES["airflow-worker"]
     assert worker["command"] == "celery worker"
     assert "/var/run/docker.sock:/var/run/docker.sock" in worker["volumes"]
-    # The docker runtime's containers join the stack's network by this name (README, reaper settings).
+    # The docker runtime's containers join the stack's network by this name (docs, reaper settings).
     assert COMPOSE["networks"]["default"]["name"] == "airflow-batch-infer"
     assert '"network": "airflow-batch-infer"' in worker["environment"]["BATCH_INFER_REAPED_RUNTIMES"]
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
