@@ -36,8 +36,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
-
 from airflow_batch_infer import storage
 from airflow_batch_infer.errors import StagingError
 
@@ -250,6 +248,8 @@ def check_unique_ids(paths: Sequence[str], column: str) -> None:
     :param paths: the staged chunk files, or the pinned input files.
     :param column: the row id column.
     """
+    import duckdb  # here: the DAG's parse in every task process imports this module
+
     quoted = '"' + column.replace('"', '""') + '"'
     with (
         tempfile.TemporaryDirectory(prefix="abi-duckdb-") as spill,  # private: no shared fixed /tmp path
