@@ -54,7 +54,7 @@ from airflow_batch_infer.copy_staging import _ChunkWriter, _write_chunks
 from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.sinks.postgres import _libpq_uri
 from airflow_batch_infer.sources.base import Source
-from airflow_batch_infer.sources.sql import _PG_NUMERIC, _PG_TYPES, SQLQuerySource, _driver_error, _tuples
+from airflow_batch_infer.sources.sql import _PG_NUMERIC, _PG_TYPES, SQLQuerySource, _tuples, query_connection
 from airflow_batch_infer.staging import (
     DEFAULT_ROW_ID_COLUMN,
     ChunkDescriptor,
@@ -114,8 +114,7 @@ def copy_ranges(
     if reason:
         log.info("Exporting the query serially, as one stream: %s.", reason)
         return None
-    connection = hook.get_conn()
-    try:
+    with query_connection(hook, source.conn_id) as connection:
         cursor = connection.cursor()
         # The transaction's first statement: it can only read, and its snapshot is the whole export's.
         cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -139,13 +138,6 @@ def copy_ranges(
         target = pa.schema([schema.field(c) for c in wanted])
         export = _Export(source, _libpq_uri(hook), snapshot, select, target, run_dir, row_id_column)
         chunks = export.run(plan[1])
-    except _driver_error(connection) as err:
-        raise StagingError(f"The query failed on connection {source.conn_id!r}: {err}") from err
-    finally:
-        try:
-            connection.rollback()  # it only read: end the snapshot's transaction
-        finally:
-            connection.close()
     generated = row_id_column is None
     id_column = row_id_column or DEFAULT_ROW_ID_COLUMN
     if not generated and chunks:
