@@ -13,35 +13,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_batch_infer import storage
-from airflow_batch_infer.chunk_sizing import plan_chunk_rows
 from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.parquet_files import open_parquet, parquet_writer, required_where_no_nulls
 from airflow_batch_infer.row_filter import RowFilter
 from airflow_batch_infer.sources.base import Source
 from airflow_batch_infer.staging import (
-    DEFAULT_ROW_ID_COLUMN,
     ChunkDescriptor,
     Manifest,
     RunPath,
     atomic_target,
     check_columns,
-    check_unique_ids,
     commit,
     run_file,
 )
+from airflow_batch_infer.staging_request import StagingRequest
 
 
-def copy_rows(
-    source: Source,
-    run_dir: str | Path,
-    chunk_rows: int | str,
-    columns: Sequence[str] | None,
-    keep: list[str] | None,
-    row_id_column: str | None,
-    max_chunks: int,
-    parallel_tasks: int,
-    row_filter: RowFilter | None = None,
-) -> Manifest:
+def copy_rows(source: Source, request: StagingRequest) -> Manifest:
     """Copy ``source``'s rows into chunk files; the caller writes the returned manifest.
 
     A PostgreSQL query that allows it is exported in parallel ranges of one snapshot instead
@@ -51,33 +39,22 @@ def copy_rows(
     cut again into fewer, larger chunks (the source itself is not read twice).
 
     :param source: where the rows come from.
-    :param run_dir: the run's staging folder.
-    :param chunk_rows: rows per chunk, or ``"auto"``.
-    :param columns: the columns asked for (``None``: all).
-    :param keep: the columns to read: ``columns`` plus the row id column.
-    :param row_id_column: the input's own row id column (``None``: a ``row_id`` is generated).
-    :param max_chunks: upper bound on the chunk count.
-    :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
-    :param row_filter: the rows to copy (a Parquet source's ``filter=``); the others are counted only.
+    :param request: the run's folder, columns, row ids, filter and chunk sizing; with a ``row_filter``,
+        only the rows it keeps are copied (the others are counted).
     """
-    if row_filter is not None:
-        return _copy_filtered(
-            source, run_dir, chunk_rows, keep, row_id_column, max_chunks, parallel_tasks, row_filter
-        )
+    if request.row_filter is not None:
+        return _copy_filtered(source, request, request.row_filter)
     # A PostgreSQL query that allows it is exported in parallel ranges (imported here: it imports this).
     from airflow_batch_infer.sources.sql_ranges import copy_ranges
 
-    ranged = copy_ranges(
-        source, run_dir, chunk_rows, columns, keep, row_id_column, max_chunks, parallel_tasks
-    )
+    ranged = copy_ranges(source, request)
     if ranged is not None:
         return ranged
-    generated_ids = row_id_column is None
-    id_column = row_id_column or DEFAULT_ROW_ID_COLUMN
-    total = source.count_rows()
-    rows_per_chunk = plan_chunk_rows(total or 0, chunk_rows, max_chunks, parallel_tasks)
+    run_dir, keep = request.run_dir, request.keep
+    generated_ids, id_column = request.generated_ids, request.id_column
+    rows_per_chunk = request.rows_per_chunk(source.count_rows() or 0)
     with source.open(keep) as reader:
-        check_columns(reader.schema.names, columns, row_id_column, source.description)
+        check_columns(reader.schema.names, request.columns, request.row_id_column, source.description)
         batches: Iterable[pa.RecordBatch] = reader
         staged_schema = reader.schema
         if keep is not None and reader.schema.names != keep:
@@ -88,11 +65,9 @@ def copy_rows(
         )
     schema = writer.schema
     chunks = writer.chunks
-    if not generated_ids and chunks:
-        check_unique_ids([c.path for c in chunks], id_column)
-    if len(chunks) > max_chunks:
-        staged_rows = sum(c.rows for c in chunks)
-        rows_per_chunk = plan_chunk_rows(staged_rows, chunk_rows, max_chunks, parallel_tasks)
+    request.check_unique_ids([c.path for c in chunks])
+    if len(chunks) > request.max_chunks:
+        rows_per_chunk = request.rows_per_chunk(sum(c.rows for c in chunks))
         regrouped = _ChunkWriter(run_dir, "chunks-regrouped", rows_per_chunk, id_column, False, generated_ids)
         chunks = _write_chunks(_staged_batches(chunks), regrouped).chunks
         storage.remove(run_file(run_dir, "chunks"))
@@ -100,35 +75,15 @@ def copy_rows(
         schema = staged_schema
         if generated_ids:
             schema = schema.insert(0, pa.field(id_column, pa.int64()))
-    return Manifest(
-        run_dir=str(run_dir),
-        source=source.description,
-        row_id_column=id_column,
-        total_rows=sum(c.rows for c in chunks),
-        chunk_rows=rows_per_chunk,
-        schema={f.name: str(f.type) for f in schema},
-        chunks=chunks,
-        snapshot="copy",
-        generated_ids=generated_ids,
-    )
+    return request.manifest(source.description, chunks, schema, rows_per_chunk, sum(c.rows for c in chunks))
 
 
-def _copy_filtered(
-    source: Source,
-    run_dir: str | Path,
-    chunk_rows: int | str,
-    keep: list[str] | None,
-    row_id_column: str | None,
-    max_chunks: int,
-    parallel_tasks: int,
-    row_filter: RowFilter,
-) -> Manifest:
+def _copy_filtered(source: Source, request: StagingRequest, row_filter: RowFilter) -> Manifest:
     """Copy the rows ``row_filter`` keeps; generated ids are numbered before filtering (the source rows'
     ids), so they are the ids a run without the filter would give."""
-    generated_ids = row_id_column is None
-    id_column = row_id_column or DEFAULT_ROW_ID_COLUMN
-    rows_per_chunk = plan_chunk_rows(source.count_rows() or 0, chunk_rows, max_chunks, parallel_tasks)
-    names = keep if keep is not None else source.schema().names
+    generated_ids, id_column = request.generated_ids, request.id_column
+    rows_per_chunk = request.rows_per_chunk(source.count_rows() or 0)
+    names = request.keep if request.keep is not None else source.schema().names
     read = [*names, *(c for c in row_filter.columns if c not in names)]
     counts = {"seen": 0, "kept": 0}
 
@@ -150,24 +105,21 @@ def _copy_filtered(
         staged_schema = pa.schema([reader.schema.field(c) for c in names])
         if generated_ids:
             staged_schema = staged_schema.insert(0, pa.field(id_column, pa.int64()))
-        writer = _ChunkWriter(run_dir, "chunks", rows_per_chunk, id_column, False, False)
+        writer = _ChunkWriter(request.run_dir, "chunks", rows_per_chunk, id_column, False, False)
         chunks = _write_chunks(kept_batches(reader), writer).chunks
-    if len(chunks) > max_chunks:  # cannot happen: fewer rows than counted, so no more chunks than planned
-        raise StagingError(f"Filtered staging made {len(chunks)} chunks, more than max_chunks={max_chunks}.")
-    if not generated_ids and chunks:
-        check_unique_ids([c.path for c in chunks], id_column)
+    # Cannot happen: fewer rows than counted, so no more chunks than planned.
+    if len(chunks) > request.max_chunks:
+        raise StagingError(
+            f"Filtered staging made {len(chunks)} chunks, more than max_chunks={request.max_chunks}."
+        )
+    request.check_unique_ids([c.path for c in chunks])
     schema = writer.schema or staged_schema
-    return Manifest(
-        run_dir=str(run_dir),
-        source=source.description,
-        row_id_column=id_column,
-        total_rows=counts["kept"],
-        chunk_rows=rows_per_chunk,
-        schema={f.name: str(f.type) for f in schema},
-        chunks=chunks,
-        snapshot="copy",
-        generated_ids=generated_ids,
-        row_filter=row_filter.to_dict(),
+    return request.manifest(
+        source.description,
+        chunks,
+        schema,
+        rows_per_chunk,
+        counts["kept"],
         filtered_rows=counts["seen"] - counts["kept"],
     )
 

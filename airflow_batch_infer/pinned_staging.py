@@ -9,66 +9,48 @@ boundaries into about ``chunk_rows`` rows. The infer task reads its row groups s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 
 from airflow_batch_infer import storage
-from airflow_batch_infer.chunk_sizing import plan_chunk_rows
 from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.row_filter import RowFilter
 from airflow_batch_infer.sources.parquet import ParquetSource
-from airflow_batch_infer.staging import DEFAULT_ROW_ID_COLUMN, ChunkDescriptor, Manifest, check_unique_ids
+from airflow_batch_infer.staging import ChunkDescriptor, Manifest
+from airflow_batch_infer.staging_request import StagingRequest
 
 
-def pin_files(
-    source: ParquetSource,
-    run_dir: str | Path,
-    chunk_rows: int | str,
-    keep: list[str] | None,
-    row_id_column: str | None,
-    max_chunks: int,
-    parallel_tasks: int,
-    row_filter: RowFilter | None = None,
-) -> Manifest:
+def pin_files(source: ParquetSource, request: StagingRequest) -> Manifest:
     """Pin ``source``'s files and cut their row groups into chunks; the caller writes the manifest.
 
+    Generated row ids are not written anywhere: the infer tasks add them as they read. Row groups whose
+    statistics show that ``request.row_filter`` keeps none of their rows are pruned here (counted as
+    filtered); the rest are filtered as the infer tasks read them.
+
     :param source: the Parquet input.
-    :param run_dir: the run's staging folder.
-    :param chunk_rows: rows per chunk, or ``"auto"``.
-    :param keep: the columns staged (``None``: all), the row id column included.
-    :param row_id_column: the input's own row id column (``None``: ids are generated at read time).
-    :param max_chunks: upper bound on the chunk count.
-    :param parallel_tasks: infer tasks that can run at once, for ``chunk_rows="auto"``.
-    :param row_filter: the rows to score: row groups whose statistics rule every row out are pruned here
-        (counted as filtered), the rest are filtered as the infer tasks read them.
+    :param request: the run's folder, columns, row ids, filter and chunk sizing.
     """
-    files = pinned_files(source, row_filter)
+    files = pinned_files(source, request.row_filter)
     pruned = sum(f["rows"] - _kept_rows(f) for f in files)
     total = sum(f["rows"] for f in files) - pruned
-    rows_per_chunk = plan_chunk_rows(total, chunk_rows, max_chunks, parallel_tasks)
-    generated_ids = row_id_column is None
-    if not generated_ids and files:
-        check_unique_ids([f["path"] for f in files], row_id_column)
+    rows_per_chunk = request.rows_per_chunk(total)
+    request.check_unique_ids([f["path"] for f in files])
     schema = source.schema()
-    if keep is not None:
-        schema = pa.schema([schema.field(c) for c in keep])
-    if generated_ids:
-        schema = schema.insert(0, pa.field(DEFAULT_ROW_ID_COLUMN, pa.int64(), nullable=False))
-    return Manifest(
-        run_dir=str(run_dir),
-        source=source.description,
-        row_id_column=row_id_column or DEFAULT_ROW_ID_COLUMN,
-        total_rows=total,
-        chunk_rows=rows_per_chunk,
-        schema={f.name: str(f.type) for f in schema},
-        chunks=row_group_chunks(str(run_dir), files, rows_per_chunk, generated_ids),
+    if request.keep is not None:
+        schema = pa.schema([schema.field(c) for c in request.keep])
+    if request.generated_ids:
+        schema = schema.insert(0, pa.field(request.id_column, pa.int64(), nullable=False))
+    chunks = row_group_chunks(str(request.run_dir), files, rows_per_chunk, request.generated_ids)
+    return request.manifest(
+        source.description,
+        chunks,
+        schema,
+        rows_per_chunk,
+        total,
         snapshot="reference",
         files=files,
-        generated_ids=generated_ids,
-        row_filter=row_filter.to_dict() if row_filter else None,
         filtered_rows=pruned,
     )
 

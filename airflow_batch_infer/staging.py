@@ -320,6 +320,7 @@ def stage_source(
     if keep is not None and row_id_column and row_id_column not in keep:
         keep.insert(0, row_id_column)
     from airflow_batch_infer.sources.parquet import ParquetSource
+    from airflow_batch_infer.staging_request import StagingRequest
 
     parsed = None
     if isinstance(row_filter, str) and row_filter.strip() in ("", "None"):  # a template rendered empty
@@ -332,19 +333,18 @@ def stage_source(
         from airflow_batch_infer.row_filter import parse_filter
 
         parsed = parse_filter(row_filter, source.schema())
+    request = StagingRequest(
+        run_dir, chunk_rows, max_chunks, parallel_tasks, columns, keep, row_id_column, parsed
+    )
     storage.remove(run_dir)
     if snapshot == "reference" and isinstance(source, ParquetSource):
         from airflow_batch_infer.pinned_staging import pin_files
 
-        manifest = pin_files(
-            source, run_dir, chunk_rows, keep, row_id_column, max_chunks, parallel_tasks, parsed
-        )
+        manifest = pin_files(source, request)
     else:
         from airflow_batch_infer.copy_staging import copy_rows
 
-        manifest = copy_rows(
-            source, run_dir, chunk_rows, columns, keep, row_id_column, max_chunks, parallel_tasks, parsed
-        )
+        manifest = copy_rows(source, request)
     if run:
         manifest.dag_id, manifest.run_id = str(run["dag_id"]), str(run["run_id"])
         manifest.partition = str(run.get("partition", ""))

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_support import local_server
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "risk_scorer"
 
@@ -60,7 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from airflow_batch_infer.paths import batch_infer_home
-    from airflow_batch_infer.runtimes.local import LocalTritonRuntime
 
     work = Path(tempfile.mkdtemp(prefix="abi-against-"))
     other = work / "tree"
@@ -72,17 +73,13 @@ def main(argv: list[str] | None = None) -> None:
         chunks = {name: staged_chunk(tree, home, args.rows) for name, (tree, home) in trees.items()}
         for name, chunk in chunks.items():
             print(f"{name}: chunk {chunk} ({chunk.stat().st_size:,} bytes)", file=sys.stderr)
-        runtime = LocalTritonRuntime(work_root=work / "servers", restricted_api=False)  # clients get no key
-        info = runtime.start(str(REPO / "triton_models"), [MODEL])
         results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-        try:
+        with local_server([MODEL], work / "servers") as info:  # no restricted-API key: the workers get none
             for _ in range(args.pairs):
                 for name, (tree, home) in trees.items():
                     result = run_worker(tree, home, chunks[name], info.grpc_url, work / "out")
                     results[name].append(result)
                     print(f"{name}: {result['rows_per_s']:,.0f} rows/s", file=sys.stderr)
-        finally:
-            runtime.stop(info)
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(other)], check=False)
         shutil.rmtree(work, ignore_errors=True)

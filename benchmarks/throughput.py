@@ -20,147 +20,37 @@ record). Usage: ``python benchmarks/throughput.py [--rows N] [--quick] [--skip-n
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_REPOSITORY = REPO / "triton_models"
+from bench_support import (
+    bench_home,
+    chunk_for,
+    chunk_rows,
+    last_json,
+    local_server,
+    log,
+    model_counts,
+    peak_rss_mb,
+    ratio,
+    run_child,
+    self_cpu,
+)
+from perf_analyzer import PerfAnalyzer, ensure_perf_analyzer
+
 MODEL = "risk_scorer"
 HEAVY_MODEL = "risk_scorer_heavy"
 INPUT_TENSOR = "features"
 OUTPUT_TENSOR = "probability"
 OUTPUT_COLUMN = "risk_score"
 PASSTHROUGH = ["transaction_id"]  # as in the demo DAG
-PERF_ANALYZER_VERSION = "2.51.0"  # the server's version (nvidia-pytriton 0.7.0 carries Triton 2.51.0)
-# perf_analyzer needs these two; the server environment carries them under hashed names.
-PERF_ANALYZER_LIBS = {"libb64.so.0d": "libb64*.so.0d*", "libcudart.so.12": "libcudart*.so.12*"}
-
-sys.path.insert(0, str(REPO / "dags"))
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def log(message: str) -> None:
-    """Progress line on stderr (stdout carries the results)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def bench_home() -> Path:
-    from airflow_batch_infer.paths import batch_infer_home
-
-    return batch_infer_home()
-
-
-@dataclass
-class ChildResult:
-    """A finished child process: its exit code, wall time and its own CPU time (not its children's).
-
-    (Its ``ru_maxrss`` is not kept: Linux carries the parent's high-water mark across a vfork + exec.)
-    """
-
-    returncode: int
-    wall_s: float
-    cpu_s: float
-    output: str
-
-
-def run_child(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> ChildResult:
-    """Run ``cmd`` and read its rusage with ``wait4`` (CPU and RSS high-water of that process only).
-
-    :param cmd: the command.
-    :param timeout: seconds before the child is killed (the result then has returncode -9).
-    :param env: its environment.
-    """
-    log_path = bench_home() / "bench-data" / f".child-{os.getpid()}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with open(log_path, "w+b") as out:
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.monotonic() - started > timeout:
-                    proc.kill()
-                    pid, status, usage = os.wait4(proc.pid, 0)
-                    break
-                time.sleep(0.02)
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                proc.kill()
-                os.wait4(proc.pid, 0)
-            raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read().decode("utf-8", "replace")
-    log_path.unlink(missing_ok=True)
-    return ChildResult(
-        returncode=proc.returncode,
-        wall_s=time.monotonic() - started,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        output=text,
-    )
-
-
-def last_json(text: str) -> dict[str, Any]:
-    """The last line of ``text`` that is a JSON object."""
-    for line in reversed(text.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"No JSON result in the worker's output:\n{text[-3000:]}")
-
-
-def peak_rss_mb() -> float:
-    """This process's RSS high-water mark (``VmHWM``; unlike ``ru_maxrss``, not inherited across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("No VmHWM in /proc/self/status.")
-
-
-def self_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def chunk_for(rows: int) -> Path:
-    """A staged chunk of ``rows`` demo transactions (one chunk file), cached under ``bench-data``."""
-    from transactions_data import write_transactions
-
-    from airflow_batch_infer.staging import stage_parquet
-
-    root = bench_home() / "bench-data" / f"rows-{rows}"
-    chunk = root / "run" / "chunks" / "chunk-00000.parquet"
-    marker = root / "ready"
-    if marker.exists() and chunk.exists():
-        return chunk
-    started = time.monotonic()
-    shutil.rmtree(root, ignore_errors=True)
-    write_transactions(root / "source", rows)
-    manifest = stage_parquet(root / "source", root / "run", chunk_rows=rows, snapshot="copy")
-    if len(manifest.chunks) != 1 or Path(manifest.chunks[0].path) != chunk:
-        raise RuntimeError(f"Expected one chunk of {rows} rows, got {[c.rows for c in manifest.chunks]}.")
-    shutil.rmtree(root / "source")
-    marker.write_text(f"{rows}\n")
-    log(f"generated a {rows:,}-row chunk in {time.monotonic() - started:.1f} s: {chunk}")
-    return chunk
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -265,82 +155,17 @@ def worker_naive(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @dataclass
-class PaRun:
-    """One perf_analyzer measurement: best stable rows/s it reported, and its process's CPU."""
-
-    model: str
-    batch: int
-    concurrency: int
-    rows_per_s: float
-    cpu_s: float
-    rows_served: int
-    wall_s: float
-
-
-@dataclass
 class Bench:
-    """A started server and what the measurements share."""
+    """A started server and what the measurements share.
+
+    :param grpc_url: the server.
+    :param work: where the workers write their parts.
+    :param perf_analyzer: the ceiling's tool, against the same server.
+    """
 
     grpc_url: str
     work: Path
-    pa_binary: Path
-    pa_env: dict[str, str]
-    quick: bool
-    report: dict[str, Any] = field(default_factory=dict)
-
-    def stats(self, model: str) -> tuple[int, int]:
-        """The server's ``(inference_count, execution_count)`` for ``model`` (rows, executions)."""
-        from airflow_batch_infer.hooks.triton import TritonHook
-
-        stats = TritonHook(url=self.grpc_url).get_inference_statistics(model)["model_stats"][0]
-        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
-
-    # ------------------------------------------------------------------------------------ perf_analyzer
-
-    def perf_analyzer(self, model: str, batch: int, concurrency: int) -> PaRun | None:
-        """Run perf_analyzer once; ``None`` when it gives no measurement even with a loose stability test."""
-        csv_path = self.work / f"pa-{model}-{batch}-{concurrency}.csv"
-        window_ms = 500 if self.quick else 1000
-        for stability in (30, 100):
-            csv_path.unlink(missing_ok=True)
-            cmd = [
-                str(self.pa_binary),
-                *("-m", model, "-u", self.grpc_url, "-i", "grpc", "-b", str(batch)),
-                *("--input-data", "random", "--concurrency-range", str(concurrency)),
-                *("-p", str(window_ms), "-r", "5", "-s", str(stability), "-f", str(csv_path)),
-            ]
-            rows_before = self.stats(model)[0]
-            child = run_child(cmd, timeout=60, env=self.pa_env)
-            rows_served = self.stats(model)[0] - rows_before
-            if child.returncode == 0 and csv_path.exists():
-                with open(csv_path) as f:
-                    row = next(csv.DictReader(f))
-                # perf_analyzer's "Inferences/Second" already counts rows (requests × batch size): in its
-                # stdout, request count × batch / window length gives the same figure.
-                return PaRun(
-                    model, batch, concurrency, float(row["Inferences/Second"]), child.cpu_s, rows_served,
-                    child.wall_s,
-                )  # fmt: skip
-            log(f"perf_analyzer -b {batch} concurrency {concurrency}: no stable measurement (-s {stability})")
-        log(child.output[-2000:])
-        return None
-
-    def sweep(self, model: str, batches: Sequence[int], concurrencies: Sequence[int]) -> list[PaRun]:
-        runs = []
-        for batch in batches:
-            for concurrency in concurrencies:
-                run = self.perf_analyzer(model, batch, concurrency)
-                if run is not None:
-                    runs.append(run)
-                    log(
-                        f"perf_analyzer {model} -b {batch} c {concurrency}: {run.rows_per_s:,.0f} rows/s, "
-                        f"{run.cpu_s:.2f} s CPU for {run.rows_served:,} rows"
-                    )
-        if not runs:
-            raise RuntimeError(f"perf_analyzer gave no measurement for {model}.")
-        return runs
-
-    # ------------------------------------------------------------------------------------ workers
+    perf_analyzer: PerfAnalyzer
 
     def worker(self, kind: str, chunk: Path, model: str, *extra: str) -> dict[str, Any]:
         """Run a worker in a fresh subprocess; its JSON result plus its process's CPU and RSS high-water."""
@@ -348,9 +173,9 @@ class Bench:
         shutil.rmtree(out_dir, ignore_errors=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), kind, "--chunk", str(chunk)]
         cmd += ["--url", self.grpc_url, "--model", model, "--out-dir", str(out_dir), *extra]
-        before = self.stats(model)
+        before = model_counts(self.grpc_url, model)
         child = run_child(cmd, timeout=400)
-        after = self.stats(model)
+        after = model_counts(self.grpc_url, model)
         shutil.rmtree(out_dir, ignore_errors=True)
         if child.returncode != 0:
             raise RuntimeError(f"worker {kind} exited {child.returncode}:\n{child.output[-4000:]}")
@@ -364,45 +189,6 @@ class Bench:
         return result
 
 
-def ensure_perf_analyzer(home: Path) -> tuple[Path, dict[str, str]]:
-    """Install perf_analyzer (tritonclient 2.51.0 wheel) into a venv of its own; return it and its env.
-
-    Idempotent. Its two missing libraries are linked, under the names it asks for, from the server
-    environment's ``nvidia_pytriton.libs``.
-    """
-    from airflow_batch_infer.runtimes.local import LocalTritonRuntime
-
-    venv = home / "perf-analyzer-env"
-    binary = venv / "bin" / "perf_analyzer"
-    marker = venv / ".installed"
-    if not (binary.exists() and marker.exists() and marker.read_text().strip() == PERF_ANALYZER_VERSION):
-        log(f"installing perf_analyzer (tritonclient=={PERF_ANALYZER_VERSION}) into {venv}")
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, "--no-deps", f"tritonclient=={PERF_ANALYZER_VERSION}"], check=True)
-        if not binary.exists():
-            raise RuntimeError(f"tritonclient=={PERF_ANALYZER_VERSION} installed no {binary}.")
-        marker.write_text(PERF_ANALYZER_VERSION + "\n")
-    libs_src = LocalTritonRuntime().ensure_server_env().site_packages / "nvidia_pytriton.libs"
-    libs = venv / "pa-libs"
-    libs.mkdir(exist_ok=True)
-    for name, pattern in PERF_ANALYZER_LIBS.items():
-        found = sorted(libs_src.glob(pattern))
-        if not found:
-            raise RuntimeError(f"No {pattern} in {libs_src}: perf_analyzer needs {name}.")
-        link = libs / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(found[0])
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
-    check = subprocess.run([str(binary), "--version"], capture_output=True, text=True, env=env, check=False)
-    if check.returncode != 0:
-        raise RuntimeError(f"perf_analyzer does not run: {check.stdout}{check.stderr}")
-    return binary, env
-
-
 def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return max(runs, key=lambda r: r["rows_per_s"])
 
@@ -411,7 +197,6 @@ def drive(args: argparse.Namespace) -> None:
     """Start the server, run every measurement, print the figures and the ratio lines."""
     from airflow_batch_infer.client.sizing import resolve_sizes
     from airflow_batch_infer.hooks.triton import TritonHook
-    from airflow_batch_infer.runtimes.local import LocalTritonRuntime
 
     wall_started = time.monotonic()
     quick = args.quick
@@ -431,20 +216,20 @@ def drive(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     # No restricted-API key: perf_analyzer and the worker processes, given only the address, use its shared
     # memory as they would a server of their own (the key costs nothing per request; the infer task sends it).
-    runtime = LocalTritonRuntime(work_root=home / "servers", restricted_api=False)
-    info = runtime.start(str(MODEL_REPOSITORY), [MODEL, HEAVY_MODEL])
-    log(f"server ready at {info.grpc_url} ({time.monotonic() - wall_started:.1f} s since start)")
     try:
-        bench = Bench(info.grpc_url, work, pa_binary, pa_env, quick)
-        hook = TritonHook(url=info.grpc_url)
-        sizes = {m: resolve_sizes(hook.get_model_config(m), None, None) for m in (MODEL, HEAVY_MODEL)}
-        hook.close()
-        log(f"default sizes (request rows, in flight): {sizes}")
-        report = run_all(
-            bench, args, chunk, chunks_rss, sizes, batches, concurrencies, repeats, naive256_rows
-        )
+        with local_server([MODEL, HEAVY_MODEL], home / "servers", restricted_api=False) as info:
+            log(f"server ready at {info.grpc_url} ({time.monotonic() - wall_started:.1f} s since start)")
+            window_ms = 500 if quick else 1000
+            pa = PerfAnalyzer(pa_binary, pa_env, info.grpc_url, work, window_ms)
+            bench = Bench(info.grpc_url, work, pa)
+            hook = TritonHook(url=info.grpc_url)
+            sizes = {m: resolve_sizes(hook.get_model_config(m), None, None) for m in (MODEL, HEAVY_MODEL)}
+            hook.close()
+            log(f"default sizes (request rows, in flight): {sizes}")
+            report = run_all(
+                bench, args, chunk, chunks_rss, sizes, batches, concurrencies, repeats, naive256_rows
+            )
     finally:
-        runtime.stop(info)
         shutil.rmtree(work, ignore_errors=True)
     report["wall_s"] = time.monotonic() - wall_started
     print_report(report)
@@ -467,7 +252,7 @@ def run_all(
     # (1) ceiling: the sweep, with ours's request size and in-flight count always in it.
     pa_batches = sorted({*batches, request_rows})
     pa_conc = sorted({*concurrencies, in_flight})
-    pa_runs = bench.sweep(MODEL, pa_batches, pa_conc)
+    pa_runs = bench.perf_analyzer.sweep(MODEL, pa_batches, pa_conc)
     report["pa_runs"] = pa_runs
     report["pa_best"] = max(pa_runs, key=lambda r: r.rows_per_s)
     # (4) perf_analyzer's CPU at ours's request size and in-flight count.
@@ -498,7 +283,7 @@ def run_all(
     # (6) the heavy model: ceiling and ours.
     if not args.skip_heavy:
         heavy_rows, heavy_in_flight = sizes[HEAVY_MODEL]
-        heavy_runs = bench.sweep(
+        heavy_runs = bench.perf_analyzer.sweep(
             HEAVY_MODEL, sorted({*batches, heavy_rows}), sorted({*concurrencies, heavy_in_flight})
         )
         report["heavy_pa_best"] = max(heavy_runs, key=lambda r: r.rows_per_s)
@@ -506,17 +291,6 @@ def run_all(
         report["heavy_ours"] = best([bench.worker("ours", heavy_chunk, HEAVY_MODEL) for _ in range(repeats)])
         log(f"ours {HEAVY_MODEL}: {report['heavy_ours']['rows_per_s']:,.0f} rows/s")
     return report
-
-
-def chunk_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.read_metadata(path).num_rows
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    """``a / b`` with two decimals; ``nan`` when either is missing."""
-    return f"{a / b:.2f}" if a is not None and b else "nan"
 
 
 def print_report(report: dict[str, Any]) -> None:

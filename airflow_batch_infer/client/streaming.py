@@ -13,228 +13,47 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import tritonclient.grpc.aio as aioclient
-from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from airflow_batch_infer.chunk_input import ChunkInput, StagedChunk
-from airflow_batch_infer.client.encoding import encode_batch
+from airflow_batch_infer.client.chunk_reader import READ_BUFFERS, ChunkReader, EncodedRequest
+from airflow_batch_infer.client.chunk_result import ChunkResult
 from airflow_batch_infer.client.input_binding import InputBinding
 from airflow_batch_infer.client.memory_pool import reusing_memory_pool
 from airflow_batch_infer.client.output_binding import OutputBinding, output_arrays, output_fields
 from airflow_batch_infer.client.part_writer import PartBuffer, Postprocess
-from airflow_batch_infer.client.retry import RetryPolicy, error_status, is_bad_input, is_transient
-from airflow_batch_infer.client.shared_memory import (
-    ReadBuffer,
-    SharedMemoryPool,
-    Slot,
-    server_is_local,
-    supports_shared_memory,
+from airflow_batch_infer.client.request_sender import (
+    InferenceError,
+    Piece,
+    RequestSender,
+    ServerUnavailableError,
 )
-from airflow_batch_infer.client.stream import InferStream, StreamRequestError
-from airflow_batch_infer.client.tensors import TRITON_NUMPY, row_bytes
-from airflow_batch_infer.client.timing import LatencyHistogram, ProgressSamples
+from airflow_batch_infer.client.settings import StreamSettings
+from airflow_batch_infer.client.shared_memory import SharedMemoryPool, server_is_local, supports_shared_memory
+from airflow_batch_infer.client.stream import InferStream
+from airflow_batch_infer.client.timing import ProgressSamples
 from airflow_batch_infer.staging import atomic_target, commit
 from airflow_batch_infer.storage import discard, is_remote, remove_stale_temps
 
+# What callers import from here: the loop, its settings and result, and its errors.
+__all__ = [
+    "REASON_COLUMN",
+    "ChunkResult",
+    "ChunkStreamer",
+    "InferenceError",
+    "ServerUnavailableError",
+    "StreamSettings",
+]
+
 REASON_COLUMN = "reject_reason"
-READ_ROWS = 65_536  # most rows decoded at once from the chunk
-READ_BYTES = 16 << 20  # about the most bytes decoded at once (a few requests of long texts)
-READ_BUFFERS = 3  # shared memory read buffers: one being encoded, one being sent, one finishing
 REORDER_WINDOWS = 4  # completed requests held for row order, in multiples of the requests in flight
-
-
-class InferenceError(RuntimeError):
-    """Inference on a chunk cannot go on (server gone past the retry budget, model error)."""
-
-
-class ServerUnavailableError(InferenceError):
-    """The server stayed unreachable past the retry budget: another server of the run may finish the chunk."""
-
-
-@dataclass(frozen=True)
-class StreamSettings:
-    """How a chunk is streamed through the server.
-
-    :param model_name: model to call.
-    :param model_version: version to call; ``""`` lets the server choose.
-    :param request_rows: rows per gRPC request (at most the model's ``max_batch_size``).
-    :param max_in_flight: requests outstanding at once.
-    :param request_timeout: seconds one request may take before it counts as a transient failure.
-    :param retry: retry policy for transient failures.
-    :param progress_interval: seconds between progress lines in the task log.
-    :param shared_memory: pass tensors through Triton system shared memory: ``"auto"`` when the server
-        is on this host (falling back to gRPC if it cannot map the regions), ``"on"`` or ``"off"``.
-    :param transport: ``"stream"`` sends requests on one bidirectional gRPC stream (about half the
-        client CPU of unary calls); ``"unary"`` makes one gRPC call per request.
-    :param token_count_output: output tensor holding the tokens generated per row (an LLM's
-        ``num_output_tokens``); when set, progress lines report tokens/s too.
-    """
-
-    model_name: str
-    model_version: str = ""
-    request_rows: int = 4096
-    max_in_flight: int = 8
-    request_timeout: float | None = 120.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    progress_interval: float = 10.0
-    shared_memory: str = "auto"
-    transport: str = "stream"
-    token_count_output: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.shared_memory not in ("auto", "on", "off"):
-            raise ValueError(f"shared_memory must be 'auto', 'on' or 'off', not {self.shared_memory!r}.")
-        if self.transport not in ("stream", "unary"):
-            raise ValueError(f"transport must be 'stream' or 'unary', not {self.transport!r}.")
-
-
-@dataclass
-class ChunkResult:
-    """What one chunk's inference produced; small enough for XCom.
-
-    :param index: chunk number.
-    :param rows: rows read from the chunk.
-    :param rows_out: rows written to the output part.
-    :param rows_rejected: rows set aside in the rejects part.
-    :param output_path: the output part file.
-    :param rejects_path: the rejects part file.
-    :param seconds: wall time of the chunk.
-    :param requests: gRPC requests that succeeded.
-    :param retries: requests retried after a transient failure.
-    :param shared_memory: whether tensors went through system shared memory.
-    :param tokens_out: tokens generated, when the settings name a token count output.
-    :param started_at: when the chunk started (seconds since the epoch).
-    :param latency: request latencies, as :class:`~airflow_batch_infer.client.timing.LatencyHistogram`
-        bucket counts.
-    :param progress: ``[time, rows done]`` samples
-        (:class:`~airflow_batch_infer.client.timing.ProgressSamples`).
-    """
-
-    index: int
-    rows: int
-    rows_out: int
-    rows_rejected: int
-    output_path: str
-    rejects_path: str
-    seconds: float
-    requests: int = 0
-    retries: int = 0
-    shared_memory: bool = False
-    tokens_out: int = 0
-    started_at: float = 0.0
-    latency: dict[str, int] = field(default_factory=dict)
-    progress: list[list[float]] = field(default_factory=list)
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["rows_per_second"] = round(self.rows_per_second, 1)
-        return data
-
-
-@dataclass
-class _Piece:
-    """The outcome of one request: rows that got outputs, and rows set aside with reasons."""
-
-    kept: pa.RecordBatch
-    outputs: dict[str, np.ndarray]
-    rejected: pa.RecordBatch
-    reasons: list[str]
-
-
-@dataclass
-class _ReadLease:
-    """A read buffer held until every request pointing into it is done."""
-
-    pool: SharedMemoryPool
-    buffer: ReadBuffer
-    pending: int
-
-    def done(self) -> None:
-        self.pending -= 1
-        if self.pending == 0:
-            self.pool.release_read(self.buffer)
-
-
-@dataclass
-class _Request:
-    """The rows of one request, encoded: tensors for every row, which rows are good, and why the others
-    are not (by position in the request)."""
-
-    batch: pa.RecordBatch
-    tensors: dict[str, np.ndarray]
-    good: np.ndarray
-    reasons: dict[int, str]
-    lease: _ReadLease | None = None
-
-
-class _ChunkReader:
-    """The chunk in reads of a few requests' worth, each decoded and encoded at once, then split.
-
-    A large read and one encode per read cost less CPU per row than one of each per request. A read stays
-    within ``READ_ROWS`` rows and near ``READ_BYTES`` (long texts, wide tensors); its requests share its
-    memory. Reads run one at a time in the reader's own thread, so that their buffers come from, and go
-    back to, one thread's share of the memory pool.
-
-    :param chunk: the chunk.
-    :param columns: columns to read.
-    :param inputs: input bindings.
-    :param request_rows: rows per request; a read is a multiple of it.
-    """
-
-    def __init__(
-        self, chunk: ChunkInput, columns: list[str], inputs: Sequence[InputBinding], request_rows: int
-    ) -> None:
-        self.inputs = inputs
-        self.request_rows = request_rows
-        read_row_bytes = max(sum(row_bytes(b) for b in inputs if b.width > 0), chunk.bytes_per_row(columns))
-        fit = int(READ_BYTES / read_row_bytes) if read_row_bytes else READ_ROWS
-        self.read_rows = max(request_rows, min(READ_ROWS, fit) // request_rows * request_rows)
-        self._reads = chunk.iter_batches(self.read_rows, columns)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-read")
-
-    async def read(self, into: Mapping[str, np.ndarray] | None) -> list[_Request] | None:
-        """``next`` in the reader's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self.next, into)
-
-    def close(self) -> None:
-        """Stop the reader's thread, after the read under way if any."""
-        self._thread.shutdown(wait=True, cancel_futures=True)
-
-    def next(self, into: Mapping[str, np.ndarray] | None) -> list[_Request] | None:
-        """The next read's requests (``None`` at the end); tensors are encoded into ``into`` when given."""
-        read = next(self._reads, None)
-        if read is None:
-            return None
-        tensors, good, reasons = encode_batch(read, self.inputs, into)
-        size = self.request_rows
-        reasons_by_request: list[dict[int, str]] = [{} for _ in range(0, read.num_rows, size)]
-        for row, reason in reasons.items():
-            reasons_by_request[row // size][row % size] = reason
-        requests = []
-        for number, start in enumerate(range(0, read.num_rows, size)):
-            end = start + size
-            requests.append(
-                _Request(
-                    batch=read.slice(start, size),
-                    tensors={name: values[start:end] for name, values in tensors.items()},
-                    good=good[start:end],
-                    reasons=reasons_by_request[number],
-                )
-            )
-        return requests
 
 
 class ChunkStreamer:
@@ -282,16 +101,17 @@ class ChunkStreamer:
         self.log = logger or logging.getLogger(__name__)
         self.compress_parts = compress_parts
         self.postprocess = postprocess
-        self.requests = 0
-        self.retries = 0
         self.tokens_out = 0
-        self.latency = LatencyHistogram()
         self.progress = ProgressSamples()
-        self._client: aioclient.InferenceServerClient | None = None
-        self._pool: SharedMemoryPool | None = None
+        self._sender = RequestSender(
+            self.inputs,
+            self.outputs,
+            settings,
+            [row_id_column, *self.passthrough_columns],
+            headers,
+            self.log,
+        )
         self._pool_used = False
-        self._infer_stream: InferStream | None = None
-        self._server_may_have_restarted = False
 
     @property
     def input_columns(self) -> list[str]:
@@ -346,7 +166,7 @@ class ChunkStreamer:
         out_tmp, rej_tmp = atomic_target(output_path), atomic_target(rejects_path)
         compress = is_remote(output_path) if self.compress_parts is None else self.compress_parts
         rows_out = rows_rejected = 0
-        reader = _ChunkReader(chunk, needed, self.inputs, self.settings.request_rows)
+        reader = ChunkReader(chunk, needed, self.inputs, self.settings.request_rows)
         # The first read decodes while the client connects and registers its shared memory.
         first_read = asyncio.create_task(reader.read(None))
         # One thread encodes and writes both parts' row groups, off the event loop.
@@ -361,17 +181,18 @@ class ChunkStreamer:
             chunk=index,
         )
         rej = PartBuffer(rej_tmp, rej_schema, writing, compress=compress)
+        sender = self._sender
         try:
             async with self.client_factory() as client, contextlib.AsyncExitStack() as stack:
-                self._client = client
-                self._pool = await self._open_pool(client, stack, reader.read_rows)
-                self._pool_used = self._pool is not None
+                sender.client = client
+                sender.pool = await self._open_pool(client, stack, reader.read_rows)
+                self._pool_used = sender.pool is not None
                 # On the way out, the read under way (perhaps encoding into the pool) ends before the pool
                 # is unmapped: writing into an unmapped region would crash the task.
                 stack.callback(reader.close)
                 if self.settings.transport == "stream":
-                    self._infer_stream = InferStream(client, self.headers)
-                    stack.push_async_callback(self._infer_stream.close)
+                    sender.stream = InferStream(client, self.headers)
+                    stack.push_async_callback(sender.stream.close)
                 rows_out, rows_rejected = await self._stream(
                     reader, first_read, out, rej, out_schema, rej_schema, total, index
                 )
@@ -386,7 +207,7 @@ class ChunkStreamer:
                 first_read.exception()  # seen: a failed first read is either raised already or moot
             reader.close()
             writing.shutdown(wait=True, cancel_futures=True)  # before the writers close
-            self._client = self._pool = self._infer_stream = None
+            sender.client = sender.pool = sender.stream = None
             out.abort()
             rej.abort()
             for tmp in (out_tmp, rej_tmp):
@@ -399,12 +220,12 @@ class ChunkStreamer:
             output_path=str(output_path),
             rejects_path=str(rejects_path),
             seconds=time.monotonic() - started,
-            requests=self.requests,
-            retries=self.retries,
+            requests=sender.requests,
+            retries=sender.retries,
             shared_memory=self._pool_used,
             tokens_out=self.tokens_out,
             started_at=self.progress.samples[0][0],
-            latency=self.latency.to_dict(),
+            latency=sender.latency.to_dict(),
             progress=self.progress.samples,
         )
 
@@ -448,8 +269,8 @@ class ChunkStreamer:
 
     async def _stream(
         self,
-        reader: _ChunkReader,
-        first_read: asyncio.Task[list[_Request] | None],
+        reader: ChunkReader,
+        first_read: asyncio.Task[list[EncodedRequest] | None],
         out: PartBuffer,
         rej: PartBuffer,
         out_schema: pa.Schema,
@@ -462,27 +283,11 @@ class ChunkStreamer:
         window = asyncio.Semaphore(settings.max_in_flight)
         # Completed pieces wait here for the one before them: a few windows' worth, so that one slow
         # request (a long generation) does not stop new requests from being sent.
-        ordered: asyncio.Queue[asyncio.Task[_Piece] | None] = asyncio.Queue(
+        ordered: asyncio.Queue[asyncio.Task[Piece] | None] = asyncio.Queue(
             maxsize=REORDER_WINDOWS * settings.max_in_flight
         )
 
-        async def next_read() -> list[_Request] | None:
-            """The next read, encoded straight into a free shared memory read buffer when there is a pool."""
-            if self._pool is None or not self._pool.read_buffer_count:
-                return await reader.read(None)
-            buffer = await self._pool.acquire_read()
-            try:
-                requests = await reader.read(buffer.arrays)
-            except BaseException:
-                self._pool.release_read(buffer)
-                raise
-            if not requests:
-                self._pool.release_read(buffer)
-                return requests
-            lease = _ReadLease(self._pool, buffer, len(requests))
-            for request in requests:
-                request.lease = lease
-            return requests
+        pool, infer_batch = self._sender.pool, self._sender.infer_batch
 
         async def produce() -> None:
             # Decoding and encoding the next read runs in a thread while this one's requests are sent.
@@ -491,10 +296,10 @@ class ChunkStreamer:
                 requests = await read
                 if requests is None:
                     break
-                read = asyncio.create_task(next_read())
+                read = asyncio.create_task(reader.read_into(pool))
                 for request in requests:
                     await window.acquire()
-                    task = asyncio.create_task(self._infer_batch(request))
+                    task = asyncio.create_task(infer_batch(request))
                     task.add_done_callback(lambda _t: window.release())
                     await ordered.put(task)
             await ordered.put(None)
@@ -548,144 +353,6 @@ class ChunkStreamer:
             f"{done / seconds:,.0f}",
             tokens,
             f"{rejected:,}",
-            self.requests,
-            self.retries,
+            self._sender.requests,
+            self._sender.retries,
         )
-
-    async def _infer_batch(self, request: _Request) -> _Piece:
-        """Send one request's good rows, and sort every row into kept or rejected."""
-        batch, tensors, good = request.batch, request.tensors, request.good
-        if not request.reasons:  # every bad row has a reason: none means every row is good
-            kept_idx = range(batch.num_rows)  # no array of positions per request where every row is good
-            rejected = batch.slice(0, 0)
-            reject_reasons: list[str] = []
-        else:
-            kept_idx = np.flatnonzero(good)
-            bad_idx = np.flatnonzero(~good)
-            rejected = batch.take(pa.array(bad_idx))
-            reject_reasons = [request.reasons.get(int(i), "invalid row") for i in bad_idx]
-            tensors = {name: values[kept_idx] for name, values in tensors.items()}
-        slot = await self._pool.acquire() if self._pool else None
-        try:
-            outputs, failed = await self._infer_rows(tensors, range(len(kept_idx)), slot)
-        finally:
-            if slot is not None:
-                self._pool.release(slot)
-            if request.lease is not None:
-                request.lease.done()
-        id_and_pass = batch.select([self.row_id_column, *self.passthrough_columns])
-        if failed:
-            failed_pos = np.array(sorted(failed), dtype=np.int64)
-            kept_idx = np.asarray(kept_idx)
-            keep_mask = np.ones(len(kept_idx), dtype=bool)
-            keep_mask[failed_pos] = False
-            extra = batch.take(pa.array(kept_idx[failed_pos]))
-            rejected = pa.concat_batches([rejected, extra]) if rejected.num_rows else extra
-            reject_reasons += [failed[int(p)] for p in failed_pos]
-            kept_idx = kept_idx[keep_mask]  # the outputs hold the rows that succeeded only, already
-        kept = id_and_pass if len(kept_idx) == batch.num_rows else id_and_pass.take(pa.array(kept_idx))
-        return _Piece(kept=kept, outputs=outputs, rejected=rejected, reasons=reject_reasons)
-
-    async def _infer_rows(
-        self,
-        tensors: dict[str, np.ndarray],
-        positions: Sequence[int],
-        slot: Slot | None,
-        reregistered: bool = False,
-    ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
-        """Infer ``positions`` of ``tensors``; a request refused as bad input is split until the bad rows
-        are found. Returns outputs for the rows that succeeded (in order) and, for the others, the reason.
-        """
-        if len(positions) == 0:
-            return self._no_outputs(), {}
-        everything = len(positions) == len(next(iter(tensors.values())))
-        rows = tensors if everything else {name: values[positions] for name, values in tensors.items()}
-        try:
-            return await self._request(rows, slot), {}
-        except InferenceServerException as error:
-            if not is_bad_input(error):
-                raise
-            if slot is not None and "shared memory" in (error.message() or "").lower():
-                # Not the rows' fault: the server restarted and lost the regions. Register them again.
-                if reregistered:
-                    raise InferenceError(f"The server refuses this job's shared memory: {error}") from error
-                self._server_may_have_restarted = True
-                return await self._infer_rows(tensors, positions, slot, reregistered=True)
-            if len(positions) == 1:
-                return self._no_outputs(), {int(positions[0]): f"refused by the server: {error.message()}"}
-        half = len(positions) // 2
-        left_out, left_failed = await self._infer_rows(tensors, positions[:half], slot)
-        right_out, right_failed = await self._infer_rows(tensors, positions[half:], slot)
-        merged = {name: np.concatenate([left_out[name], right_out[name]]) for name in left_out}
-        return merged, {**left_failed, **right_failed}
-
-    def _no_outputs(self) -> dict[str, np.ndarray]:
-        return {
-            b.tensor: np.empty((0, max(b.width, 1)), dtype=np.dtype(TRITON_NUMPY[b.datatype]))
-            for b in self.outputs
-        }
-
-    async def _request(self, tensors: dict[str, np.ndarray], slot: Slot | None) -> dict[str, np.ndarray]:
-        """One request, retried on transient errors; tensors go in ``slot`` when shared memory is on."""
-        settings, client = self.settings, self._client
-        rows = len(next(iter(tensors.values())))
-        if slot is not None:
-            infer_inputs, requested = self._pool.request(slot, tensors)
-        else:
-            infer_inputs = []
-            for binding in self.inputs:
-                values = tensors[binding.tensor]
-                item = InferInput(binding.tensor, list(values.shape), binding.datatype)
-                item.set_data_from_numpy(values)
-                infer_inputs.append(item)
-            requested = [InferRequestedOutput(b.tensor, class_count=b.class_count) for b in self.outputs]
-        what = f"request of {rows:,} rows to model {settings.model_name!r}"
-
-        stream, pool = self._infer_stream, self._pool
-
-        async def request() -> Any:
-            if slot is not None and self._server_may_have_restarted:
-                await pool.ensure_registered()  # a restarted server has forgotten the regions
-                self._server_may_have_restarted = False
-            if stream is not None:
-                try:
-                    return await stream.infer(
-                        settings.model_name,
-                        infer_inputs,
-                        settings.model_version,
-                        requested,
-                        settings.request_timeout,
-                    )
-                except StreamRequestError:
-                    pass  # refused: ask again as a unary call, whose status tells bad input from a fault
-            return await client.infer(
-                settings.model_name,
-                infer_inputs,
-                model_version=settings.model_version,
-                outputs=requested,
-                client_timeout=settings.request_timeout,
-                headers=self.headers,
-            )
-
-        def count_retry() -> None:
-            self.retries += 1
-            self._server_may_have_restarted = True
-
-        sent = time.monotonic()
-        try:
-            result = await settings.retry.call(request, self.log, what, count_retry)
-        except InferenceServerException as error:
-            if is_transient(error):
-                raise ServerUnavailableError(
-                    f"The Triton server did not answer a {what} after {settings.retry.max_attempts} attempts "
-                    f"({error_status(error)}: {error.message()}). Check that the server is running and "
-                    "reachable; Airflow retries the task, which rewrites this chunk's outputs."
-                ) from error
-            if is_bad_input(error):
-                raise
-            raise InferenceError(f"Model {settings.model_name!r} failed a {what}: {error}") from error
-        self.requests += 1
-        self.latency.add(time.monotonic() - sent)
-        if slot is not None:
-            return self._pool.outputs_of(slot, rows)
-        return {b.tensor: result.as_numpy(b.tensor) for b in self.outputs}

@@ -27,9 +27,7 @@ from airflow_batch_infer.sinks.base import (
     SchemaMismatchError,
     WarehouseSink,
     check_fit,
-    check_partition_column_absent,
     parts_rows,
-    parts_schema,
     sql_literal,
     validate_identifier,
 )
@@ -163,8 +161,7 @@ class AthenaSink(WarehouseSink):
 
     def _write(self, table: str, partition: str, parts: Sequence[str | Path], version: str) -> str:
         """Check or create the table, then copy the parts into a new version folder; return the folder."""
-        schema = parts_schema(parts)
-        check_partition_column_absent(self.partition_column, schema.names)
+        schema = self.incoming_schema(parts)
         incoming = {f.name.lower(): hive_type(f.name, f.type) for f in schema}
         existing = self._existing(table)
         if existing is None:

@@ -189,6 +189,13 @@ class WarehouseSink(ABC):
         self.partition_column = validate_identifier(partition_column, "partition column")
         self.create_table = create_table
 
+    def incoming_schema(self, parts: Sequence[str | Path]) -> pa.Schema:
+        """The schema the parts share (:func:`parts_schema`), refused where a column is named like the
+        partition column."""
+        schema = parts_schema(parts)
+        check_partition_column_absent(self.partition_column, schema.names)
+        return schema
+
     def _result(
         self, partition: str, rows: int, rejected: int, replaced: int, location: str
     ) -> PersistResult:

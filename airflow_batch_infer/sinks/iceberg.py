@@ -34,8 +34,6 @@ from airflow_batch_infer.sinks.base import (
     PersistResult,
     SchemaMismatchError,
     WarehouseSink,
-    check_partition_column_absent,
-    parts_schema,
     split_table,
     validate_identifier,
 )
@@ -148,8 +146,7 @@ class IcebergSink(WarehouseSink):
         """Check (or create, or evolve) the table, find the partition's files and write the new ones."""
         from pyiceberg.expressions import EqualTo
 
-        schema = parts_schema(parts)
-        check_partition_column_absent(self.partition_column, schema.names)
+        schema = self.incoming_schema(parts)
         schema = pa.schema([pa.field(self.partition_column, pa.string()), *schema])
         table = self._table(catalog, name, schema)
         replace = _Replace(table, table.transaction())

@@ -16,9 +16,7 @@ from airflow_batch_infer.sinks.base import (
     SchemaMismatchError,
     WarehouseSink,
     check_fit,
-    check_partition_column_absent,
     iter_part_batches,
-    parts_schema,
     qualified_table,
     quote_identifier,
     split_table,
@@ -273,8 +271,7 @@ class PostgresSink(WarehouseSink):
     ) -> tuple[int, int]:
         """Delete then copy one table's partition inside the open transaction; (rows before, after)."""
         target = qualified_table(table)
-        schema = parts_schema(parts)
-        check_partition_column_absent(self.partition_column, schema.names)
+        schema = self.incoming_schema(parts)
         incoming = {f.name: postgres_type(f.name, f.type) for f in schema}
         for name in incoming:
             quote_identifier(name, "column")

@@ -37,9 +37,7 @@ from airflow_batch_infer.sinks.base import (
     SchemaMismatchError,
     WarehouseSink,
     check_fit,
-    check_partition_column_absent,
     parts_rows,
-    parts_schema,
     qualified_table,
     quote_identifier,
     split_table,
@@ -262,8 +260,7 @@ class RedshiftSink(WarehouseSink):
     def _statements(
         self, hook: Any, table: str, partition: str, parts: Sequence[str | Path], manifest: str, stage: str
     ) -> list[str]:
-        schema = parts_schema(parts)
-        check_partition_column_absent(self.partition_column, schema.names)
+        schema = self.incoming_schema(parts)
         folded: dict[str, str] = {}
         for name in [self.partition_column, *schema.names]:
             if name.lower() in folded:

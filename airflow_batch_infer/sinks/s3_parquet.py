@@ -50,9 +50,7 @@ from airflow_batch_infer.sinks.base import (
     SchemaMismatchError,
     WarehouseSink,
     check_fit,
-    check_partition_column_absent,
     parts_rows,
-    parts_schema,
 )
 from airflow_batch_infer.sinks.locks import DEFAULT_LOCK_TIMEOUT, partition_lock
 from airflow_batch_infer.sinks.s3_versions import (
@@ -159,8 +157,7 @@ class S3ParquetSink(WarehouseSink):
 
     def _check_or_create(self, table: str, parts: Sequence[str | Path]) -> None:
         """Check that the parts fit the dataset; create it (its ``_common_metadata``) if asked."""
-        schema = parts_schema(parts)
-        check_partition_column_absent(self.partition_column, schema.names)
+        schema = self.incoming_schema(parts)
         schema_file = storage.join(self.table_location(table), SCHEMA_FILE)
         if storage.exists(schema_file):
             existing = pq.read_schema(storage.open_input(schema_file))

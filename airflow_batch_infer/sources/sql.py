@@ -180,10 +180,8 @@ class SQLQuerySource(Source):
 
     @contextmanager
     def _open_dbapi(self, hook: Any) -> Iterator[pa.RecordBatchReader]:
-        connection = hook.get_conn()
-        driver_error = _driver_error(connection)
         postgres = _is_postgres(hook)
-        try:
+        with query_connection(hook, self.conn_id) as connection:
             if postgres:
                 with connection.cursor() as first:  # the transaction's first statement: it can only read
                     first.execute("SET TRANSACTION READ ONLY")
@@ -201,13 +199,6 @@ class SQLQuerySource(Source):
                 )
             finally:
                 cursor.close()
-        except driver_error as err:
-            raise StagingError(f"The query failed on connection {self.conn_id!r}: {err}") from err
-        finally:
-            try:
-                connection.rollback()  # it only read: end the snapshot's transaction
-            finally:
-                connection.close()
 
     def _schema(
         self, description: Sequence[Any] | None, first: Sequence[Sequence[Any]], postgres: bool
@@ -276,6 +267,28 @@ def _to_text(value: Any) -> str:
 def _tuples(rows: Sequence[Any]) -> Sequence[Sequence[Any]]:
     """Rows as sequences, also from a connection configured to return dictionaries."""
     return [tuple(r.values()) for r in rows] if rows and isinstance(rows[0], Mapping) else rows
+
+
+@contextmanager
+def query_connection(hook: Any, conn_id: str | None) -> Iterator[Any]:
+    """A connection of ``hook`` for queries that only read: a driver error becomes a :class:`StagingError`
+    that names the connection, and on the way out the transaction is rolled back (which ends its snapshot)
+    and the connection closed.
+
+    :param hook: a common-sql hook.
+    :param conn_id: its connection id, for the error message.
+    """
+    connection = hook.get_conn()
+    driver_error = _driver_error(connection)
+    try:
+        yield connection
+    except driver_error as err:
+        raise StagingError(f"The query failed on connection {conn_id!r}: {err}") from err
+    finally:
+        try:
+            connection.rollback()  # it only read: end the snapshot's transaction
+        finally:
+            connection.close()
 
 
 def _driver_error(connection: Any) -> type[BaseException]:

@@ -49,19 +49,13 @@ import sqlparse
 from sqlparse import sql as sql_tokens
 from sqlparse import tokens as T
 
-from airflow_batch_infer.chunk_sizing import plan_chunk_rows
 from airflow_batch_infer.copy_staging import _ChunkWriter, _write_chunks
 from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.sinks.postgres import _libpq_uri
 from airflow_batch_infer.sources.base import Source
-from airflow_batch_infer.sources.sql import _PG_NUMERIC, _PG_TYPES, SQLQuerySource, _driver_error, _tuples
-from airflow_batch_infer.staging import (
-    DEFAULT_ROW_ID_COLUMN,
-    ChunkDescriptor,
-    Manifest,
-    check_columns,
-    check_unique_ids,
-)
+from airflow_batch_infer.sources.sql import _PG_NUMERIC, _PG_TYPES, SQLQuerySource, _tuples, query_connection
+from airflow_batch_infer.staging import DEFAULT_ROW_ID_COLUMN, ChunkDescriptor, Manifest, check_columns
+from airflow_batch_infer.staging_request import StagingRequest
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +84,7 @@ class _Stopped(Exception):
     """Another worker failed: this one stops too."""
 
 
-def copy_ranges(
-    source: Source,
-    run_dir: str | Path,
-    chunk_rows: int | str,
-    columns: Sequence[str] | None,
-    keep: list[str] | None,
-    row_id_column: str | None,
-    max_chunks: int,
-    parallel_tasks: int,
-) -> Manifest | None:
+def copy_ranges(source: Source, request: StagingRequest) -> Manifest | None:
     """Copy ``source`` into chunk files in parallel ranges; ``None`` where it must be read as one stream.
 
     The arguments are :func:`~airflow_batch_infer.copy_staging.copy_rows`'s.
@@ -110,12 +95,11 @@ def copy_ranges(
     reason = "export_parallelism=1" if source.export_parallelism <= 1 else None
     if reason is None:
         hook = source.postgres_hook()
-        reason = _static_reason(source, row_id_column) if hook else _NOT_POSTGRES
+        reason = _static_reason(source, request.row_id_column) if hook else _NOT_POSTGRES
     if reason:
         log.info("Exporting the query serially, as one stream: %s.", reason)
         return None
-    connection = hook.get_conn()
-    try:
+    with query_connection(hook, source.conn_id) as connection:
         cursor = connection.cursor()
         # The transaction's first statement: it can only read, and its snapshot is the whole export's.
         cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -125,44 +109,26 @@ def copy_ranges(
         cursor.execute(f"SELECT * FROM (\n{sql}\n) AS q LIMIT 0")
         schema, _ = source._schema(cursor.description, [], True)
         oids = {str(d[0]): d[1] for d in cursor.description}
-        check_columns(schema.names, columns, row_id_column, source.description)
-        split = source.split_column or str(row_id_column)
+        check_columns(schema.names, request.columns, request.row_id_column, source.description)
+        split = source.split_column or str(request.row_id_column)
         if split not in schema.names:
             raise StagingError(f"split_column {split!r} is not a column of the query: {schema.names}.")
-        wanted = keep or schema.names
+        wanted = request.keep or schema.names
         reason = _column_reason(split, oids, wanted)
         if reason:
             log.info("Exporting the query serially, as one stream: %s.", reason)
             return None
-        plan = _plan(cursor, sql, split, source.export_parallelism, chunk_rows, max_chunks, parallel_tasks)
+        rows_per_chunk, ranges = _plan(cursor, sql, split, source.export_parallelism, request)
         select = f"SELECT {', '.join(_column(c, oids[c]) for c in wanted)} FROM (\n{sql}\n) AS q WHERE "
         target = pa.schema([schema.field(c) for c in wanted])
-        export = _Export(source, _libpq_uri(hook), snapshot, select, target, run_dir, row_id_column)
-        chunks = export.run(plan[1])
-    except _driver_error(connection) as err:
-        raise StagingError(f"The query failed on connection {source.conn_id!r}: {err}") from err
-    finally:
-        try:
-            connection.rollback()  # it only read: end the snapshot's transaction
-        finally:
-            connection.close()
-    generated = row_id_column is None
-    id_column = row_id_column or DEFAULT_ROW_ID_COLUMN
-    if not generated and chunks:
-        check_unique_ids([c.path for c in chunks], id_column)
-    if generated:
-        target = target.insert(0, pa.field(id_column, pa.int64()))
-    return Manifest(
-        run_dir=str(run_dir),
-        source=source.description,
-        row_id_column=id_column,
-        total_rows=sum(c.rows for c in chunks),
-        chunk_rows=plan[0],
-        schema={f.name: str(f.type) for f in target},
-        chunks=chunks,
-        snapshot="copy",
-        generated_ids=generated,
-    )
+        export = _Export(
+            source, _libpq_uri(hook), snapshot, select, target, request.run_dir, request.row_id_column
+        )
+        chunks = export.run(ranges)
+    request.check_unique_ids([c.path for c in chunks])
+    if request.generated_ids:
+        target = target.insert(0, pa.field(request.id_column, pa.int64()))
+    return request.manifest(source.description, chunks, target, rows_per_chunk, sum(c.rows for c in chunks))
 
 
 def _static_reason(source: SQLQuerySource, row_id_column: str | None) -> str | None:
@@ -233,15 +199,13 @@ def _plan(
     sql: str,
     split: str,
     workers: int,
-    chunk_rows: int | str,
-    max_chunks: int,
-    parallel_tasks: int,
+    request: StagingRequest,
 ) -> tuple[int, list[_Range]]:
     """Rows per chunk and the ranges, with their rows counted in the snapshot, chunks and first ids."""
     column = f"q.{_quote(split)}"
     cursor.execute(f"SELECT count(*), count({column}), min({column}), max({column}) FROM (\n{sql}\n) AS q")
     total, present, low, high = _tuples(cursor.fetchall())[0]
-    rows_per_chunk = plan_chunk_rows(total, chunk_rows, max_chunks, parallel_tasks)
+    rows_per_chunk = request.rows_per_chunk(total)
     ranges = []
     if present:
         planned = math.ceil(present / rows_per_chunk)
@@ -266,7 +230,7 @@ def _plan(
     if total > present:
         ranges.append(_Range("null", f"{column} IS NULL", total - present))
     ranges = [r for r in ranges if r.rows]
-    while sum(math.ceil(r.rows / rows_per_chunk) for r in ranges) > max_chunks:
+    while sum(math.ceil(r.rows / rows_per_chunk) for r in ranges) > request.max_chunks:
         rows_per_chunk = math.ceil(rows_per_chunk * 1.05) + 1
     first_id = first_chunk = 0
     for r in ranges:

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from transactions_data import FEATURES, write_transactions
 
-from airflow_batch_infer.client import encoding, streaming
+from airflow_batch_infer.client import chunk_reader, encoding, streaming
+from airflow_batch_infer.client.request_sender import RequestSender
 from airflow_batch_infer.client.shared_memory import SharedMemoryPool
 from airflow_batch_infer.client.streaming import REASON_COLUMN, ChunkStreamer, StreamSettings
 from airflow_batch_infer.client.tensors import InputBinding, OutputBinding, bind_inputs, bind_outputs
@@ -127,7 +128,7 @@ def test_reads_encoded_in_shared_memory_give_every_row_once(
 ) -> None:
     # Five reads of 4096 rows through three read buffers: later reads are encoded straight into shared
     # memory (the first one, decoded while the client connects, is copied), and buffers are used again.
-    monkeypatch.setattr(streaming, "READ_ROWS", 4096)
+    monkeypatch.setattr(chunk_reader, "READ_ROWS", 4096)
     placed = []  # for each request sent from a read buffer: which buffer (its first offset)
     place_in_reads = SharedMemoryPool._place_in_reads
 
@@ -142,7 +143,7 @@ def test_reads_encoded_in_shared_memory_give_every_row_once(
     result = score(server, manifest, "picky_scorer", transport, "on", tmp_path)
 
     assert len(placed) >= 8  # the 8 requests of reads 2–5, each sent at least once from its read
-    assert len(set(placed)) == streaming.READ_BUFFERS
+    assert len(set(placed)) == chunk_reader.READ_BUFFERS
     assert (result.rows_out, result.rows_rejected) == (20_000 - len(REFUSED), len(REFUSED))
     assert pq.read_table(result.rejects_path).column("row_id").to_pylist() == REFUSED
     outputs = pq.read_table(result.output_path)
@@ -159,9 +160,9 @@ def test_a_chunk_that_fails_waits_for_the_read_under_way_before_freeing_shared_m
     # Reads of 4096 rows, requests of 2048: the third request (from the second read) fails the chunk while
     # the third read is still being encoded into a shared memory read buffer. Freeing the region under it
     # would crash the task with a segmentation fault instead of failing it with the model's error.
-    monkeypatch.setattr(streaming, "READ_ROWS", 4096)
+    monkeypatch.setattr(chunk_reader, "READ_ROWS", 4096)
     reads = []
-    encode_batch, column_values = streaming.encode_batch, encoding._column_values
+    encode_batch, column_values = chunk_reader.encode_batch, encoding._column_values
 
     def counting_encode(batch, bindings, into=None):
         reads.append(into is not None)
@@ -172,7 +173,7 @@ def test_a_chunk_that_fails_waits_for_the_read_under_way_before_freeing_shared_m
             time.sleep(0.03)  # 16 columns: the third read takes about half a second
         return column_values(column, dtype)
 
-    request, sent = ChunkStreamer._request, []
+    request, sent = RequestSender.request, []
 
     async def failing_request(self, tensors_, slot):
         sent.append(len(reads))
@@ -182,9 +183,9 @@ def test_a_chunk_that_fails_waits_for_the_read_under_way_before_freeing_shared_m
             raise streaming.InferenceError("the model failed this request")
         return await request(self, tensors_, slot)
 
-    monkeypatch.setattr(streaming, "encode_batch", counting_encode)
+    monkeypatch.setattr(chunk_reader, "encode_batch", counting_encode)
     monkeypatch.setattr(encoding, "_column_values", slow_column_values)
-    monkeypatch.setattr(ChunkStreamer, "_request", failing_request)
+    monkeypatch.setattr(RequestSender, "request", failing_request)
     streamer = make_streamer(server, manifest, "risk_scorer", "stream", "on")
     out, rej = output_part_path(tmp_path, 0), rejects_part_path(tmp_path, 0)
     with pytest.raises(streaming.InferenceError, match="the model failed this request"):
