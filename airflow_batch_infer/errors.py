@@ -28,6 +28,10 @@ class SourceChangedError(StagingError):
     """A file pinned by the run's snapshot changed after the stage task: its chunk cannot be scored."""
 
 
+class ContractError(BatchInferFailure, ValueError):
+    """The declared column → tensor mapping does not fit the data or the model served."""
+
+
 class UnknownModelError(BatchInferFailure, RuntimeError):
     """The model is not in the repository or not on the server; the message lists the models there."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from airflow.sdk import TaskGroup
 
-from airflow_batch_infer.client.output_binding import OutputTarget, check_output_mapping
+from airflow_batch_infer.client.output_mapping import OutputTarget, check_output_mapping
 from airflow_batch_infer.config import get_setting
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.operators.infer import TritonInferenceOperator

@@ -21,13 +21,7 @@ WARMUP_ROWS = 100_000  # a first, unmeasured run of the scheduler's cluster
 sys.path.insert(0, str(REPO / "dags"))
 sys.path.insert(0, str(REPO))
 
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a and b else "n/a"
+from bench_support import log, ratio  # noqa: E402,F401 (the e2e modules take them from here)
 
 
 def ensure_input(rows: int) -> Path:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from airflow_batch_infer.errors import BatchInferFailure
+from airflow_batch_infer.errors import ContractError as ContractError  # where callers have imported it from
 
 if TYPE_CHECKING:
     from airflow_batch_infer.client.input_binding import InputBinding
@@ -38,10 +38,6 @@ TRITON_NUMPY = {
 FLOAT_TENSORS = {"FP16", "FP32", "FP64"}
 RAGGED = -1  # width of a BYTES input fed from a list column of varying length
 INT_TENSORS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
-
-
-class ContractError(BatchInferFailure, ValueError):
-    """The declared column → tensor mapping does not fit the data or the model served."""
 
 
 def row_bytes(binding: InputBinding | OutputBinding) -> int:
@@ -86,7 +82,7 @@ _MOVED = {
     "primitive_view": "encoding",
     "OutputBinding": "output_binding",
     "bind_outputs": "output_binding",
-    "check_output_mapping": "output_binding",
+    "check_output_mapping": "output_mapping",
 }
 
 

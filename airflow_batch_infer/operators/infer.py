@@ -4,23 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
-from tritonclient.utils import InferenceServerException
 
-from airflow_batch_infer.chunk_input import ChunkInput, open_chunk
-from airflow_batch_infer.client.output_binding import OutputTarget, check_output_mapping
-from airflow_batch_infer.client.part_writer import PostprocessError
-from airflow_batch_infer.client.retry import RetryPolicy
-from airflow_batch_infer.client.sizing import resolve_sizes
-from airflow_batch_infer.client.streaming import ChunkStreamer, ServerUnavailableError, StreamSettings
-from airflow_batch_infer.client.tensors import ContractError, bind_inputs, bind_outputs
-from airflow_batch_infer.errors import SourceChangedError, UnknownModelError
+from airflow_batch_infer.chunk_servers import ChunkServers
+from airflow_batch_infer.client.output_mapping import OutputTarget, check_output_mapping
+from airflow_batch_infer.errors import ContractError, SourceChangedError, UnknownModelError
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.runtimes.access import server_headers
-from airflow_batch_infer.runtimes.base import ServerInfo
 from airflow_batch_infer.runtimes.fleet import fleet_servers
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.runtimes.statistics import gpu_utilization, model_snapshot
@@ -28,6 +21,9 @@ from airflow_batch_infer.sinks import PARTS_ARE_THE_TABLE
 from airflow_batch_infer.slot_release import release_slot_at_exit
 from airflow_batch_infer.staging import ChunkDescriptor, Manifest, output_part_path, rejects_part_path
 from airflow_batch_infer.templated import as_list, as_mapping
+
+if TYPE_CHECKING:  # the client (numpy, Arrow, gRPC) is imported where a chunk streams, not by the DAG's parse
+    from airflow_batch_infer.chunk_input import ChunkInput
 
 
 class TritonInferenceOperator(BaseOperator):
@@ -173,37 +169,12 @@ class TritonInferenceOperator(BaseOperator):
             return keep_renewed(dict(self.server), self.runtime_options, self.lease_renew_interval)
         return nullcontext()
 
-    def _servers(self, chunk_index: int) -> list[ServerInfo | None]:
-        """The servers to try, in order: the chunk's own (round robin by chunk), then the others of the run;
-        ``[None]`` for an endpoint given as a URL or by the connection."""
-        servers: list[ServerInfo | None] = [*fleet_servers(self.server)] or [None]
-        first = chunk_index % len(servers)
-        return servers[first:] + servers[:first]
-
-    def _url(self, server: ServerInfo | None) -> str | None:
-        given = None if isinstance(self.server, Mapping) else (self.server or None)
-        return server.grpc_url if server is not None else given
-
-    def _ready_hook(self, candidates: list[ServerInfo | None], chunk_index: int) -> tuple[TritonHook, int]:
-        """A hook on the first candidate that is ready (a server still loading or gone is passed over)."""
-        for position, server in enumerate(candidates):
-            hook = TritonHook(self.triton_conn_id, url=self._url(server))
-            if len(candidates) == 1 or hook.is_server_ready():
-                return hook, position
-            self.log.warning(
-                "Chunk %d: Triton server %s at %s is not ready; trying the run's next server.",
-                chunk_index,
-                server.handle.get("server_id") if server else "-",
-                hook.url,
-            )
-            hook.close()
-        raise RuntimeError(
-            f"Chunk {chunk_index}: none of the run's {len(candidates)} Triton servers is ready "
-            f"({', '.join(s.grpc_url for s in candidates if s)}). Check the start task's log."
-        )
-
-    def _model_contract(self, hook: TritonHook) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _model_contract(
+        self, hook: TritonHook, servers: ChunkServers
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Read the model's metadata and config, with errors that say what to do."""
+        from tritonclient.utils import InferenceServerException
+
         if not hook.is_server_ready():
             raise RuntimeError(
                 f"The Triton server at {hook.url} is not reachable or not ready. Check the start task's "
@@ -213,7 +184,7 @@ class TritonInferenceOperator(BaseOperator):
             metadata = hook.get_model_metadata(self.model_name, self.model_version)
             config = hook.get_model_config(self.model_name, self.model_version)
         except InferenceServerException as error:
-            server = self._server_of(hook)  # its repository index is restricted to the holders of its key
+            server = servers.serving(hook)  # its repository index is restricted to the holders of its key
             headers = server_headers(server) if server else {}
             index = hook.get_conn().get_model_repository_index(headers=headers, as_json=True)
             known = sorted({m["name"] for m in index.get("models", [])})
@@ -243,6 +214,8 @@ class TritonInferenceOperator(BaseOperator):
     def _open_chunk(descriptor: ChunkDescriptor, manifest: Manifest) -> ChunkInput:
         """The chunk to score; a pinned input file that changed since staging fails the task for good (a
         retry would find the same file)."""
+        from airflow_batch_infer.chunk_input import open_chunk
+
         try:
             return open_chunk(descriptor, manifest)
         except SourceChangedError as error:
@@ -255,12 +228,14 @@ class TritonInferenceOperator(BaseOperator):
         read = {column for binding in inputs for column in binding.columns}
         return [c for c in columns if c not in read]
 
-    def _server_of(self, hook: TritonHook) -> ServerInfo | None:
-        """The run's server that ``hook`` talks to (``None`` for an endpoint given otherwise)."""
-        return next((s for s in fleet_servers(self.server) if s.grpc_url == hook.url), None)
-
     def execute(self, context: Any) -> dict[str, Any]:
         release_slot_at_exit()
+        from airflow_batch_infer.client.part_writer import PostprocessError
+        from airflow_batch_infer.client.retry import RetryPolicy
+        from airflow_batch_infer.client.sizing import resolve_sizes
+        from airflow_batch_infer.client.streaming import ChunkStreamer, ServerUnavailableError, StreamSettings
+        from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
+
         try:
             self.resolve_templated()
         except ValueError as error:  # bad input: a retry renders the same text
@@ -268,10 +243,11 @@ class TritonInferenceOperator(BaseOperator):
         descriptor = ChunkDescriptor.from_dict(self.chunk)
         manifest = Manifest.load(descriptor.run_dir)
         chunk = self._open_chunk(descriptor, manifest)
-        candidates = self._servers(descriptor.index)
-        hook, position = self._ready_hook(candidates, descriptor.index)
+        servers = ChunkServers(self.server, self.triton_conn_id, descriptor.index, self.log)
+        candidates = servers.candidates
+        hook, position = servers.ready_hook()
         try:
-            metadata, config = self._model_contract(hook)
+            metadata, config = self._model_contract(hook, servers)
         except BaseException:
             hook.close()
             raise
@@ -348,8 +324,7 @@ class TritonInferenceOperator(BaseOperator):
                     raise AirflowFailException(str(error)) from error  # the same rows fail it again
                 except ServerUnavailableError as error:
                     hook.close()
-                    rest = candidates[position + 1 :]
-                    if not rest:
+                    if position + 1 == len(candidates):
                         raise
                     self.log.warning(
                         "Chunk %d moves from Triton server %s (%s) to the run's next server: %s",
@@ -359,8 +334,7 @@ class TritonInferenceOperator(BaseOperator):
                         error,
                     )
                     moved_from.append(str(server.handle.get("server_id")) if server else hook.url)
-                    hook, offset = self._ready_hook(rest, descriptor.index)
-                    position += 1 + offset
+                    hook, position = servers.ready_hook(position + 1)
                     first = None  # counters of another server
         last = model_snapshot(hook, self.model_name, settled=first, requests=result.requests)
         hook.close()

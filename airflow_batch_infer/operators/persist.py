@@ -14,7 +14,6 @@ from airflow_batch_infer import storage
 from airflow_batch_infer.allowlist import check_sink
 from airflow_batch_infer.assets import output_alias_name, table_location
 from airflow_batch_infer.links import OutputTableLink, RunReportLink
-from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.runtimes.lease import keep_renewed
 from airflow_batch_infer.sinks import get_sink, sink_options
@@ -127,6 +126,8 @@ class PersistOutputsOperator(BaseOperator):
         outputs: list[RunPath] = []
         rejects: list[RunPath] = []
         rejected = 0
+        from airflow_batch_infer.parquet_files import open_parquet  # Arrow: not for the DAG's parse
+
         problems = []
         for chunk in manifest.chunks:
             out, rej = (
@@ -257,6 +258,7 @@ class PersistOutputsOperator(BaseOperator):
         :param task_instance: the finished task instance (unused: what persist wrote is kept).
         """
         from airflow_batch_infer.lineage import persist_lineage
+        from airflow_batch_infer.parquet_files import open_parquet
 
         if not hasattr(self, "_persisted"):
             return None

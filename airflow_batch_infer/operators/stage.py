@@ -13,7 +13,6 @@ from airflow_batch_infer import storage
 from airflow_batch_infer.allowlist import check_conn_id, check_locations, check_sink
 from airflow_batch_infer.partition import resolve_partition
 from airflow_batch_infer.paths import batch_infer_home
-from airflow_batch_infer.row_filter import sql_to_expression
 from airflow_batch_infer.sinks import sink_options
 from airflow_batch_infer.slot_release import release_slot_at_exit
 from airflow_batch_infer.sql_options import check_export_parallelism, check_split_column
@@ -219,6 +218,8 @@ class StageInputsOperator(BaseOperator):
         if "{{" not in str(snapshot) and snapshot not in SNAPSHOTS:
             raise ValueError(f"snapshot must be one of {list(SNAPSHOTS)}, got {snapshot!r}.")
         if isinstance(filter, str) and "{{" not in filter and filter.strip():
+            from airflow_batch_infer.row_filter import sql_to_expression
+
             sql_to_expression(filter)  # a syntax error or a part not allowed fails the DAG's parse
         self.snapshot, self.filter = snapshot, filter
         self.parallel_tasks = parallel_tasks

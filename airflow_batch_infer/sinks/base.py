@@ -7,11 +7,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from airflow_batch_infer.errors import BatchInferFailure
+
+if TYPE_CHECKING:  # Arrow is imported where parts are read: the DAG's parse imports this module
+    import pyarrow as pa
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 REJECTS_SUFFIX = "_rejects"
@@ -139,6 +140,8 @@ def parts_schema(parts: Sequence[str | Path]) -> pa.Schema:
     Parts may differ in nullability only: a part's column is REQUIRED where its chunk held no nulls. The
     schema returned has every column nullable, as the tables and datasets that the sinks write have.
     """
+    import pyarrow as pa
+
     from airflow_batch_infer.parquet_files import open_parquet
 
     if not parts:
