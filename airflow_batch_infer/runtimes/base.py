@@ -108,7 +108,7 @@ class TritonRuntime(ABC):
         :param models: the models the start task asks for.
         """
         from airflow_batch_infer.runtimes.labels import ServerOwner as Owner
-        from airflow_batch_infer.runtimes.readiness import probe_server_sync
+        from airflow_batch_infer.runtimes.probe import is_ready
 
         candidates = []
         for info in self.list_servers():
@@ -123,7 +123,7 @@ class TritonRuntime(ABC):
             if handle.get("lease_timeout") and (handle.get("lease_age") or 0) > handle["lease_timeout"]:
                 continue
             info = self.refresh(info)
-            ready = bool(info.http_url) and probe_server_sync(info, models)
+            ready = bool(info.http_url) and is_ready(info, models)
             candidates.append((not ready, -float(handle.get("started_at") or 0), info))
         candidates.sort(key=lambda c: c[:2])
         if not candidates:
