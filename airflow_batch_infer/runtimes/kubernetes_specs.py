@@ -236,9 +236,8 @@ def _volume(name: str, path: str, read_only: bool | None = True, **source: Any) 
     """
     from kubernetes import client as k8s
 
-    return k8s.V1VolumeMount(name=name, mount_path=path, read_only=read_only), k8s.V1Volume(
-        name=name, **source
-    )
+    mount = k8s.V1VolumeMount(name=name, mount_path=path, read_only=read_only)
+    return mount, k8s.V1Volume(name=name, **source)
 
 
 def _metadata(server_id: str, namespace: str, owner: ServerOwner | None, **more: Any) -> Any:
