@@ -9,7 +9,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export BATCH_INFER_HOME ?= $(CURDIR)/.data
 export BATCH_INFER_TRITON_ENV ?= $(BATCH_INFER_HOME)/triton-server-env
 
-.PHONY: setup demo test lint unit docs bench bench-e2e bench-servers models lock clean
+.PHONY: setup demo test lint unit docs bench bench-e2e bench-servers models llm-repository lock clean
 
 # Both environments are byte-compiled once here (uv does not, and where PYTHONDONTWRITEBYTECODE is set
 # nothing ever is): every Airflow task process, DAG parse and model stub then skips compiling its imports.
@@ -66,6 +66,15 @@ bench-servers: setup
 # Rebuild the ONNX models in triton_models/ from their fixed seeds.
 models: $(VENV)/.installed
 	$(PY) scripts/build_models.py
+
+# The TensorRT-LLM model repository to serve, filled from triton_models/llm/templates (the only copy in git):
+# engine and tokenizer folders as the server sees them; LLM_ARGS for more of the script's flags.
+LLM_ENGINE_DIR ?= /engines/llm
+LLM_TOKENIZER_DIR ?= /tokenizer
+LLM_REPOSITORY ?= triton_models/llm/repository
+llm-repository:
+	$(PYTHON) scripts/fill_llm_repository.py --engine-dir $(LLM_ENGINE_DIR) --tokenizer-dir $(LLM_TOKENIZER_DIR) \
+		--max-batch-size 256 --kv-cache-fraction 0.9 --output $(LLM_REPOSITORY) $(LLM_ARGS)
 
 # Refresh the pinned sets after changing pyproject.toml: every extra and the dev group (test tools), so that
 # `make setup` installs all of them.

@@ -4,10 +4,13 @@ The templates in ``triton_models/llm/templates/<model>/`` hold ``${field}`` plac
 tokenizer locations, batch size, KV-cache fraction, ...). This script writes
 ``<output>/{ensemble,preprocessing,tensorrt_llm,postprocessing}/`` with every field filled, and copies the
 other files (the pre/postprocessing ``model.py``) as they are. Paths are as the server sees them (inside
-its container). The committed copy in ``triton_models/llm/repository`` is made with::
+its container). The templates are the only copy in git: ``make llm-repository`` writes the repository to
+serve, ``triton_models/llm/repository`` (ignored by git), with::
 
     python scripts/fill_llm_repository.py --engine-dir /engines/llm --tokenizer-dir /tokenizer \\
         --max-batch-size 256 --kv-cache-fraction 0.9 --output triton_models/llm/repository
+
+Standard library only: it runs before any environment is set up.
 """
 
 from __future__ import annotations

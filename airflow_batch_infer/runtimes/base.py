@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,17 +28,38 @@ class ServerInfo:
     """Where a started server listens and how to find it again, from any worker.
 
     :param runtime: name of the runtime that started it (``local``, ``docker``, ...).
-    :param grpc_url: ``host:port`` of the gRPC endpoint.
+    :param grpc_url: ``host:port`` of the gRPC endpoint (empty until the address is known).
     :param http_url: ``http://host:port`` of the HTTP endpoint.
     :param metrics_url: ``http://host:port/metrics`` of the Prometheus endpoint.
     :param handle: runtime-specific, JSON-serialisable identity of the server (pid, container id, ...).
     """
 
     runtime: str
-    grpc_url: str
-    http_url: str
-    metrics_url: str
+    grpc_url: str = ""
+    http_url: str = ""
+    metrics_url: str = ""
     handle: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def at(
+        cls, runtime: str, host: str | None, ports: Mapping[str, int], handle: dict[str, Any]
+    ) -> ServerInfo:
+        """The server listening on ``host`` at ``ports``; without URLs while the host or a port is unknown.
+
+        :param runtime: the runtime's name.
+        :param host: the host name or address the clients use (``None`` or empty: not known yet).
+        :param ports: ``http``, ``grpc`` and ``metrics`` ports (0: not known yet).
+        :param handle: the server's handle.
+        """
+        if not host or not all(ports.get(key) for key in ("http", "grpc", "metrics")):
+            return cls(runtime, handle=handle)
+        return cls(
+            runtime,
+            grpc_url=f"{host}:{ports['grpc']}",
+            http_url=f"http://{host}:{ports['http']}",
+            metrics_url=f"http://{host}:{ports['metrics']}/metrics",
+            handle=handle,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +130,7 @@ class TritonRuntime(ABC):
         :param models: the models the start task asks for.
         """
         from airflow_batch_infer.runtimes.labels import ServerOwner as Owner
-        from airflow_batch_infer.runtimes.readiness import probe_server_sync
+        from airflow_batch_infer.runtimes.probe import is_ready
 
         candidates = []
         for info in self.list_servers():
@@ -123,7 +145,7 @@ class TritonRuntime(ABC):
             if handle.get("lease_timeout") and (handle.get("lease_age") or 0) > handle["lease_timeout"]:
                 continue
             info = self.refresh(info)
-            ready = bool(info.http_url) and probe_server_sync(info, models)
+            ready = bool(info.http_url) and is_ready(info, models)
             candidates.append((not ready, -float(handle.get("started_at") or 0), info))
         candidates.sort(key=lambda c: c[:2])
         if not candidates:

@@ -1,12 +1,30 @@
-"""What the container runtimes (docker, kubernetes, ecs) share: NVIDIA's image, the command line, S3 paths."""
+"""What the container runtimes (docker, kubernetes, ecs) share: NVIDIA's image, its ports, the command line,
+S3 paths, and one description of a server's container.
+
+Each runtime's options are a :class:`ContainerOptions` (image, GPUs, repository, environment, flags, lease)
+with its platform's own added (``DockerOptions``, ``PodOptions``, ``TaskOptions``). For each server,
+:meth:`ContainerOptions.describe` gives a :class:`TritonContainer`: its id, command line, environment,
+labels and where it reads its models. The runtime's ``*_specs`` module translates that into its
+platform's objects (a docker container, a Pod, an ECS task).
+"""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from airflow_batch_infer.runtimes.access import restricted_flags
+from airflow_batch_infer.runtimes.base import DEFAULT_LEASE_TIMEOUT
+from airflow_batch_infer.runtimes.container_keeper import keeper_command, keeper_environment
+from airflow_batch_infer.runtimes.labels import (
+    LEASE_RENEWED_KEY,
+    LEASE_TIMEOUT_KEY,
+    ServerOwner,
+    server_labels,
+)
 
 #: NVIDIA's Triton image, pinned: its ``-py3`` image carries the native onnxruntime, TensorRT, PyTorch and
 #: Python backends; its ``-trtllm-python-py3`` variant the TensorRT-LLM backend. One tag for both, the
@@ -20,6 +38,10 @@ TRITON_TRTLLM_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
+#: The server's ports by name, as every runtime publishes them.
+PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
+#: NVIDIA's recommended limits for Triton containers (pinned memory, deep stacks in backends): soft, hard.
+ULIMITS = {"memlock": (-1, -1), "stack": (67108864, 67108864)}
 #: Where a model repository on a volume is mounted in the container.
 CONTAINER_MODEL_REPOSITORY = "/models"
 #: Cloud storage that tritonserver reads itself (``--model-repository=s3://...``).
@@ -106,6 +128,131 @@ def gpu_count(gpus: int | str | list[str]) -> int | None:
             return None
         return int(gpus)
     return int(gpus)
+
+
+@dataclass(kw_only=True)
+class ContainerOptions:
+    """The options every container runtime takes; each runtime's own class adds its platform's.
+
+    :param image: the tritonserver image; :data:`TRITON_TRTLLM_IMAGE` for TensorRT-LLM models.
+    :param gpus: GPUs of the server (0 for a CPU-only server).
+    :param model_repository: where the server reads its models when not the path the DAG names:
+        ``s3://bucket/prefix`` (``gs://``, ``as://``), or a path (on the Docker host for docker; inside the
+        container, on a volume, for kubernetes and ecs).
+    :param s3_endpoint_url: endpoint of an S3-compatible store holding the repository (AWS S3 when ``None``).
+    :param environment: more environment variables of the server.
+    :param extra_args: more tritonserver flags, appended as they are.
+    :param log_verbose: Triton's ``--log-verbose`` level.
+    :param stop_grace_period: seconds between SIGTERM and SIGKILL when the server is stopped.
+    :param lease_timeout: seconds the server may go without a lease renewal before its keeper (docker,
+        kubernetes) or the reaper stops it; 0 for no lease.
+    """
+
+    #: The runtime's name, for messages.
+    runtime: ClassVar[str] = "container"
+    #: A repository path is a host folder mounted into the container (docker), not a path inside it.
+    mounts_repository: ClassVar[bool] = False
+    #: Where the container's lease keeper reads the last renewal (no keeper when ``None``).
+    keeper_file: ClassVar[str | None] = None
+
+    image: str = TRITON_IMAGE
+    gpus: int | str | list[str] = 1
+    model_repository: str | None = None
+    s3_endpoint_url: str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+    log_verbose: int = 0
+    stop_grace_period: float = 30
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        self.environment = dict(self.environment or {})
+        self.extra_args = list(self.extra_args or [])
+        self.log_verbose = int(self.log_verbose)
+        self.stop_grace_period = float(self.stop_grace_period)
+        self.lease_timeout = float(self.lease_timeout or 0)
+
+    def repository_for(self, model_repository: str) -> str:
+        """The repository a server reads: ``model_repository`` of these options, else the DAG's."""
+        return self.model_repository or str(model_repository)
+
+    def describe(
+        self,
+        server_id: str,
+        model_repository: str,
+        models: list[str] | None,
+        owner: ServerOwner | None = None,
+    ) -> TritonContainer:
+        """The container of the server ``server_id``.
+
+        :param server_id: the new server's id.
+        :param model_repository: the repository the DAG names (see :meth:`repository_for`).
+        :param models: models to load (all in the repository when ``None``).
+        :param owner: the task instance that starts it.
+        :raises ValueError: for a relative path where the runtime needs one inside the container.
+        """
+        source, mount = self.repository_for(model_repository), None
+        if source.startswith("s3://"):
+            repository = triton_s3_path(source, self.s3_endpoint_url)
+        elif self.mounts_repository and not is_remote_repository(source):
+            repository, mount = CONTAINER_MODEL_REPOSITORY, source
+        elif is_remote_repository(source) or source.startswith("/"):
+            repository = source
+        else:
+            raise ValueError(
+                f"Model repository {source!r}: the {self.runtime} runtime needs s3:// (gs://, as://) or an "
+                "absolute path inside the container (on a volume of the server)."
+            )
+        command = tritonserver_command(
+            repository, server_id, models, log_verbose=self.log_verbose, extra_args=self.extra_args
+        )
+        environment = dict(self.environment)
+        if self.keeper_file and self.lease_timeout > 0:  # the server stops itself when its run stops renewing
+            command = keeper_command(command)
+            environment.update(keeper_environment(self.lease_timeout, self.keeper_file))
+        return TritonContainer(
+            server_id=server_id,
+            command=command,
+            environment=environment,
+            owner=owner,
+            lease_timeout=self.lease_timeout,
+            repository=repository,
+            mount=mount,
+        )
+
+
+@dataclass(frozen=True)
+class TritonContainer:
+    """One server's container, as every container runtime has it; each translates it into its platform's
+    objects (a docker container, a Pod, an ECS task's overrides).
+
+    :param server_id: the server's id: ``--id``, a label, the name of its container or Pod.
+    :param command: its first process: tritonserver's command line, under the lease keeper where there is one.
+    :param environment: its environment variables.
+    :param owner: the task instance that starts it.
+    :param lease_timeout: seconds without a lease renewal before it is stopped (0: no lease).
+    :param repository: where tritonserver reads its models, as the container sees them.
+    :param mount: a host folder to mount read-only at ``repository`` (``None``: nothing to mount).
+    """
+
+    server_id: str
+    command: list[str]
+    environment: dict[str, str] = field(default_factory=dict)
+    owner: ServerOwner | None = None
+    lease_timeout: float = 0
+    repository: str = CONTAINER_MODEL_REPOSITORY
+    mount: str | None = None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Its labels with exact values (docker labels, ECS tags): managed-by, server id, owner, lease."""
+        return server_labels(self.server_id, self.owner, self.lease_timeout)
+
+    def lease_labels(self) -> dict[str, str]:
+        """Its lease's timeout and first renewal, now (ECS tags, Pod annotations); ``{}`` without a lease."""
+        if not self.lease_timeout or self.lease_timeout <= 0:
+            return {}
+        return {LEASE_TIMEOUT_KEY: f"{float(self.lease_timeout):g}", LEASE_RENEWED_KEY: f"{time.time():.0f}"}
 
 
 #: Where a container finds the S3 credentials file that the runtime copies in (never its environment).

@@ -11,26 +11,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow_batch_infer.runtimes.base import (
-    DEFAULT_LEASE_TIMEOUT,
-    ServerInfo,
-    ServerStartError,
-    TritonRuntime,
-)
+from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
 from airflow_batch_infer.runtimes.container_keeper import LEASE_FILE, lease_archive, stat_mtime
-from airflow_batch_infer.runtimes.containers import (
-    TRITON_IMAGE,
-    credentials_archive,
-    require_provider,
-    s3_access,
-)
+from airflow_batch_infer.runtimes.containers import PORTS, credentials_archive, require_provider, s3_access
 from airflow_batch_infer.runtimes.docker_specs import (
-    _PORTS,
     DEFAULT_DOCKER_URL,
     ContainerSpec,
+    DockerOptions,
     build_container_spec,
     docker_host,
     listed_server,
@@ -47,7 +38,7 @@ from airflow_batch_infer.runtimes.labels import (
 if TYPE_CHECKING:
     from docker import APIClient
 
-__all__ = ["DockerTritonRuntime", "build_container_spec"]
+__all__ = ["DockerOptions", "DockerTritonRuntime", "build_container_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -55,92 +46,52 @@ log = logging.getLogger(__name__)
 class DockerTritonRuntime(TritonRuntime):
     """Runs NVIDIA's ``tritonserver`` image as a container on a Docker host with NVIDIA GPUs.
 
-    :param image: the image; default :data:`~airflow_batch_infer.runtimes.containers.TRITON_IMAGE`
-        (``TRITON_TRTLLM_IMAGE`` for TensorRT-LLM models).
     :param docker_url: the Docker Engine (``unix://var/run/docker.sock``, ``tcp://gpu-host:2376``).
     :param docker_conn_id: a ``docker`` connection to log in to a private registry (NGC images are public).
-    :param gpus: number of GPUs, ``"all"``, a list of device ids, or 0 for a CPU-only server.
-    :param shm_size: shared memory size of the container, e.g. ``"2g"``.
-    :param network: a Docker network to join (e.g. the compose stack's); workers then reach the server
-        by its container name and no port is published.
     :param advertise_host: host name the workers use for published ports; by default the host of a
         ``tcp://`` ``docker_url``, else ``127.0.0.1``.
-    :param host_ip: address the published ports bind on the Docker host: loopback by default, so that only
-        the host's own workers reach the server; a private address (never ``0.0.0.0`` on a shared network)
-        for workers elsewhere, or better a ``network`` shared with the workers.
-    :param host_ports: fixed host ports (``{"http": ..., "grpc": ..., "metrics": ...}``); Docker picks free
-        ones when ``None``.
-    :param model_repository: where the server reads its models when not the path the DAG names: a path on
-        the Docker host, or ``s3://bucket/prefix``.
     :param aws_conn_id: ``aws`` connection whose keys (and ``endpoint_url``) the server uses for ``s3://``.
         The keys go into a credentials file copied into the container before it starts (removed with the
         container), never into its environment; without keys, the host's instance role serves.
-    :param environment: more environment variables of the server.
-    :param volumes: more binds, ``host_path:container_path[:ro]``.
-    :param extra_args: more tritonserver flags.
-    :param log_verbose: Triton's ``--log-verbose`` level.
     :param pull: ``missing`` (pull when the host lacks the image), ``always`` or ``never``.
     :param startup_timeout: seconds from launch until the models must be ready (pulling not included).
-    :param stop_grace_period: seconds between SIGTERM and SIGKILL when stopping.
     :param api_timeout: seconds for a call to the Docker Engine.
     :param tls_ca_cert: CA certificate file for a TLS Docker Engine (with the two below).
     :param tls_client_cert: client certificate file.
     :param tls_client_key: client key file.
-    :param lease_timeout: seconds the container may go without a lease renewal: each renewal copies a lease
-        file into it, and its keeper (its first process) stops the server when the file is older than this;
-        the reaper also stops it by the file's age, and once its run is no longer queued or running.
+    :param options: the container's options, :class:`~airflow_batch_infer.runtimes.docker_specs.DockerOptions`
+        (``image``, ``gpus``, ``shm_size``, ``network``, ``host_ip``, ``host_ports``, ``model_repository``,
+        ``environment``, ``volumes``, ``extra_args``, ``log_verbose``, ``stop_grace_period``,
+        ``lease_timeout``).
     """
 
     name = "docker"
 
     def __init__(
         self,
-        image: str = TRITON_IMAGE,
         docker_url: str = DEFAULT_DOCKER_URL,
         docker_conn_id: str | None = None,
-        gpus: int | str | list[str] = 1,
-        shm_size: str = "1g",
-        network: str | None = None,
         advertise_host: str | None = None,
-        host_ip: str = "127.0.0.1",
-        host_ports: dict[str, int] | None = None,
-        model_repository: str | None = None,
         aws_conn_id: str | None = None,
-        environment: dict[str, str] | None = None,
-        volumes: list[str] | None = None,
-        extra_args: list[str] | None = None,
-        log_verbose: int = 0,
         pull: str = "missing",
         startup_timeout: float = 900,
-        stop_grace_period: float = 30,
         api_timeout: int = 120,
         tls_ca_cert: str | None = None,
         tls_client_cert: str | None = None,
         tls_client_key: str | None = None,
-        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+        **options: Any,
     ) -> None:
         require_provider("airflow.providers.docker", "docker")
-        self.lease_timeout = float(lease_timeout or 0)
         if pull not in ("missing", "always", "never"):
             raise ValueError(f"pull must be 'missing', 'always' or 'never', not {pull!r}.")
-        self.image = image
+        self.options = DockerOptions(**options)
+        self.lease_timeout = self.options.lease_timeout
         self.docker_url = docker_url
         self.docker_conn_id = docker_conn_id
-        self.gpus = gpus
-        self.shm_size = shm_size
-        self.network = network
         self.advertise_host = advertise_host
-        self.host_ip = host_ip
-        self.host_ports = host_ports
-        self.model_repository = model_repository
         self.aws_conn_id = aws_conn_id
-        self.environment = dict(environment or {})
-        self.volumes = list(volumes or [])
-        self.extra_args = list(extra_args or [])
-        self.log_verbose = int(log_verbose)
         self.pull = pull
         self.startup_timeout = float(startup_timeout)
-        self.stop_grace_period = float(stop_grace_period)
         self.api_timeout = int(api_timeout)
         self.tls = (tls_ca_cert, tls_client_cert, tls_client_key)
 
@@ -161,30 +112,15 @@ class DockerTritonRuntime(TritonRuntime):
         self, server_id: str, model_repository: str, models: list[str] | None, owner: ServerOwner | None
     ) -> ContainerSpec:
         """:func:`build_container_spec` with this runtime's options (S3 keys read from ``aws_conn_id``)."""
-        repository = self.model_repository or model_repository
-        environment, endpoint = {}, None
-        if repository.startswith("s3://") and self.aws_conn_id:
+        options = self.options
+        if options.repository_for(model_repository).startswith("s3://") and self.aws_conn_id:
             access = s3_access(self.aws_conn_id)
-            environment, endpoint = dict(access.environment), access.endpoint_url
-        environment.update(self.environment)
-        return build_container_spec(
-            server_id=server_id,
-            image=self.image,
-            model_repository=repository,
-            models=models,
-            owner=owner,
-            gpus=self.gpus,
-            shm_size=self.shm_size,
-            network=self.network,
-            host_ip=self.host_ip,
-            host_ports=self.host_ports,
-            environment=environment,
-            volumes=self.volumes,
-            extra_args=self.extra_args,
-            log_verbose=self.log_verbose,
-            s3_endpoint_url=endpoint,
-            lease_timeout=self.lease_timeout,
-        )
+            options = replace(
+                options,
+                environment={**access.environment, **options.environment},
+                s3_endpoint_url=access.endpoint_url or options.s3_endpoint_url,
+            )
+        return build_container_spec(options, options.describe(server_id, model_repository, models, owner))
 
     def launch(
         self, model_repository: str, models: list[str] | None = None, owner: ServerOwner | None = None
@@ -219,15 +155,14 @@ class DockerTritonRuntime(TritonRuntime):
             "Triton container %s (%s) started from %s; gRPC %s",
             server_id,
             container_id[:12],
-            self.image,
+            self.options.image,
             info.grpc_url,
         )
         return info
 
     def _copy_credentials(self, client: APIClient, container_id: str, model_repository: str) -> None:
         """Copy the S3 credentials file into the created container (never into its environment)."""
-        repository = self.model_repository or model_repository
-        if not (repository.startswith("s3://") and self.aws_conn_id):
+        if not (self.options.repository_for(model_repository).startswith("s3://") and self.aws_conn_id):
             return
         access = s3_access(self.aws_conn_id)
         if access.credentials:
@@ -241,41 +176,35 @@ class DockerTritonRuntime(TritonRuntime):
             return
         if self.pull == "missing":
             try:
-                client.inspect_image(self.image)
+                client.inspect_image(self.options.image)
                 return
             except ImageNotFound:
                 pass
-        repository, tag = parse_repository_tag(self.image)
+        repository, tag = parse_repository_tag(self.options.image)
         started = time.monotonic()
-        log.info("Pulling %s (Triton images are large: minutes on a first pull).", self.image)
+        log.info("Pulling %s (Triton images are large: minutes on a first pull).", self.options.image)
         for line in client.pull(repository, tag=tag or "latest", stream=True, decode=True):
             if isinstance(line, dict) and line.get("error"):
-                raise ServerStartError(f"Docker could not pull {self.image}: {line['error']}")
-        log.info("Pulled %s in %.0f s.", self.image, time.monotonic() - started)
+                raise ServerStartError(f"Docker could not pull {self.options.image}: {line['error']}")
+        log.info("Pulled %s in %.0f s.", self.options.image, time.monotonic() - started)
 
     def _server_info(self, details: dict[str, Any], owner: ServerOwner | None) -> ServerInfo:
         name = details.get("Name", "").lstrip("/")
         labels = details.get("Config", {}).get("Labels") or {}
         owner = owner or ServerOwner.from_labels(labels)
         server_id = labels.get(SERVER_ID_KEY, name)
-        host = name if self.network else (self.advertise_host or docker_host(self.docker_url))
-        ports = dict(_PORTS) if self.network else published_ports(details)
-        has_ports = all(ports.values())
-        return ServerInfo(
-            runtime=self.name,
-            grpc_url=f"{host}:{ports['grpc']}" if has_ports else "",
-            http_url=f"http://{host}:{ports['http']}" if has_ports else "",
-            metrics_url=f"http://{host}:{ports['metrics']}/metrics" if has_ports else "",
-            handle={
-                "server_id": server_id,
-                "container_id": details.get("Id"),
-                "container_name": name,
-                "image": details.get("Config", {}).get("Image", self.image),
-                "docker_url": self.docker_url,
-                "owner": owner.to_dict() if owner else None,
-                "started_at": time.time(),
-            },
-        )
+        network = self.options.network
+        host = name if network else (self.advertise_host or docker_host(self.docker_url))
+        handle = {
+            "server_id": server_id,
+            "container_id": details.get("Id"),
+            "container_name": name,
+            "image": details.get("Config", {}).get("Image", self.options.image),
+            "docker_url": self.docker_url,
+            "owner": owner.to_dict() if owner else None,
+            "started_at": time.time(),
+        }
+        return ServerInfo.at(self.name, host, PORTS if network else published_ports(details), handle)
 
     def refresh(self, info: ServerInfo) -> ServerInfo:
         """``info`` with the container's endpoint, for a server found by :meth:`list_servers` (no URLs)."""
@@ -314,7 +243,7 @@ class DockerTritonRuntime(TritonRuntime):
         client = self.client
         with contextlib.suppress(NotFound):
             if running:
-                client.stop(info.handle["container_id"], timeout=int(self.stop_grace_period))
+                client.stop(info.handle["container_id"], timeout=int(self.options.stop_grace_period))
             client.remove_container(info.handle["container_id"], force=True)
         if running:
             log.info("Stopped and removed Triton container %s.", name)

@@ -3,7 +3,8 @@
 Calls ECS through the amazon provider's :class:`~airflow.providers.amazon.aws.hooks.ecs.EcsHook` (CloudWatch
 Logs through ``AwsLogsHook`` for the server's log). :func:`build_task_definition` and :func:`build_run_task`
 (:mod:`.ecs_specs`, re-exported here) are pure functions returning the keyword arguments of
-``register_task_definition`` and ``run_task``. Without a ``task_definition`` of your own, the runtime
+``register_task_definition`` and ``run_task``; :mod:`.ecs_tasks` reads tasks back (address, status, the
+listing). Without a ``task_definition`` of your own, the runtime
 registers one (a new revision only when the options change). GPUs on ECS need EC2 capacity: a GPU
 capacity provider or ``launch_type="EC2"`` with GPU container instances (ECS GPU-optimised AMI).
 """
@@ -17,40 +18,33 @@ import time
 from functools import cached_property
 from typing import Any
 
-from airflow_batch_infer.runtimes.base import (
-    DEFAULT_LEASE_TIMEOUT,
-    ServerInfo,
-    ServerStartError,
-    TritonRuntime,
-)
-from airflow_batch_infer.runtimes.containers import (
-    GRPC_PORT,
-    HTTP_PORT,
-    METRICS_PORT,
-    TRITON_IMAGE,
-    is_remote_repository,
-    triton_s3_path,
-    tritonserver_command,
-)
+from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.containers import PORTS
 from airflow_batch_infer.runtimes.ecs_specs import (
-    DEFAULT_FAMILY,
     OWNER_ENV,
     SPEC_HASH_TAG,
     STARTED_BY,
+    TaskOptions,
     build_run_task,
     build_task_definition,
-    owner_from_overrides,
+)
+from airflow_batch_infer.runtimes.ecs_tasks import (
+    is_stopped,
+    listed_servers,
+    placement_failures,
+    task_host,
     task_summary,
 )
-from airflow_batch_infer.runtimes.labels import (
-    LEASE_RENEWED_KEY,
-    SERVER_ID_KEY,
-    ServerOwner,
-    lease_from_labels,
-    new_server_id,
-)
+from airflow_batch_infer.runtimes.labels import LEASE_RENEWED_KEY, ServerOwner, new_server_id
 
-__all__ = ["OWNER_ENV", "STARTED_BY", "EcsTritonRuntime", "build_run_task", "build_task_definition"]
+__all__ = [
+    "OWNER_ENV",
+    "STARTED_BY",
+    "EcsTritonRuntime",
+    "TaskOptions",
+    "build_run_task",
+    "build_task_definition",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,35 +56,14 @@ class EcsTritonRuntime(TritonRuntime):
     :param aws_conn_id: the ``aws`` connection.
     :param region_name: the region; the connection's when ``None``.
     :param task_definition: a task definition of your own (its ``container_name`` container runs
-        tritonserver; the command is set at run time); registered from the options below when ``None``.
-    :param container_name: the Triton container's name.
-    :param family: family of the registered task definition.
-    :param image: the image (``TRITON_TRTLLM_IMAGE`` for TensorRT-LLM models).
-    :param gpus: GPUs reserved (0 for a CPU-only server).
-    :param cpu: task CPU units, e.g. ``"8192"``.
-    :param memory: task memory in MiB.
-    :param shm_size_mib: ``/dev/shm`` size in MiB.
-    :param network_mode: ``awsvpc``, ``host`` or ``bridge`` (ports 8000-8002 are static on the host).
-    :param execution_role_arn: role ECS uses to pull the image and write logs.
-    :param task_role_arn: role of the server (S3 access to the model repository).
-    :param log_group: CloudWatch Logs group (``awslogs``); the server's log is read back from it.
-    :param log_stream_prefix: ``awslogs-stream-prefix``.
-    :param capacity_provider: a GPU capacity provider of the cluster (else ``launch_type``).
-    :param launch_type: ``EC2`` by default.
-    :param subnets: subnets of an ``awsvpc`` task.
-    :param security_groups: its security groups (admit 8000-8002 from the workers).
-    :param assign_public_ip: give an ``awsvpc`` task a public address (and use it as the endpoint).
-    :param model_repository: where the server reads its models when not the path the DAG names:
-        ``s3://bucket/prefix`` (read with the task role), or a path on a volume of your task definition.
-    :param s3_endpoint_url: endpoint of an S3-compatible store (AWS S3 when ``None``).
-    :param environment: more environment variables.
-    :param extra_args: more tritonserver flags.
-    :param log_verbose: Triton's ``--log-verbose`` level.
+        tritonserver; the command is set at run time); registered from the options when ``None``.
     :param startup_timeout: seconds from launch until the models must be ready (placement, image pull and
         model load included).
-    :param stop_grace_period: seconds between SIGTERM and SIGKILL (at most 120 on ECS).
-    :param lease_timeout: seconds the task may go without a lease renewal (its ``lease-renewed-at`` tag)
-        before the reaper stops it; 0 for no lease. ECS has no deadline of its own: run the reaper DAG.
+    :param options: the task's options, :class:`~airflow_batch_infer.runtimes.ecs_specs.TaskOptions`
+        (``image``, ``gpus``, ``cpu``, ``memory``, ``network_mode``, ``subnets``, ``security_groups``,
+        ``execution_role_arn``, ``task_role_arn``, ``log_group``, ``capacity_provider``,
+        ``model_repository``, ``environment``, ``stop_grace_period`` (at most 120 on ECS),
+        ``lease_timeout``, ...).
     """
 
     name = "ecs"
@@ -101,68 +74,16 @@ class EcsTritonRuntime(TritonRuntime):
         aws_conn_id: str | None = "aws_default",
         region_name: str | None = None,
         task_definition: str | None = None,
-        container_name: str = "tritonserver",
-        family: str = DEFAULT_FAMILY,
-        image: str = TRITON_IMAGE,
-        gpus: int = 1,
-        cpu: str | None = None,
-        memory: str | None = "16384",
-        shm_size_mib: int = 1024,
-        network_mode: str = "awsvpc",
-        execution_role_arn: str | None = None,
-        task_role_arn: str | None = None,
-        log_group: str | None = None,
-        log_stream_prefix: str = "triton",
-        capacity_provider: str | None = None,
-        launch_type: str | None = None,
-        subnets: list[str] | None = None,
-        security_groups: list[str] | None = None,
-        assign_public_ip: bool = False,
-        model_repository: str | None = None,
-        s3_endpoint_url: str | None = None,
-        environment: dict[str, str] | None = None,
-        extra_args: list[str] | None = None,
-        log_verbose: int = 0,
         startup_timeout: float = 1800,
-        stop_grace_period: float = 30,
-        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+        **options: Any,
     ) -> None:
+        self.options = TaskOptions(**options)
+        self.lease_timeout = self.options.lease_timeout
         self.cluster = cluster
-        self.lease_timeout = float(lease_timeout or 0)
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
         self.task_definition = task_definition
-        self.container_name = container_name
-        self.network_mode = network_mode
-        self.log_group = log_group
-        self.log_stream_prefix = log_stream_prefix
-        self.capacity_provider = capacity_provider
-        self.launch_type = launch_type
-        self.subnets = list(subnets or [])
-        self.security_groups = list(security_groups or [])
-        self.assign_public_ip = bool(assign_public_ip)
-        self.model_repository = model_repository
-        self.s3_endpoint_url = s3_endpoint_url
-        self.environment = dict(environment or {})
-        self.extra_args = list(extra_args or [])
-        self.log_verbose = int(log_verbose)
         self.startup_timeout = float(startup_timeout)
-        self.stop_grace_period = float(stop_grace_period)
-        self.task_definition_options: dict[str, Any] = {
-            "family": family,
-            "image": image,
-            "container_name": container_name,
-            "gpus": int(gpus),
-            "cpu": cpu,
-            "memory": memory,
-            "shm_size_mib": int(shm_size_mib),
-            "network_mode": network_mode,
-            "execution_role_arn": execution_role_arn,
-            "task_role_arn": task_role_arn,
-            "log_group": log_group,
-            "log_stream_prefix": log_stream_prefix,
-            "stop_grace_period": int(stop_grace_period),
-        }
 
     @cached_property
     def ecs(self) -> Any:
@@ -189,7 +110,7 @@ class EcsTritonRuntime(TritonRuntime):
 
     def task_definition_spec(self) -> dict[str, Any]:
         """:func:`build_task_definition` with this runtime's options."""
-        return build_task_definition(region_name=self.ecs.meta.region_name, **self.task_definition_options)
+        return build_task_definition(self.options, region_name=self.ecs.meta.region_name)
 
     def ensure_task_definition(self) -> str:
         """The task definition to run: ``task_definition``, or ours, registered when missing or changed."""
@@ -219,32 +140,8 @@ class EcsTritonRuntime(TritonRuntime):
         owner: ServerOwner | None,
     ) -> dict[str, Any]:
         """:func:`build_run_task` with this runtime's options."""
-        repository = self.model_repository or model_repository
-        if repository.startswith("s3://"):
-            repository = triton_s3_path(repository, self.s3_endpoint_url)
-        elif not (is_remote_repository(repository) or repository.startswith("/")):
-            raise ValueError(
-                f"Model repository {repository!r}: the ecs runtime needs s3:// or an absolute path."
-            )
-        command = tritonserver_command(
-            repository, server_id, models, log_verbose=self.log_verbose, extra_args=self.extra_args
-        )
-        return build_run_task(
-            cluster=self.cluster,
-            task_definition=task_definition,
-            container_name=self.container_name,
-            server_id=server_id,
-            command=command,
-            owner=owner,
-            environment=self.environment,
-            capacity_provider=self.capacity_provider,
-            launch_type=self.launch_type,
-            network_mode=self.network_mode,
-            subnets=self.subnets,
-            security_groups=self.security_groups,
-            assign_public_ip=self.assign_public_ip,
-            lease_timeout=self.lease_timeout,
-        )
+        container = self.options.describe(server_id, model_repository, models, owner)
+        return build_run_task(self.options, container, cluster=self.cluster, task_definition=task_definition)
 
     def launch(
         self, model_repository: str, models: list[str] | None = None, owner: ServerOwner | None = None
@@ -261,33 +158,24 @@ class EcsTritonRuntime(TritonRuntime):
             raise ServerStartError(f"ECS could not run Triton server {server_id}: {exc}") from exc
         tasks = response.get("tasks") or []
         if not tasks:
-            failures = (
-                "; ".join(
-                    f"{f.get('arn', '')} {f.get('reason')} {f.get('detail', '')}".strip()
-                    for f in response.get("failures") or []
-                )
-                or "no task was placed"
-            )
             raise ServerStartError(
-                f"ECS could not place Triton server {server_id} on cluster {self.cluster}: {failures}. "
+                f"ECS could not place Triton server {server_id} on cluster {self.cluster}: "
+                f"{placement_failures(response)}. "
                 "GPU tasks need GPU container instances (a GPU capacity provider, or EC2 instances with "
                 "free GPUs)."
             )
-        task = tasks[0]
+        task, options = tasks[0], self.options
         task_id = task["taskArn"].rsplit("/", 1)[-1]
         info = ServerInfo(
-            runtime=self.name,
-            grpc_url="",
-            http_url="",
-            metrics_url="",
+            self.name,
             handle={
                 "server_id": server_id,
                 "cluster": self.cluster,
                 "task_arn": task["taskArn"],
                 "task_definition": task.get("taskDefinitionArn", task_definition),
-                "container_name": self.container_name,
-                "log_group": self.log_group,
-                "log_stream": f"{self.log_stream_prefix}/{self.container_name}/{task_id}",
+                "container_name": options.container_name,
+                "log_group": options.log_group,
+                "log_stream": f"{options.log_stream_prefix}/{options.container_name}/{task_id}",
                 "owner": owner.to_dict() if owner else None,
                 "started_at": time.time(),
             },
@@ -313,48 +201,11 @@ class EcsTritonRuntime(TritonRuntime):
         return self._with_address(info, task) if task else info
 
     def _with_address(self, info: ServerInfo, task: dict[str, Any]) -> ServerInfo:
-        host = self._task_host(task)
-        if not host:
-            return info
-        return ServerInfo(
-            runtime=info.runtime,
-            grpc_url=f"{host}:{GRPC_PORT}",
-            http_url=f"http://{host}:{HTTP_PORT}",
-            metrics_url=f"http://{host}:{METRICS_PORT}/metrics",
-            handle={**info.handle, "host": host},
+        options = self.options
+        host = task_host(
+            task, self.ecs, self.ec2, self.cluster, options.network_mode, options.assign_public_ip
         )
-
-    def _task_host(self, task: dict[str, Any]) -> str | None:
-        if self.network_mode == "awsvpc":
-            for attachment in task.get("attachments") or []:
-                details = {d["name"]: d.get("value") for d in attachment.get("details") or []}
-                if self.assign_public_ip and details.get("networkInterfaceId"):
-                    public = self._public_ip(details["networkInterfaceId"])
-                    if public:
-                        return public
-                if details.get("privateIPv4Address"):
-                    return details["privateIPv4Address"]
-            return None
-        instance_arn = task.get("containerInstanceArn")
-        if not instance_arn:
-            return None
-        instances = self.ecs.describe_container_instances(
-            cluster=self.cluster, containerInstances=[instance_arn]
-        )
-        ids = [i["ec2InstanceId"] for i in instances.get("containerInstances") or []]
-        if not ids:
-            return None
-        reservations = self.ec2.describe_instances(InstanceIds=ids)["Reservations"]
-        for reservation in reservations:
-            for instance in reservation["Instances"]:
-                return instance.get("PrivateIpAddress")
-        return None
-
-    def _public_ip(self, eni_id: str) -> str | None:
-        interfaces = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"]
-        for interface in interfaces:
-            return (interface.get("Association") or {}).get("PublicIp")
-        return None
+        return ServerInfo.at(self.name, host, PORTS, {**info.handle, "host": host}) if host else info
 
     # ------------------------------------------------------------------ stop and inspect
 
@@ -368,9 +219,8 @@ class EcsTritonRuntime(TritonRuntime):
 
         :returns: ``False`` when it had already stopped or is unknown to ECS.
         """
-        task = self._describe(info)
         arn = info.handle["task_arn"]
-        if task is None or task.get("lastStatus") == "STOPPED" or task.get("desiredStatus") == "STOPPED":
+        if is_stopped(self._describe(info)):
             log.info(
                 "ECS task %s of Triton server %s was already stopped.", arn, info.handle.get("server_id")
             )
@@ -381,15 +231,14 @@ class EcsTritonRuntime(TritonRuntime):
 
     def is_running(self, info: ServerInfo) -> bool:
         """Whether the task exists and has not stopped (or been asked to)."""
-        task = self._describe(info)
-        return bool(task and task.get("lastStatus") != "STOPPED" and task.get("desiredStatus") != "STOPPED")
+        return not is_stopped(self._describe(info))
 
     def failure_reason(self, info: ServerInfo) -> str | None:
         """Why the task will never serve: unknown to ECS, or stopped (with ECS's reason and exit codes)."""
         task = self._describe(info)
         if task is None:
             return "ECS does not know its task"
-        if task.get("lastStatus") != "STOPPED" and task.get("desiredStatus") != "STOPPED":
+        if not is_stopped(task):
             return None
         return f"its task stopped: {task_summary(task)}"
 
@@ -418,38 +267,7 @@ class EcsTritonRuntime(TritonRuntime):
 
     def list_servers(self) -> list[ServerInfo]:
         """Running tasks of the cluster started by this package (``startedBy``), with their owners."""
-        arns: list[str] = []
-        for page in self.ecs.get_paginator("list_tasks").paginate(
-            cluster=self.cluster, startedBy=STARTED_BY, desiredStatus="RUNNING"
-        ):
-            arns.extend(page.get("taskArns") or [])
-        servers = []
-        for start in range(0, len(arns), 100):
-            described = self.ecs.describe_tasks(
-                cluster=self.cluster, tasks=arns[start : start + 100], include=["TAGS"]
-            )
-            for task in described.get("tasks") or []:
-                tags = {t["key"]: t["value"] for t in task.get("tags") or []}
-                owner = owner_from_overrides(task) or ServerOwner.from_labels(tags)
-                created = task.get("createdAt")
-                servers.append(
-                    ServerInfo(
-                        runtime=self.name,
-                        grpc_url="",
-                        http_url="",
-                        metrics_url="",
-                        handle={
-                            "server_id": tags.get(SERVER_ID_KEY, ""),
-                            "cluster": self.cluster,
-                            "task_arn": task["taskArn"],
-                            "owner": owner.to_dict() if owner else None,
-                            "started_at": created.timestamp() if hasattr(created, "timestamp") else 0.0,
-                            "state": task.get("lastStatus"),
-                            **lease_from_labels(tags),
-                        },
-                    )
-                )
-        return servers
+        return listed_servers(self.ecs, self.cluster)
 
     def renew_lease(self, info: ServerInfo) -> bool:
         """Renew the task's lease: set its ``airflow-batch-infer/lease-renewed-at`` tag to now."""

@@ -12,23 +12,13 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow_batch_infer.runtimes.base import (
-    DEFAULT_LEASE_TIMEOUT,
-    ServerInfo,
-    ServerStartError,
-    TritonRuntime,
-)
-from airflow_batch_infer.runtimes.containers import (
-    GRPC_PORT,
-    HTTP_PORT,
-    METRICS_PORT,
-    TRITON_IMAGE,
-    require_provider,
-)
+from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError, TritonRuntime
+from airflow_batch_infer.runtimes.containers import PORTS, require_provider
 from airflow_batch_infer.runtimes.kubernetes_specs import (
     AIRFLOW_PODS,
     CONTAINER_NAME,
     FATAL_WAITING_REASONS,
+    PodOptions,
     build_network_policy,
     build_pod,
     build_service,
@@ -49,7 +39,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-__all__ = ["KubernetesTritonRuntime", "build_network_policy", "build_pod", "build_service"]
+__all__ = [
+    "KubernetesTritonRuntime",
+    "PodOptions",
+    "build_network_policy",
+    "build_pod",
+    "build_service",
+]
 
 
 class KubernetesTritonRuntime(TritonRuntime):
@@ -60,41 +56,16 @@ class KubernetesTritonRuntime(TritonRuntime):
 
     :param namespace: the namespace; the connection's, else ``default``.
     :param kubernetes_conn_id: the ``kubernetes`` connection (in-cluster config when it has none).
-    :param image: the image (``TRITON_TRTLLM_IMAGE`` for TensorRT-LLM models).
-    :param gpus: GPUs in the container's limits (0 for a CPU-only server).
-    :param gpu_resource: the GPUs' extended resource name.
-    :param cpu: CPU request and limit.
-    :param memory: memory request and limit.
-    :param shm_size: size of the memory-backed ``/dev/shm``.
-    :param node_selector: node labels the Pod needs (e.g. ``{"nvidia.com/gpu.present": "true"}``).
-    :param tolerations: tolerations in the API's shape; the ``nvidia.com/gpu`` taint's by default.
-    :param model_repository: where the server reads its models when not the path the DAG names:
-        ``s3://bucket/prefix`` or a path inside the container.
-    :param model_repository_pvc: a PersistentVolumeClaim holding the repository, mounted read-only at
-        the repository path.
-    :param s3_endpoint_url: endpoint of an S3-compatible store (AWS S3 when ``None``).
-    :param aws_secret_name: a Secret holding the S3 keys as environment variables (see :func:`build_pod`).
-    :param aws_credentials_secret: a Secret with an AWS credentials file, mounted (see :func:`build_pod`).
-    :param service_account_name: the Pod's service account (IAM roles for service accounts).
-    :param environment: more environment variables.
-    :param volumes: more volumes, API shape.
-    :param volume_mounts: more volume mounts, API shape.
-    :param image_pull_secrets: Secrets for a private registry.
-    :param annotations: more Pod annotations.
-    :param priority_class_name: the Pod's priority class.
     :param cluster_domain: the cluster's DNS domain.
-    :param extra_args: more tritonserver flags.
-    :param log_verbose: Triton's ``--log-verbose`` level.
-    :param startup_timeout: seconds from launch until the models must be ready (scheduling, image pull and
-        model load included).
-    :param stop_grace_period: seconds between SIGTERM and SIGKILL when stopping.
-    :param lease_timeout: seconds the Pod may go without a lease renewal before the reaper deletes it
-        (annotations; each renewal patches ``airflow-batch-infer/lease-renewed-at``); 0 for no lease.
-    :param active_deadline_seconds: the Pod's ``activeDeadlineSeconds``, a hard bound that Kubernetes
-        enforces whatever happens to Airflow and the reaper; ``None`` for none. Raise it for longer jobs.
     :param allowed_clients: labels of the Pods admitted to the server by its NetworkPolicy (the Airflow
         workers; default ``{"tier": "airflow"}``, as Airflow's Helm chart labels its Pods); ``{}`` for no
         NetworkPolicy. The cluster's network plugin must enforce NetworkPolicies.
+    :param startup_timeout: seconds from launch until the models must be ready (scheduling, image pull and
+        model load included).
+    :param options: the Pod's options, :class:`~airflow_batch_infer.runtimes.kubernetes_specs.PodOptions`
+        (``image``, ``gpus``, ``cpu``, ``memory``, ``node_selector``, ``model_repository``,
+        ``model_repository_pvc``, ``service_account_name``, ``environment``, ``volumes``, ``lease_timeout``,
+        ``active_deadline_seconds``, ...).
     """
 
     name = "kubernetes"
@@ -103,70 +74,19 @@ class KubernetesTritonRuntime(TritonRuntime):
         self,
         namespace: str | None = None,
         kubernetes_conn_id: str = "kubernetes_default",
-        image: str = TRITON_IMAGE,
-        gpus: int = 1,
-        gpu_resource: str = "nvidia.com/gpu",
-        cpu: str | None = None,
-        memory: str | None = None,
-        shm_size: str = "1Gi",
-        node_selector: dict[str, str] | None = None,
-        tolerations: list[dict[str, Any]] | None = None,
-        model_repository: str | None = None,
-        model_repository_pvc: str | None = None,
-        s3_endpoint_url: str | None = None,
-        aws_secret_name: str | None = None,
-        aws_credentials_secret: str | None = None,
-        service_account_name: str | None = None,
-        environment: dict[str, str] | None = None,
-        volumes: list[dict[str, Any]] | None = None,
-        volume_mounts: list[dict[str, Any]] | None = None,
-        image_pull_secrets: list[str] | None = None,
-        annotations: dict[str, str] | None = None,
-        priority_class_name: str | None = None,
         cluster_domain: str = "cluster.local",
-        extra_args: list[str] | None = None,
-        log_verbose: int = 0,
-        startup_timeout: float = 1200,
-        stop_grace_period: float = 30,
-        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
-        active_deadline_seconds: int | None = 86400,
         allowed_clients: dict[str, str] | None = None,
+        startup_timeout: float = 1200,
+        **options: Any,
     ) -> None:
         require_provider("airflow.providers.cncf.kubernetes", "kubernetes")
+        self.options = PodOptions(**options)
+        self.lease_timeout = self.options.lease_timeout
         self.allowed_clients = dict(allowed_clients) if allowed_clients is not None else dict(AIRFLOW_PODS)
         self._namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
-        self.pod_options: dict[str, Any] = {
-            "image": image,
-            "gpus": int(gpus),
-            "gpu_resource": gpu_resource,
-            "cpu": cpu,
-            "memory": memory,
-            "shm_size": shm_size,
-            "node_selector": node_selector,
-            "tolerations": tolerations,
-            "model_repository_pvc": model_repository_pvc,
-            "s3_endpoint_url": s3_endpoint_url,
-            "aws_secret_name": aws_secret_name,
-            "aws_credentials_secret": aws_credentials_secret,
-            "service_account_name": service_account_name,
-            "environment": environment,
-            "volumes": volumes,
-            "volume_mounts": volume_mounts,
-            "image_pull_secrets": image_pull_secrets,
-            "annotations": annotations,
-            "priority_class_name": priority_class_name,
-            "extra_args": extra_args,
-            "log_verbose": int(log_verbose),
-            "stop_grace_period": int(stop_grace_period),
-            "lease_timeout": float(lease_timeout or 0),
-            "active_deadline_seconds": active_deadline_seconds,
-        }
-        self.lease_timeout = float(lease_timeout or 0)
-        self.model_repository = model_repository
         self.cluster_domain = cluster_domain
         self.startup_timeout = float(startup_timeout)
-        self.stop_grace_period = float(stop_grace_period)
 
     @cached_property
     def hook(self) -> Any:
@@ -196,14 +116,8 @@ class KubernetesTritonRuntime(TritonRuntime):
         self, server_id: str, model_repository: str, models: list[str] | None, owner: ServerOwner | None
     ) -> V1Pod:
         """:func:`build_pod` with this runtime's options."""
-        return build_pod(
-            server_id=server_id,
-            namespace=self.namespace,
-            model_repository=self.model_repository or model_repository,
-            models=models,
-            owner=owner,
-            **self.pod_options,
-        )
+        container = self.options.describe(server_id, model_repository, models, owner)
+        return build_pod(self.options, container, self.namespace)
 
     def launch(
         self, model_repository: str, models: list[str] | None = None, owner: ServerOwner | None = None
@@ -246,20 +160,16 @@ class KubernetesTritonRuntime(TritonRuntime):
         return info
 
     def _server_info(self, server_id: str, owner: ServerOwner | None, started_at: float) -> ServerInfo:
-        host = f"{server_id}.{self.namespace}.svc.{self.cluster_domain}"
-        return ServerInfo(
-            runtime=self.name,
-            grpc_url=f"{host}:{GRPC_PORT}",
-            http_url=f"http://{host}:{HTTP_PORT}",
-            metrics_url=f"http://{host}:{METRICS_PORT}/metrics",
-            handle={
-                "server_id": server_id,
-                "pod_name": server_id,
-                "service_name": server_id,
-                "namespace": self.namespace,
-                "owner": owner.to_dict() if owner else None,
-                "started_at": started_at,
-            },
+        handle = {
+            "server_id": server_id,
+            "pod_name": server_id,
+            "service_name": server_id,
+            "namespace": self.namespace,
+            "owner": owner.to_dict() if owner else None,
+            "started_at": started_at,
+        }
+        return ServerInfo.at(
+            self.name, f"{server_id}.{self.namespace}.svc.{self.cluster_domain}", PORTS, handle
         )
 
     # ------------------------------------------------------------------ stop and inspect
@@ -288,7 +198,7 @@ class KubernetesTritonRuntime(TritonRuntime):
                 delete(
                     name=name,
                     namespace=namespace,
-                    body=k8s.V1DeleteOptions(grace_period_seconds=int(self.stop_grace_period)),
+                    body=k8s.V1DeleteOptions(grace_period_seconds=int(self.options.stop_grace_period)),
                 )
                 existed.append(True)
             except ApiException as exc:

@@ -1,4 +1,5 @@
-"""The kubernetes runtime's objects, as pure functions: the server's Pod, its Service, its NetworkPolicy.
+"""The kubernetes runtime's options (:class:`PodOptions`) and objects, as pure functions: the server's Pod,
+its Service, its NetworkPolicy.
 
 :func:`build_pod` and :func:`build_service` return the kubernetes client's models and
 :func:`build_network_policy` the API's JSON: ``nvidia.com/gpu`` limits, node selector and tolerations for
@@ -12,27 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow_batch_infer.runtimes.container_keeper import (
-    POD_ANNOTATIONS_FILE,
-    keeper_command,
-    keeper_environment,
-)
+from airflow_batch_infer.runtimes.container_keeper import POD_ANNOTATIONS_FILE
 from airflow_batch_infer.runtimes.containers import (
     CREDENTIALS_PATH,
-    GRPC_PORT,
-    HTTP_PORT,
-    METRICS_PORT,
-    is_remote_repository,
-    triton_s3_path,
-    tritonserver_command,
+    PORTS,
+    ContainerOptions,
+    TritonContainer,
 )
 from airflow_batch_infer.runtimes.labels import (
     DAG_ID_KEY,
-    LEASE_RENEWED_KEY,
-    LEASE_TIMEOUT_KEY,
     RUN_ID_KEY,
     SERVER_ID_KEY,
     TASK_ID_KEY,
@@ -59,7 +51,6 @@ FATAL_WAITING_REASONS = (
     "CreateContainerError",
     "CrashLoopBackOff",
 )
-_PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
 
 
 class _Json:
@@ -82,56 +73,23 @@ def to_model(data: Any, kind: str) -> Any:
     return ApiClient().deserialize(_Json(data), kind)
 
 
-def build_pod(
-    *,
-    server_id: str,
-    namespace: str,
-    image: str,
-    model_repository: str,
-    models: list[str] | None,
-    owner: ServerOwner | None = None,
-    gpus: int = 1,
-    gpu_resource: str = "nvidia.com/gpu",
-    cpu: str | None = None,
-    memory: str | None = None,
-    shm_size: str = "1Gi",
-    node_selector: dict[str, str] | None = None,
-    tolerations: list[dict[str, Any]] | None = None,
-    model_repository_pvc: str | None = None,
-    s3_endpoint_url: str | None = None,
-    aws_secret_name: str | None = None,
-    aws_credentials_secret: str | None = None,
-    service_account_name: str | None = None,
-    environment: dict[str, str] | None = None,
-    volumes: list[dict[str, Any]] | None = None,
-    volume_mounts: list[dict[str, Any]] | None = None,
-    image_pull_secrets: list[str] | None = None,
-    annotations: dict[str, str] | None = None,
-    priority_class_name: str | None = None,
-    extra_args: list[str] | None = None,
-    log_verbose: int = 0,
-    stop_grace_period: int = 30,
-    lease_timeout: float = 0,
-    active_deadline_seconds: int | None = None,
-) -> V1Pod:
-    """The server's Pod: a pure function of the runtime's options.
+@dataclass(kw_only=True)
+class PodOptions(ContainerOptions):
+    """A server's Pod: :class:`~.containers.ContainerOptions` and these.
 
-    :param server_id: the Pod's name, ``--id`` and the label the Service selects.
-    :param namespace: the namespace.
-    :param image: the tritonserver image.
-    :param model_repository: ``s3://...`` (or ``gs://``, ``as://``), or a path inside the container (on
-        ``model_repository_pvc`` or one of ``volumes``).
-    :param models: models to load (all in the repository when ``None``).
-    :param owner: the task instance that starts it (labels and annotations).
+    A repository path is inside the container: on ``model_repository_pvc`` or one of ``volumes``. With a
+    ``lease_timeout``, the Pod's keeper stops its server when the renewal annotation, which it reads from a
+    downward-API file, is older than that; the reaper deletes the Pod by the same annotation.
+
     :param gpus: GPUs in the container's limits (0: none, and no GPU toleration by default).
-    :param gpu_resource: the extended resource name of the GPUs.
+    :param gpu_resource: the GPUs' extended resource name.
     :param cpu: CPU request and limit, e.g. ``"8"``.
     :param memory: memory request and limit, e.g. ``"32Gi"``.
     :param shm_size: size of the memory-backed ``/dev/shm``.
     :param node_selector: node labels the Pod needs, e.g. ``{"nvidia.com/gpu.present": "true"}``.
     :param tolerations: tolerations (API shape); the ``nvidia.com/gpu`` taint's when ``None`` and gpus > 0.
-    :param model_repository_pvc: a PersistentVolumeClaim mounted read-only at ``model_repository``.
-    :param s3_endpoint_url: endpoint of an S3-compatible store holding the repository.
+    :param model_repository_pvc: a PersistentVolumeClaim holding the repository, mounted read-only at the
+        repository path.
     :param aws_secret_name: a Secret with ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
         ``AWS_DEFAULT_REGION`` for S3, set as environment variables (a model's code can read them): prefer
         ``service_account_name`` with IAM roles for service accounts, or ``aws_credentials_secret``.
@@ -139,101 +97,93 @@ def build_pod(
         mounted read-only at ``/run/airflow-batch-infer/aws-credentials`` (``AWS_SHARED_CREDENTIALS_FILE``):
         keys for S3 without putting them in the environment.
     :param service_account_name: the Pod's service account.
-    :param environment: environment variables.
     :param volumes: more volumes (API shape).
     :param volume_mounts: more mounts of the container (API shape).
     :param image_pull_secrets: Secrets to pull the image with.
     :param annotations: more Pod annotations.
     :param priority_class_name: the Pod's priority class.
-    :param extra_args: more tritonserver flags.
-    :param log_verbose: Triton's ``--log-verbose`` level.
-    :param stop_grace_period: seconds between SIGTERM and SIGKILL when deleted.
-    :param lease_timeout: seconds without a lease renewal before the Pod's keeper stops its server (it reads
-        the renewal annotation from a downward-API file) and the reaper deletes the Pod (annotations
-        ``airflow-batch-infer/lease-timeout`` and ``lease-renewed-at``, the latter patched by each renewal).
-    :param active_deadline_seconds: the Pod's hard bound: Kubernetes kills it this long after it started,
-        whatever happens to Airflow (``None``: no bound).
+    :param active_deadline_seconds: the Pod's ``activeDeadlineSeconds``, a hard bound that Kubernetes
+        enforces whatever happens to Airflow and the reaper; ``None`` for none. Raise it for longer jobs.
+    """
+
+    runtime: ClassVar[str] = "kubernetes"
+    keeper_file: ClassVar[str | None] = POD_ANNOTATIONS_FILE
+
+    gpus: int = 1
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str | None = None
+    memory: str | None = None
+    shm_size: str = "1Gi"
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = None
+    model_repository_pvc: str | None = None
+    aws_secret_name: str | None = None
+    aws_credentials_secret: str | None = None
+    service_account_name: str | None = None
+    volumes: list[dict[str, Any]] | None = None
+    volume_mounts: list[dict[str, Any]] | None = None
+    image_pull_secrets: list[str] | None = None
+    annotations: dict[str, str] | None = None
+    priority_class_name: str | None = None
+    active_deadline_seconds: int | None = 86400
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.gpus = int(self.gpus)  # type: ignore[arg-type]
+
+
+def build_pod(options: PodOptions, container: TritonContainer, namespace: str) -> V1Pod:
+    """The Pod of ``container``: a pure function.
+
+    :param options: the runtime's options.
+    :param container: the server's container (:meth:`~.containers.ContainerOptions.describe`).
+    :param namespace: the namespace.
     """
     from kubernetes import client as k8s
 
-    if model_repository.startswith("s3://"):
-        repository = triton_s3_path(model_repository, s3_endpoint_url)
-    elif is_remote_repository(model_repository) or model_repository.startswith("/"):
-        repository = model_repository
-    else:
-        raise ValueError(
-            f"Model repository {model_repository!r}: the kubernetes runtime needs s3:// (gs://, as://) or an "
-            "absolute path inside the container (with model_repository_pvc or volumes)."
-        )
-    mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]  # noqa: S108 (the container's)
-    pod_volumes = [
-        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size))
-    ]
-    environment = dict(environment or {})
-    if aws_credentials_secret:
+    environment = dict(container.environment)
+    shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=options.shm_size)
+    volumes = [_volume("dshm", "/dev/shm", None, empty_dir=shm)]  # noqa: S108 (the container's)
+    if options.aws_credentials_secret:
         folder, filename = CREDENTIALS_PATH.rsplit("/", 1)
-        mounts.append(k8s.V1VolumeMount(name="aws-credentials", mount_path=folder, read_only=True))
-        pod_volumes.append(
-            k8s.V1Volume(
-                name="aws-credentials",
-                secret=k8s.V1SecretVolumeSource(
-                    secret_name=aws_credentials_secret,
-                    items=[k8s.V1KeyToPath(key="credentials", path=filename)],
-                    default_mode=0o440,
-                ),
-            )
+        items = [k8s.V1KeyToPath(key="credentials", path=filename)]
+        secret = k8s.V1SecretVolumeSource(
+            secret_name=options.aws_credentials_secret, items=items, default_mode=0o440
         )
+        volumes.append(_volume("aws-credentials", folder, secret=secret))
         environment["AWS_SHARED_CREDENTIALS_FILE"] = CREDENTIALS_PATH
-    if model_repository_pvc:
-        mounts.append(k8s.V1VolumeMount(name="model-repository", mount_path=repository, read_only=True))
-        pod_volumes.append(
-            k8s.V1Volume(
-                name="model-repository",
-                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-                    claim_name=model_repository_pvc, read_only=True
-                ),
-            )
+    if options.model_repository_pvc:
+        claim = k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=options.model_repository_pvc, read_only=True
         )
-    command = tritonserver_command(
-        repository, server_id, models, log_verbose=log_verbose, extra_args=extra_args
-    )
-    if lease_timeout and lease_timeout > 0:  # the Pod stops itself when its run stops renewing
-        command = keeper_command(command)
-        environment.update(keeper_environment(lease_timeout, POD_ANNOTATIONS_FILE))
+        volumes.append(_volume("model-repository", container.repository, persistent_volume_claim=claim))
+    if container.lease_timeout > 0:  # the keeper reads the renewal annotation from a downward-API file
         folder, filename = POD_ANNOTATIONS_FILE.rsplit("/", 1)
-        mounts.append(k8s.V1VolumeMount(name="pod-annotations", mount_path=folder, read_only=True))
-        pod_volumes.append(
-            k8s.V1Volume(
-                name="pod-annotations",
-                downward_api=k8s.V1DownwardAPIVolumeSource(
-                    items=[
-                        k8s.V1DownwardAPIVolumeFile(
-                            path=filename,
-                            field_ref=k8s.V1ObjectFieldSelector(field_path="metadata.annotations"),
-                        )
-                    ]
-                ),
-            )
+        field_ref = k8s.V1ObjectFieldSelector(field_path="metadata.annotations")
+        items = [k8s.V1DownwardAPIVolumeFile(path=filename, field_ref=field_ref)]
+        volumes.append(
+            _volume("pod-annotations", folder, downward_api=k8s.V1DownwardAPIVolumeSource(items=items))
         )
-    mounts.extend(to_model(volume_mounts or [], "list[V1VolumeMount]"))
-    pod_volumes.extend(to_model(volumes or [], "list[V1Volume]"))
+    mounts = [mount for mount, _ in volumes] + to_model(options.volume_mounts or [], "list[V1VolumeMount]")
+    pod_volumes = [volume for _, volume in volumes] + to_model(options.volumes or [], "list[V1Volume]")
 
     limits: dict[str, str] = {}
     requests: dict[str, str] = {}
-    if gpus:
-        limits[gpu_resource] = str(int(gpus))
-    for key, value in (("cpu", cpu), ("memory", memory)):
+    if options.gpus:
+        limits[options.gpu_resource] = str(int(options.gpus))
+    for key, value in (("cpu", options.cpu), ("memory", options.memory)):
         if value:
             limits[key] = requests[key] = str(value)
+    tolerations = options.tolerations
     if tolerations is None:
-        tolerations = [GPU_TOLERATION] if gpus else []
+        tolerations = [GPU_TOLERATION] if options.gpus else []
 
-    container = k8s.V1Container(
+    server = k8s.V1Container(
         name=CONTAINER_NAME,
-        image=image,
-        command=command,
+        image=options.image,
+        command=container.command,
         ports=[
-            k8s.V1ContainerPort(name=key, container_port=port, protocol="TCP") for key, port in _PORTS.items()
+            k8s.V1ContainerPort(name=key, container_port=port, protocol="TCP") for key, port in PORTS.items()
         ],
         resources=k8s.V1ResourceRequirements(limits=limits or None, requests=requests or None),
         readiness_probe=k8s.V1Probe(
@@ -243,42 +193,58 @@ def build_pod(
             failure_threshold=3,
         ),
         env=[k8s.V1EnvVar(name=k, value=str(v)) for k, v in environment.items()] or None,
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=aws_secret_name))]
-        if aws_secret_name
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=options.aws_secret_name))]
+        if options.aws_secret_name
         else None,
         volume_mounts=mounts,
     )
+    owner = container.owner
+    annotations = {
+        **(owner.labels() if owner else {}),
+        **container.lease_labels(),
+        **(options.annotations or {}),
+    }
+    deadline = options.active_deadline_seconds
     return k8s.V1Pod(
         api_version="v1",
         kind="Pod",
-        metadata=k8s.V1ObjectMeta(
-            name=server_id,
-            namespace=namespace,
-            labels=k8s_labels(server_id, owner),
-            annotations={
-                **(owner.labels() if owner else {}),
-                **_lease_annotations(lease_timeout),
-                **(annotations or {}),
-            }
-            or None,
-        ),
+        metadata=_metadata(container.server_id, namespace, owner, annotations=annotations or None),
         spec=k8s.V1PodSpec(
             restart_policy="Never",  # a server that dies is reported, not restarted mid-job
-            containers=[container],
+            containers=[server],
             volumes=pod_volumes,
-            node_selector=node_selector or None,
+            node_selector=options.node_selector or None,
             tolerations=to_model(tolerations, "list[V1Toleration]") or None,
-            service_account_name=service_account_name,
+            service_account_name=options.service_account_name,
             # The server calls no Kubernetes API: no token for a model's code to read.
             automount_service_account_token=False,
-            image_pull_secrets=[k8s.V1LocalObjectReference(name=s) for s in image_pull_secrets or []] or None,
-            termination_grace_period_seconds=int(stop_grace_period),
-            priority_class_name=priority_class_name,
+            image_pull_secrets=[k8s.V1LocalObjectReference(name=s) for s in options.image_pull_secrets or []]
+            or None,
+            termination_grace_period_seconds=int(options.stop_grace_period),
+            priority_class_name=options.priority_class_name,
             enable_service_links=False,
-            active_deadline_seconds=int(active_deadline_seconds) if active_deadline_seconds else None,
+            active_deadline_seconds=int(deadline) if deadline else None,
             affinity=_spread(owner),
         ),
     )
+
+
+def _volume(name: str, path: str, read_only: bool | None = True, **source: Any) -> tuple[Any, Any]:
+    """A volume of the Pod and the container's mount of it at ``path``.
+
+    :param source: the volume's source, as ``V1Volume`` takes it (``secret=...``, ``empty_dir=...``).
+    """
+    from kubernetes import client as k8s
+
+    mount = k8s.V1VolumeMount(name=name, mount_path=path, read_only=read_only)
+    return mount, k8s.V1Volume(name=name, **source)
+
+
+def _metadata(server_id: str, namespace: str, owner: ServerOwner | None, **more: Any) -> Any:
+    """The metadata of the server's Pod or Service: its name, namespace and selectable labels."""
+    from kubernetes import client as k8s
+
+    return k8s.V1ObjectMeta(name=server_id, namespace=namespace, labels=k8s_labels(server_id, owner), **more)
 
 
 def _spread(owner: ServerOwner | None) -> Any:
@@ -302,12 +268,6 @@ def _spread(owner: ServerOwner | None) -> Any:
             ]
         )
     )
-
-
-def _lease_annotations(lease_timeout: float) -> dict[str, str]:
-    if not lease_timeout or lease_timeout <= 0:
-        return {}
-    return {LEASE_TIMEOUT_KEY: f"{float(lease_timeout):g}", LEASE_RENEWED_KEY: f"{time.time():.0f}"}
 
 
 def build_network_policy(
@@ -344,7 +304,7 @@ def build_network_policy(
             "ingress": [
                 {
                     "from": [{"podSelector": {"matchLabels": dict(allowed_clients)}}],
-                    "ports": [{"protocol": "TCP", "port": port} for port in _PORTS.values()],
+                    "ports": [{"protocol": "TCP", "port": port} for port in PORTS.values()],
                 }
             ],
         },
@@ -369,18 +329,13 @@ def build_service(
     return k8s.V1Service(
         api_version="v1",
         kind="Service",
-        metadata=k8s.V1ObjectMeta(
-            name=server_id,
-            namespace=namespace,
-            labels=k8s_labels(server_id, owner),
-            owner_references=references,
-        ),
+        metadata=_metadata(server_id, namespace, owner, owner_references=references),
         spec=k8s.V1ServiceSpec(
             type="ClusterIP",
             selector={SERVER_ID_KEY: server_id},
             ports=[
                 k8s.V1ServicePort(name=key, port=port, target_port=key, protocol="TCP")
-                for key, port in _PORTS.items()
+                for key, port in PORTS.items()
             ],
         ),
     )

@@ -44,7 +44,6 @@ from airflow_batch_infer.runtimes.local_env import (
 from airflow_batch_infer.runtimes.local_inventory import find_servers
 from airflow_batch_infer.runtimes.local_log import HANG_HINTS, PORT_CLASH_HINTS, read_tail, server_errors
 from airflow_batch_infer.runtimes.local_processes import (
-    answers_as,
     free_ports,
     remove_orphaned_server_shm,
     remove_shm,
@@ -53,6 +52,7 @@ from airflow_batch_infer.runtimes.local_processes import (
 )
 from airflow_batch_infer.runtimes.local_repository import materialize_repository
 from airflow_batch_infer.runtimes.local_start import PortClashError, fail, kill_failed, spawn, wait_ready
+from airflow_batch_infer.runtimes.probe import answers_as
 
 __all__ = ["LocalTritonRuntime", "ServerEnv", "check_server_numpy", "probe_python"]
 

@@ -40,27 +40,22 @@ def server_info(
     :param lease_timeout: seconds without a renewal before the server is stopped (0: no lease).
     """
     http, grpc, metrics = ports
-    return ServerInfo(
-        runtime="local",
-        grpc_url=f"127.0.0.1:{grpc}",
-        http_url=f"http://127.0.0.1:{http}",
-        metrics_url=f"http://127.0.0.1:{metrics}/metrics",
-        handle={
-            "pid": None,
-            "server_id": server_id,
-            "workdir": str(workdir),
-            "log_path": str(workdir / "server.log"),
-            "shm_prefix": f"{server_id}-shm-",
-            "hostname": socket.gethostname(),
-            "http_port": http,
-            "grpc_port": grpc,
-            "metrics_port": metrics,
-            "owner": owner.to_dict() if owner else None,
-            "models": list(models) if models else None,
-            "lease_timeout": lease_timeout,
-            "started_at": time.time(),
-        },
-    )
+    handle = {
+        "pid": None,
+        "server_id": server_id,
+        "workdir": str(workdir),
+        "log_path": str(workdir / "server.log"),
+        "shm_prefix": f"{server_id}-shm-",
+        "hostname": socket.gethostname(),
+        "http_port": http,
+        "grpc_port": grpc,
+        "metrics_port": metrics,
+        "owner": owner.to_dict() if owner else None,
+        "models": list(models) if models else None,
+        "lease_timeout": lease_timeout,
+        "started_at": time.time(),
+    }
+    return ServerInfo.at("local", "127.0.0.1", {"http": http, "grpc": grpc, "metrics": metrics}, handle)
 
 
 def server_command(env: ServerEnv, info: ServerInfo, repo: Path, options: Any) -> list[str]:

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import signal
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,30 +159,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    """``(status, body)`` of a GET; ``(0, "")`` when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http to 127.0.0.1)
-            return response.status, response.read().decode("utf-8", errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-    except (OSError, ValueError):
-        return 0, ""
-
-
-def answers_as(http_url: str, server_id: str) -> bool:
-    """Whether the server ``server_id`` answers at ``http_url`` (its ``GET /v2`` name)."""
-    if not http_url:
-        return False
-    status, body = http_get(f"{http_url}/v2", timeout=0.5)
-    if status != 200:
-        return False
-    try:
-        return json.loads(body).get("name") == server_id
-    except ValueError:
-        return False
 
 
 def remove_shm(prefix: str) -> list[str]:

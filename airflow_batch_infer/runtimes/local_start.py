@@ -5,24 +5,20 @@ server's own error lines and remove what was started.
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from airflow_batch_infer.runtimes.base import ServerInfo, ServerStartError
 from airflow_batch_infer.runtimes.local_env import ServerEnv
 from airflow_batch_infer.runtimes.local_inventory import write_record
 from airflow_batch_infer.runtimes.local_log import HANG_HINTS, PORT_CLASH_HINTS, read_tail, server_errors
-from airflow_batch_infer.runtimes.local_processes import (
-    http_get,
-    remove_shm,
-    server_processes,
-    sigkill,
-    wait_gone,
-)
+from airflow_batch_infer.runtimes.local_processes import remove_shm, server_processes, sigkill, wait_gone
+from airflow_batch_infer.runtimes.probe import client_options, probe_server
 
 
 class PortClashError(Exception):
@@ -78,31 +74,25 @@ def wait_ready(
     server_id = info.handle["server_id"]
     log_path = info.handle["log_path"]
     foreign = False
-    while True:
-        code = proc.poll()
-        if code is not None:
-            tail = read_tail(log_path, 200).lower()
-            if foreign or any(hint in tail for hint in PORT_CLASH_HINTS):
-                raise PortClashError
-            fail(info, f"tritonserver exited with code {code} before it was ready")
-        if time.monotonic() > deadline:
-            fail(info, "it was not ready within its startup_timeout")
-        hang = next((h for h in HANG_HINTS if h in read_tail(log_path, 100)), None)
-        if hang:
-            fail(info, f"a Python backend stub failed ({hang!r}), so the model would never load")
-        renew(info)
-        if http_get(f"{info.http_url}/v2/health/ready")[0] == 200:
-            status, body = http_get(f"{info.http_url}/v2")
-            if status == 200:
-                try:
-                    name = json.loads(body).get("name")
-                except ValueError:
-                    name = None
-                if name != server_id:
-                    foreign = True  # another server answers on our port; ours will fail to bind.
-                elif all(http_get(f"{info.http_url}/v2/models/{m}/ready")[0] == 200 for m in models):
-                    return
-        time.sleep(0.05)
+    with httpx.Client(**client_options(info, 2.0)) as client:
+        while True:
+            code = proc.poll()
+            if code is not None:
+                tail = read_tail(log_path, 200).lower()
+                if foreign or any(hint in tail for hint in PORT_CLASH_HINTS):
+                    raise PortClashError
+                fail(info, f"tritonserver exited with code {code} before it was ready")
+            if time.monotonic() > deadline:
+                fail(info, "it was not ready within its startup_timeout")
+            hang = next((h for h in HANG_HINTS if h in read_tail(log_path, 100)), None)
+            if hang:
+                fail(info, f"a Python backend stub failed ({hang!r}), so the model would never load")
+            renew(info)
+            probe = probe_server(client, info.http_url, server_id, models, explain=False)
+            if probe.ready:
+                return
+            foreign = foreign or probe.foreign  # another server answers on our port; ours will fail to bind
+            time.sleep(0.05)
 
 
 def fail(info: ServerInfo, why: str) -> None:

@@ -20,7 +20,14 @@ import boto3
 import pytest
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, ServerStartError, get_runtime
-from airflow_batch_infer.runtimes.ecs import OWNER_ENV, STARTED_BY, build_run_task, build_task_definition
+from airflow_batch_infer.runtimes.containers import TritonContainer
+from airflow_batch_infer.runtimes.ecs import (
+    OWNER_ENV,
+    STARTED_BY,
+    TaskOptions,
+    build_run_task,
+    build_task_definition,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +130,7 @@ def ecs_runtime(aws: dict, **options):
 
 def test_specs_field_by_field() -> None:
     spec = build_task_definition(
-        gpus=2, memory="61440", shm_size_mib=4096, log_group="/triton", region_name=REGION
+        TaskOptions(gpus=2, memory="61440", shm_size_mib=4096, log_group="/triton"), region_name=REGION
     )
     [container] = spec["containerDefinitions"]
     assert container["resourceRequirements"] == [{"type": "GPU", "value": "2"}]
@@ -145,14 +152,12 @@ def test_specs_field_by_field() -> None:
     )
 
     run = build_run_task(
+        TaskOptions(container_name="tritonserver", capacity_provider="gpu-asg", subnets=["subnet-1"]),
+        TritonContainer(
+            server_id="abi-0123456789ab", command=["tritonserver", "--model-repository=s3://m"], owner=OWNER
+        ),
         cluster="gpu",
         task_definition="airflow-batch-infer-triton:3",
-        container_name="tritonserver",
-        server_id="abi-0123456789ab",
-        command=["tritonserver", "--model-repository=s3://m"],
-        owner=OWNER,
-        capacity_provider="gpu-asg",
-        subnets=["subnet-1"],
     )
     assert run["startedBy"] == STARTED_BY
     assert run["capacityProviderStrategy"] == [{"capacityProvider": "gpu-asg", "weight": 1, "base": 0}]
@@ -165,12 +170,10 @@ def test_specs_field_by_field() -> None:
     assert run["networkConfiguration"]["awsvpcConfiguration"]["assignPublicIp"] == "DISABLED"
     with pytest.raises(ValueError, match="needs `subnets`"):
         build_run_task(
+            TaskOptions(container_name="c", network_mode="awsvpc"),
+            TritonContainer(server_id="s", command=[]),
             cluster="gpu",
             task_definition="t",
-            container_name="c",
-            server_id="s",
-            command=[],
-            network_mode="awsvpc",
         )
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -26,7 +27,8 @@ from tritonclient.utils import InferenceServerException
 from airflow_batch_infer.runtimes import ServerInfo, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.access import server_headers
 from airflow_batch_infer.runtimes.local import LocalTritonRuntime, check_server_numpy
-from airflow_batch_infer.runtimes.local_processes import free_ports, http_get
+from airflow_batch_infer.runtimes.local_processes import free_ports
+from airflow_batch_infer.runtimes.probe import answers_as
 from tests.conftest import processes_mentioning
 
 pytestmark = pytest.mark.integration
@@ -343,7 +345,7 @@ def test_stop_fails_when_the_server_still_answers_on_its_port(
     impostor = subprocess.Popen([sys.executable, "-c", script, str(http_port), body])
     try:
         deadline = time.monotonic() + 10
-        while http_get(f"http://127.0.0.1:{http_port}/v2")[0] != 200 and time.monotonic() < deadline:
+        while not answers_as(f"http://127.0.0.1:{http_port}", server_id) and time.monotonic() < deadline:
             time.sleep(0.05)
         # Its supervisor: a process that names the server id (a stand-in that exits on SIGTERM).
         keeper = subprocess.Popen(
@@ -410,8 +412,7 @@ def test_restricted_api_needs_the_servers_key_for_shared_memory_and_model_contro
         # Health, metadata and inference need no key.
         features = np.zeros((3, 16), dtype=np.float32)
         assert _infer(client, features).shape == (3, 1)
-        status, _ = http_get(f"{info.http_url}/v2/models/risk_scorer")
-        assert status == 200
+        assert httpx.get(f"{info.http_url}/v2/models/risk_scorer").status_code == 200
         client.close()
     finally:
         runtime.stop(info)

@@ -1,7 +1,7 @@
-"""The TensorRT-LLM model repository: the script reproduces the committed copy, every filled config parses
-with Triton's own ``ModelConfig`` proto and has the settings asked for, the ensemble's steps are wired to
-tensors that exist, the CPU stand-in has exactly the ensemble's contract, and the generate operator fits
-itself to that contract."""
+"""The TensorRT-LLM model repository: the script fills the templates (the only copy in git) into a fresh
+repository, as ``make llm-repository`` does; every filled config parses with Triton's own ``ModelConfig``
+proto and has the settings asked for, the ensemble's steps are wired to tensors that exist, the CPU stand-in
+has exactly the ensemble's contract, and the generate operator fits itself to that contract."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from airflow_batch_infer.client.tensors import bind_inputs, bind_outputs
 from tests.conftest import MODEL_REPOSITORY, REPO
 
 LLM = MODEL_REPOSITORY / "llm"
-COMMITTED = LLM / "repository"
+TEMPLATES = LLM / "templates"
 DOCUMENTED = {
     "engine_dir": "/engines/llm",
     "tokenizer_dir": "/tokenizer",
@@ -109,22 +109,40 @@ def files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def filled() -> dict[str, Any]:
-    return configs(COMMITTED)
+def generated(tmp_path_factory) -> Path:
+    """The repository ``make llm-repository`` writes, with the documented container paths."""
+    repository = tmp_path_factory.mktemp("llm") / "repository"
+    load_script().fill_repository(repository, **DOCUMENTED)
+    return repository
 
 
-def test_the_script_reproduces_the_committed_repository_byte_for_byte(tmp_path) -> None:
-    written = load_script().fill_repository(tmp_path / "repo", **DOCUMENTED)
+@pytest.fixture(scope="module")
+def filled(generated) -> dict[str, Any]:
+    return configs(generated)
+
+
+def test_the_script_writes_the_templates_filled_and_their_other_files_as_they_are(tmp_path) -> None:
+    script = load_script()
+    written = script.fill_repository(tmp_path / "repo", **DOCUMENTED)
     assert len(written) == 8
-    assert files(tmp_path / "repo") == files(COMMITTED)
-    assert sorted(p.name for p in COMMITTED.iterdir()) == sorted(["ensemble", *STEPS])
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == sorted(["ensemble", *STEPS])
+    values = script.template_fields(**DOCUMENTED)
+    expected = {
+        name: (
+            script._HEADER.format(model=name.split("/")[0]) + script.fill(data.decode("utf-8"), values, name)
+        ).encode("utf-8")
+        if name.endswith("config.pbtxt")
+        else data
+        for name, data in files(TEMPLATES).items()
+    }
+    assert files(tmp_path / "repo") == expected
 
 
-def test_nothing_is_left_unfilled() -> None:
-    for path in COMMITTED.rglob("*"):
+def test_nothing_is_left_unfilled(generated) -> None:
+    for path in generated.rglob("*"):
         if path.is_file():
             assert "${" not in path.read_text(encoding="utf-8"), path
-    templates = "".join(p.read_text() for p in (LLM / "templates").rglob("config.pbtxt"))
+    templates = "".join(p.read_text() for p in TEMPLATES.rglob("config.pbtxt"))
     assert "${engine_dir}" in templates
     assert "${kv_cache_free_gpu_mem_fraction}" in templates
 
@@ -149,12 +167,12 @@ def test_the_engine_model_is_tensorrt_llm_with_inflight_fused_batching(filled) -
 
 
 @pytest.mark.parametrize("model", ["preprocessing", "postprocessing"])
-def test_the_tokenizer_models_read_the_tokenizer_folder(filled, model) -> None:
+def test_the_tokenizer_models_read_the_tokenizer_folder(filled, generated, model) -> None:
     config = filled[model]
     assert (config.backend, config.max_batch_size) == ("python", 256)
     assert params(config)["tokenizer_dir"] == "/tokenizer"
     assert config.instance_group[0].count == 4
-    source = (COMMITTED / model / "1" / "model.py").read_text()
+    source = (generated / model / "1" / "model.py").read_text()
     assert "AutoTokenizer.from_pretrained" in source
     assert '"tokenizer_dir"' in source
 

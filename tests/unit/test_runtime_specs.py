@@ -17,8 +17,8 @@ import pytest
 
 from airflow_batch_infer.runtimes import ServerInfo, ServerOwner, ServerStartError, get_runtime
 from airflow_batch_infer.runtimes.containers import TRITON_IMAGE, TRITON_TRTLLM_IMAGE, triton_s3_path
-from airflow_batch_infer.runtimes.docker import build_container_spec
-from airflow_batch_infer.runtimes.kubernetes import build_pod, build_service
+from airflow_batch_infer.runtimes.docker import DockerOptions, build_container_spec
+from airflow_batch_infer.runtimes.kubernetes import PodOptions, build_pod, build_service
 from airflow_batch_infer.runtimes.labels import (
     DAG_ID_KEY,
     MANAGED_BY,
@@ -81,15 +81,20 @@ def test_unknown_runtime_and_bad_options_name_what_exists() -> None:
 # ---------------------------------------------------------------------------- docker
 
 
+def container_spec(model_repository: str, models: list[str] | None, owner=None, **options):
+    """The docker container of one server, from the runtime's options (no lease unless asked)."""
+    docker = DockerOptions(**{"lease_timeout": 0, **options})
+    return build_container_spec(docker, docker.describe(SERVER_ID, model_repository, models, owner))
+
+
 def test_container_spec_field_by_field() -> None:
     from docker.types import ContainerConfig, HostConfig
 
-    spec = build_container_spec(
-        server_id=SERVER_ID,
+    spec = container_spec(
+        "/srv/triton_models",
+        ["risk_scorer"],
+        OWNER,
         image=TRITON_IMAGE,
-        model_repository="/srv/triton_models",
-        models=["risk_scorer"],
-        owner=OWNER,
         gpus=2,
         shm_size="2g",
         environment={"CUDA_MODULE_LOADING": "LAZY"},
@@ -151,11 +156,10 @@ def test_container_spec_field_by_field() -> None:
 
 def test_container_spec_variants() -> None:
     # All GPUs, a network to join (no published ports), S3 through a compatible store, all models.
-    spec = build_container_spec(
-        server_id=SERVER_ID,
+    spec = container_spec(
+        "s3://triton-models/prod",
+        None,
         image=TRITON_TRTLLM_IMAGE,
-        model_repository="s3://triton-models/prod",
-        models=None,
         gpus="all",
         network="airflow-batch-infer",
         s3_endpoint_url="http://minio:9000",
@@ -169,13 +173,9 @@ def test_container_spec_variants() -> None:
     assert not any(a.startswith("--load-model") for a in spec.create["command"])
     assert spec.create["command"][-1] == "--log-info=true"
     # Listed devices, and none at all for a CPU-only server.
-    listed = build_container_spec(
-        server_id=SERVER_ID, image=TRITON_IMAGE, model_repository="/m", models=None, gpus=["0", "3"]
-    )
+    listed = container_spec("/m", None, image=TRITON_IMAGE, gpus=["0", "3"])
     assert listed.host_config["device_requests"][0]["DeviceIDs"] == ["0", "3"]
-    cpu = build_container_spec(
-        server_id=SERVER_ID, image=TRITON_IMAGE, model_repository="/m", models=None, gpus=0
-    )
+    cpu = container_spec("/m", None, image=TRITON_IMAGE, gpus=0)
     assert "device_requests" not in cpu.host_config
 
 
@@ -274,12 +274,10 @@ def pod_dict(**overrides):
     from kubernetes.client import ApiClient
 
     options = dict(
-        server_id=SERVER_ID,
-        namespace="ml",
         image=TRITON_IMAGE,
         model_repository="s3://triton-models/prod",
-        models=["risk_scorer"],
-        owner=OWNER,
+        lease_timeout=0,
+        active_deadline_seconds=None,
         gpus=1,
         cpu="8",
         memory="32Gi",
@@ -288,7 +286,9 @@ def pod_dict(**overrides):
         aws_secret_name="triton-s3",
     )
     options.update(overrides)
-    return ApiClient().sanitize_for_serialization(build_pod(**options))
+    pod = PodOptions(**options)
+    container = pod.describe(SERVER_ID, "/opt/airflow/triton_models", ["risk_scorer"], OWNER)
+    return ApiClient().sanitize_for_serialization(build_pod(pod, container, "ml"))
 
 
 def test_pod_spec_field_by_field() -> None:
