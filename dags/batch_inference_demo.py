@@ -3,8 +3,9 @@
 Scheduled on the ETL's Asset; for a manual run or a backfill, trigger it from the UI with Params
 (model name and version, input path, partition, chunk rows, request rows, requests in flight, staging
 root, sink). Embedded defaults: a local ``tritonserver`` process, local files under ``$BATCH_INFER_HOME``,
-and a DuckDB warehouse; S3 and PostgreSQL by changing connections and Params only (see README). Its daily
-twin, ``batch_inference_daily``, runs on a time schedule, so a date range can be backfilled from the UI.
+and a DuckDB warehouse; S3 and PostgreSQL by changing connections and Params only (docs/how-to/sinks.md).
+Its daily twin, ``batch_inference_daily``, runs on a time schedule, so a date range can be backfilled from
+the UI.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ say, go to ``document_summaries_rejects`` with the server's message).
 Embedded default: a local ``tritonserver`` serving ``llm_stand_in``, a CPU stand-in with the TensorRT-LLM
 ensemble's tensors and deterministic text, started for the run and stopped after it. On a GPU server with
 the real ensemble (``make llm-repository`` fills ``triton_models/llm/repository`` from the templates, see
-the README's "LLM batch generation"), only the model name and the endpoint change: set
+docs/how-to/llm-generation.md), only the model name and the endpoint change: set
 ``BATCH_INFER_LLM_CONN_ID`` to a ``triton`` connection (host, gRPC port) where the scheduler and workers
 parse this file, and trigger with ``{"model_name": "ensemble"}``; the DAG then has no start and stop tasks.
 """
