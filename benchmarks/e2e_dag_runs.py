@@ -40,9 +40,7 @@ def base_env(home: Path, airflow_home: Path, tree: Path) -> dict[str, str]:
             "AIRFLOW_HOME": str(airflow_home),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "BATCH_INFER_HOME": str(home),
-            "BATCH_INFER_TRITON_ENV": os.environ.get(
-                "BATCH_INFER_TRITON_ENV", str(REPO / ".data" / "triton-server-env")
-            ),
+            "BATCH_INFER_TRITON_ENV": os.environ["BATCH_INFER_TRITON_ENV"],
         }
     )
     return env
