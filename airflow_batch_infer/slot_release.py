@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Waits until the pidfd given as argv[1] is readable: its process has exited.
 _WATCHER = "import select, sys; select.select([int(sys.argv[1])], [], [])"
 _started_in: int | None = None
+_watcher: subprocess.Popen[bytes] | None = None  # kept: a dropped Popen of a live child warns when collected
 
 
 def supervised() -> bool:
@@ -45,7 +46,7 @@ def release_slot_at_exit(*, force: bool = False) -> subprocess.Popen[bytes] | No
     :param force: start it even when this process is not run by Airflow's supervisor (tests).
     :return: the watcher, or None where none was started (already running, not supervised, no pidfd).
     """
-    global _started_in
+    global _started_in, _watcher
     if _started_in == os.getpid() or not hasattr(os, "pidfd_open") or not (force or supervised()):
         return None
     try:
@@ -64,5 +65,5 @@ def release_slot_at_exit(*, force: bool = False) -> subprocess.Popen[bytes] | No
         return None
     finally:
         os.close(pidfd)
-    _started_in = os.getpid()
+    _started_in, _watcher = os.getpid(), watcher
     return watcher
