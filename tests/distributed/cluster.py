@@ -148,7 +148,7 @@ class CeleryCluster:
         return f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.db_name}"
 
     def env(self) -> dict[str, str]:
-        """The environment of every component (the README shows the same settings)."""
+        """The environment of every component (docs/how-to/scale-out.md shows the same settings)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update(
             {

@@ -103,7 +103,7 @@ def test_a_run_reports_lineage_emits_its_table_asset_and_links_its_outputs(airfl
     assert outputs["main.lineage_scores_rejects"]["outputFacets"]["outputStatistics"]["rowCount"] == 0
     columns = {f["name"] for f in outputs["main.lineage_scores"]["facets"]["schema"]["fields"]}
     assert {"row_id", "risk_score"} <= columns
-    EVENTS.with_name("persist_event.json").write_text(json.dumps(persist, indent=1))  # README excerpt
+    EVENTS.with_name("persist_event.json").write_text(json.dumps(persist, indent=1))  # the docs' excerpt
 
     with create_session() as session:
         asset = session.scalar(select(AssetModel).where(AssetModel.uri == table_asset.uri))

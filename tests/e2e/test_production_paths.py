@@ -75,8 +75,8 @@ def test_parquet_on_s3_scored_into_postgres_once_per_partition(
 def test_the_demo_dag_points_at_s3_and_postgres_by_params_alone(
     airflow_db, aws_conn, bucket: str, pg_schema: str, tmp_path
 ) -> None:
-    """The README's promise: the shipped demo DAG, unchanged, reads S3, stages on S3 and writes PostgreSQL
-    when only connections and Params change."""
+    """What docs/how-to/sinks.md promises: the shipped demo DAG, unchanged, reads S3, stages on S3 and
+    writes PostgreSQL when only connections and Params change."""
     from tests.conftest import load_dag
 
     rows = 4_000
