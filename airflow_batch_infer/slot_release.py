@@ -4,7 +4,7 @@ Airflow's task supervisor (Task SDK 1.3) reads a task process's sockets until ea
 without waiting, whether the process has exited. The kernel closes a process's files a fraction of a
 millisecond before the process can be reaped; when the supervisor asks in between, it sleeps in ``select``
 for up to ``[workers] min_heartbeat_interval`` (5 s) before it asks again, and holds its executor slot all
-that time. Under the LocalExecutor on 2 cores, 2 to 4 of the demo run's 7 tasks held their slot 5 s after
+that time. Under the LocalExecutor on 2 cores, up to 4 of the demo run's 7 tasks held their slot 5 s after
 they ended (``strace`` of the supervisor: the last EOF, a ``pidfd`` poll that finds the child running, the
 child's ``SIGCHLD`` 0.3 ms later, then a 5 s ``epoll_wait``).
 
