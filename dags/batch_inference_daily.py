@@ -9,16 +9,12 @@ and the table.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pendulum
-from airflow.sdk import DAG, Param
-from transactions_data import FEATURES, TRANSACTIONS_PATH
+from airflow.sdk import DAG
+from transactions_data import RISK_SCORING, model_params, table_param
 
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.task_group import batch_inference
-
-REPOSITORY = Path(__file__).resolve().parent.parent / "triton_models"
 
 with DAG(
     dag_id="batch_inference_daily",
@@ -27,28 +23,13 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["demo", "triton"],
-    params={
-        "model_name": Param("risk_scorer", type="string", description="Triton model to call."),
-        "model_version": Param(
-            "", type="string", description="Model version to call; empty: the server's choice."
-        ),
-        "input_path": Param(str(TRANSACTIONS_PATH), type="string", description="Parquet file or folder."),
-        "table": Param(
-            "transaction_scores_daily",
-            type="string",
-            pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$",
-            description="Output table, or schema.table.",
-        ),
-    },
+    params={**model_params(), "table": table_param("transaction_scores_daily")},
     doc_md=__doc__,
 ) as dag:
     batch_inference(
         source="{{ params.input_path }}",
         model_name="{{ params.model_name }}",
-        model_repository=REPOSITORY,
-        inputs={"features": FEATURES},
-        outputs={"probability": "risk_score"},
-        passthrough_columns=["transaction_id"],
+        **RISK_SCORING,
         table="{{ params.table }}",
         partition="{{ ds }}",  # the run's day: a backfill writes one partition per day
         sink_options={"database": str(batch_infer_home() / "warehouse.duckdb")},

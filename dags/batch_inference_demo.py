@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pendulum
 from airflow.sdk import DAG, Param
-from transactions_data import FEATURES, TRANSACTIONS, TRANSACTIONS_PATH
+from transactions_data import RISK_SCORING, TRANSACTIONS, model_params, table_param
 
 from airflow_batch_infer.paths import batch_infer_home
 from airflow_batch_infer.task_group import batch_inference
 
-REPOSITORY = Path(__file__).resolve().parent.parent / "triton_models"
 # What a run's Params may point at (JSON lists of roots and of connection ids); unset: anything.
 ALLOWED_ROOTS = json.loads(os.environ.get("BATCH_INFER_ALLOWED_ROOTS", "null"))
 ALLOWED_CONN_IDS = json.loads(os.environ.get("BATCH_INFER_ALLOWED_CONN_IDS", "null"))
@@ -34,22 +32,13 @@ with DAG(
     max_active_runs=1,
     tags=["demo", "triton"],
     params={
-        "model_name": Param("risk_scorer", type="string", description="Triton model to call."),
-        "model_version": Param(
-            "", type="string", description="Model version to call; empty: the server's choice."
-        ),
-        "input_path": Param(str(TRANSACTIONS_PATH), type="string", description="Parquet file or folder."),
+        **model_params(),
         "partition": Param(
             None,
             type=["null", "string"],
             description="Partition to (re)write, e.g. 2026-11-21. Empty: the run's date.",
         ),
-        "table": Param(
-            "transaction_scores",
-            type="string",
-            pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$",
-            description="Output table, or schema.table.",
-        ),
+        "table": table_param("transaction_scores"),
         "chunk_rows": Param(
             None,
             type=["null", "integer"],
@@ -114,10 +103,7 @@ with DAG(
     batch_inference(
         source="{{ params.input_path }}",
         model_name="{{ params.model_name }}",
-        model_repository=REPOSITORY,
-        inputs={"features": FEATURES},
-        outputs={"probability": "risk_score"},
-        passthrough_columns=["transaction_id"],
+        **RISK_SCORING,
         table="{{ params.table }}",
         partition="{{ params.partition or '' }}",
         chunk_rows="{{ params.chunk_rows or 'auto' }}",

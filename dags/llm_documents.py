@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from airflow_batch_infer.paths import batch_infer_home
+
+if TYPE_CHECKING:  # imported where documents are made: every task process parses the DAG that imports this
+    import numpy as np
+    import pyarrow as pa
 
 DOCUMENTS_PATH = batch_infer_home() / "etl" / "documents"
 #: The prompt of ``dags/llm_batch_generation.py``: the document first, the instruction last.
@@ -41,6 +42,9 @@ def documents(count: int, seed: int = 11) -> pa.Table:
     :param count: number of documents.
     :param seed: random seed; the same seed gives the same documents.
     """
+    import numpy as np
+    import pyarrow as pa
+
     rng = np.random.default_rng(seed)
     vocabulary = np.array(_vocabulary(rng), dtype=object)
     titles, bodies = [], []
@@ -71,6 +75,9 @@ def write_documents(target: str | Path, count: int, files: int = 2, seed: int = 
     :param files: number of files.
     :param seed: random seed; the same seed gives the same documents.
     """
+    import numpy as np
+    import pyarrow.parquet as pq
+
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     for old in target.glob("*.parquet"):

@@ -1,11 +1,12 @@
-"""Demo data: card transactions with 16 numeric features, generated from a fixed seed, and their Asset."""
+"""Demo data: card transactions with 16 numeric features, generated from a fixed seed, and their Asset;
+how the demo DAGs score them, and the Params they share."""
 
 from __future__ import annotations
 
 import itertools
 from pathlib import Path
 
-from airflow.sdk import Asset
+from airflow.sdk import Asset, Param
 
 from airflow_batch_infer.paths import batch_infer_home
 
@@ -17,6 +18,35 @@ TRANSACTIONS_PATH = batch_infer_home() / "etl" / "transactions"
 # the DAG file (each task process parses it) import every provider's asset handlers, the amazon
 # provider's S3 hook among them: 0.43 s of CPU.
 TRANSACTIONS = Asset(name="transactions_features", uri="x-batch-infer://etl/transactions")
+
+#: How the demo DAGs score the transactions: the model repository and the column ↔ tensor mapping.
+RISK_SCORING = {
+    "model_repository": Path(__file__).resolve().parent.parent / "triton_models",
+    "inputs": {"features": FEATURES},
+    "outputs": {"probability": "risk_score"},
+    "passthrough_columns": ["transaction_id"],
+}
+
+
+def model_params() -> dict[str, Param]:
+    """The Params of the model and the input, the same in both demo DAGs (new objects for each DAG)."""
+    return {
+        "model_name": Param("risk_scorer", type="string", description="Triton model to call."),
+        "model_version": Param(
+            "", type="string", description="Model version to call; empty: the server's choice."
+        ),
+        "input_path": Param(str(TRANSACTIONS_PATH), type="string", description="Parquet file or folder."),
+    }
+
+
+def table_param(default: str) -> Param:
+    """The output table's Param: a table or schema.table name, ``default`` unless the trigger says."""
+    return Param(
+        default,
+        type="string",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$",
+        description="Output table, or schema.table.",
+    )
 
 
 def write_transactions(

@@ -15,10 +15,10 @@ from airflow_batch_infer.client.tensors import (
     INT_TENSORS,
     RAGGED,
     TRITON_NUMPY,
-    ContractError,
     compatible,
     row_width,
 )
+from airflow_batch_infer.errors import ContractError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from airflow_batch_infer.client.output_mapping import (
     label_columns,
     target_columns,
 )
-from airflow_batch_infer.client.tensors import TRITON_NUMPY, ContractError, row_width
+from airflow_batch_infer.client.tensors import TRITON_NUMPY, row_width
+from airflow_batch_infer.errors import ContractError
 
 
 @dataclass(frozen=True)

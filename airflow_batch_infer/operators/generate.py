@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from airflow_batch_infer.client.sizing import instance_count
-from airflow_batch_infer.client.tensors import ContractError
+from airflow_batch_infer.errors import ContractError
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
 
