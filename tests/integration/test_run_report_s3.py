@@ -6,37 +6,19 @@ from __future__ import annotations
 import json
 
 import duckdb
-import numpy as np
-import pyarrow as pa
 
 from airflow_batch_infer import storage
 from airflow_batch_infer.operators.persist import PersistOutputsOperator
-from airflow_batch_infer.operators.stage import StageInputsOperator
 from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.staging import Manifest
 from tests.aws_fixtures import aws_conn, bucket, moto_endpoint, write_run_parts
-from tests.integration.test_s3_paths import CONTEXT, put_parquet
+from tests.integration.test_s3_paths import CONTEXT, stage_day_on_s3
 
 __all__ = ["aws_conn", "bucket", "moto_endpoint"]  # fixtures used by name
 
 
 def test_a_filtered_run_on_s3_gets_its_report_beside_its_summary(bucket: str, tmp_path) -> None:
-    put_parquet(
-        bucket, "etl/day.parquet", pa.table({"transaction_id": np.arange(1000, 3500), "f": np.ones(2500)})
-    )
-    stage = StageInputsOperator(
-        task_id="stage",
-        source=f"s3://{bucket}/etl",
-        source_conn_id="aws_test",
-        staging_root=f"s3://{bucket}/staging",
-        staging_conn_id="aws_test",
-        chunk_rows=1000,
-        row_id_column="transaction_id",
-        partition="2026-11-21",
-        snapshot="copy",
-        filter="transaction_id >= 1500",
-    )
-    chunks = stage.execute(CONTEXT)
+    chunks = stage_day_on_s3(bucket, filter="transaction_id >= 1500")
     assert [c["rows"] for c in chunks] == [1000, 1000]
     run_dir = chunks[0]["run_dir"]
     manifest = Manifest.load(run_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -25,6 +26,26 @@ from tests.aws_fixtures import aws_client, aws_conn, bucket, moto_endpoint, s3_u
 __all__ = ["aws_conn", "bucket", "moto_endpoint"]  # fixtures used by name
 
 CONTEXT = {"run_id": "manual__2026-11-21", "logical_date": pendulum.datetime(2026, 11, 21, tz="UTC")}
+
+
+def stage_day_on_s3(bucket: str, **options: Any) -> list[dict[str, Any]]:
+    """Stage a day of 2,500 rows (ids 1000–3499) put on S3, copied into 1,000-row chunks on S3."""
+    put_parquet(
+        bucket, "etl/day.parquet", pa.table({"transaction_id": np.arange(1000, 3500), "f": np.ones(2500)})
+    )
+    stage = StageInputsOperator(
+        task_id="stage",
+        source=f"s3://{bucket}/etl",
+        source_conn_id="aws_test",
+        staging_root=f"s3://{bucket}/staging",
+        staging_conn_id="aws_test",
+        chunk_rows=1000,
+        row_id_column="transaction_id",
+        partition="2026-11-21",
+        snapshot="copy",
+        **options,
+    )
+    return stage.execute(CONTEXT)
 
 
 def put_parquet(bucket: str, key: str, table: pa.Table, row_group_rows: int | None = None) -> int:
@@ -150,21 +171,7 @@ def test_paths_on_s3_stay_inside_their_run(bucket: str) -> None:
 
 
 def test_a_run_staged_on_s3_is_persisted_once_however_often_it_is_persisted(bucket: str, tmp_path) -> None:
-    put_parquet(
-        bucket, "etl/day.parquet", pa.table({"transaction_id": np.arange(1000, 3500), "f": np.ones(2500)})
-    )
-    stage = StageInputsOperator(
-        task_id="stage",
-        source=f"s3://{bucket}/etl",
-        source_conn_id="aws_test",
-        staging_root=f"s3://{bucket}/staging",
-        staging_conn_id="aws_test",
-        chunk_rows=1000,
-        row_id_column="transaction_id",
-        partition="2026-11-21",
-        snapshot="copy",
-    )
-    chunks = stage.execute(CONTEXT)
+    chunks = stage_day_on_s3(bucket)
     assert [c["rows"] for c in chunks] == [1000, 1000, 500]
     run_dir = chunks[0]["run_dir"]
     assert run_dir.startswith(f"s3://aws_test@{bucket}/staging/")
