@@ -8,17 +8,14 @@ from datetime import timedelta
 from typing import Any
 
 import duckdb
-import pendulum
 import pytest
-from transactions_data import FEATURES, write_transactions
+from transactions_data import write_transactions
 
 from airflow_batch_infer.operators.infer import TritonInferenceOperator
-from tests.conftest import MODEL_REPOSITORY, load_dag, processes_mentioning, task_states
-from tests.dag_registry import register_dag
+from tests.conftest import load_dag, processes_mentioning, task_states
+from tests.e2e.scoring_dag import LOGICAL_DATE, scoring_dag
 
 pytestmark = pytest.mark.e2e
-
-LOGICAL_DATE = pendulum.datetime(2026, 11, 21, tz="UTC")
 
 
 class CheckedOnlyByTheServer(TritonInferenceOperator):
@@ -34,28 +31,18 @@ def _instances(run, task: str) -> list[Any]:
 
 
 def test_a_mapping_the_model_cannot_take_fails_its_infer_task_once(airflow_db, tmp_path) -> None:
-    from airflow.sdk import DAG
-
-    from airflow_batch_infer.task_group import batch_inference
-
     write_transactions(tmp_path / "in", 6_000, files=1, row_group_rows=2_000)
-    with DAG(dag_id="e2e_no_retry", schedule=None, start_date=LOGICAL_DATE) as dag:
-        batch_inference(
-            source=str(tmp_path / "in"),
-            model_name="risk_scorer",
-            model_repository=MODEL_REPOSITORY,
-            inputs={"features": FEATURES},
-            outputs={"probabilty": "risk_score"},  # misspelt: the model's output is "probability"
-            table="never_written",
-            chunk_rows=2_000,
-            infer_retries=2,
-            infer_operator=CheckedOnlyByTheServer,
-            infer_options={"retry_delay": timedelta(seconds=1)},  # a retry, if any, would come at once
-            staging_root=str(tmp_path / "staging"),
-            runtime_options={"work_root": str(tmp_path / "servers")},
-            sink_options={"database": str(tmp_path / "w.duckdb")},
-        )
-    register_dag(dag)
+    dag = scoring_dag(
+        "e2e_no_retry",
+        tmp_path,
+        source=str(tmp_path / "in"),
+        outputs={"probabilty": "risk_score"},  # misspelt: the model's output is "probability"
+        table="never_written",
+        chunk_rows=2_000,
+        infer_retries=2,
+        infer_operator=CheckedOnlyByTheServer,
+        infer_options={"retry_delay": timedelta(seconds=1)},  # a retry, if any, would come at once
+    )
 
     started = time.monotonic()
     run = dag.test(logical_date=LOGICAL_DATE)
@@ -74,25 +61,15 @@ def test_a_mapping_the_model_cannot_take_fails_its_infer_task_once(airflow_db, t
 
 
 def test_a_wrong_mapping_fails_the_stage_task_before_any_infer_task(airflow_db, tmp_path) -> None:
-    from airflow.sdk import DAG
-
-    from airflow_batch_infer.task_group import batch_inference
-
     write_transactions(tmp_path / "in", 4_000, files=1)
-    with DAG(dag_id="e2e_stage_checks", schedule=None, start_date=LOGICAL_DATE) as dag:
-        batch_inference(
-            source=str(tmp_path / "in"),
-            model_name="risk_scorer",
-            model_repository=MODEL_REPOSITORY,
-            inputs={"features": FEATURES},
-            outputs={"probabilty": "risk_score"},
-            table="never_written",
-            infer_retries=2,
-            staging_root=str(tmp_path / "staging"),
-            runtime_options={"work_root": str(tmp_path / "servers")},
-            sink_options={"database": str(tmp_path / "w.duckdb")},
-        )
-    register_dag(dag)
+    dag = scoring_dag(
+        "e2e_stage_checks",
+        tmp_path,
+        source=str(tmp_path / "in"),
+        outputs={"probabilty": "risk_score"},
+        table="never_written",
+        infer_retries=2,
+    )
 
     run = dag.test(logical_date=LOGICAL_DATE)
 

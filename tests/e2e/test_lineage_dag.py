@@ -11,19 +11,18 @@ import os
 import tempfile
 from pathlib import Path
 
-import pendulum
 import pytest
-from transactions_data import FEATURES, write_transactions
+from transactions_data import write_transactions
 
 from tests.conftest import MODEL_REPOSITORY, task_states
 from tests.dag_registry import register_dag
+from tests.e2e.scoring_dag import LOGICAL_DATE, scoring_dag
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip(
     "airflow.providers.openlineage", reason="the lineage tests need the openlineage extra (in dev)"
 )
 
-LOGICAL_DATE = pendulum.datetime(2026, 11, 21, tz="UTC")
 EVENTS = Path(tempfile.mkdtemp(prefix="abi-lineage-")) / "events.jsonl"
 os.environ["AIRFLOW__OPENLINEAGE__TRANSPORT"] = json.dumps(
     {"type": "file", "log_file_path": str(EVENTS), "append": True}
@@ -52,28 +51,22 @@ def test_a_run_reports_lineage_emits_its_table_asset_and_links_its_outputs(airfl
     from sqlalchemy import select
 
     from airflow_batch_infer.assets import output_asset
-    from airflow_batch_infer.task_group import batch_inference
 
     rows = 6_000
     write_transactions(tmp_path / "in", rows, files=1, row_group_rows=1_500)
     sink_options = {"database": str(tmp_path / "w.duckdb")}
-    with DAG(dag_id="e2e_lineage", schedule=None, start_date=LOGICAL_DATE) as dag:
-        batch_inference(
-            source=str(tmp_path / "in"),
-            model_name="risk_scorer",
-            model_repository=MODEL_REPOSITORY,
-            inputs={"features": FEATURES},
-            outputs={"probability": "risk_score"},
-            table="lineage_scores",
-            chunk_rows=3_000,
-            staging_root=str(tmp_path / "staging"),
-            runtime_options={"work_root": str(tmp_path / "servers")},
-            sink_options=sink_options,
-        )
+    dag = scoring_dag(
+        "e2e_lineage",
+        tmp_path,
+        source=str(tmp_path / "in"),
+        outputs={"probability": "risk_score"},
+        table="lineage_scores",
+        chunk_rows=3_000,
+        sink_options=sink_options,
+    )
     table_asset = output_asset("duckdb", "lineage_scores", sink_options)
     with DAG(dag_id="e2e_lineage_downstream", schedule=[table_asset], start_date=LOGICAL_DATE) as downstream:
         pass
-    register_dag(dag)
     register_dag(downstream)
     with create_session() as session:  # new DAGs start paused; a paused DAG is not queued
         session.get(DagModel, "e2e_lineage_downstream").is_paused = False

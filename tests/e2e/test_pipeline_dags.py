@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
-import pendulum
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -14,10 +13,9 @@ from transactions_data import FEATURES, write_transactions
 
 from tests.conftest import MODEL_REPOSITORY, load_dag, processes_mentioning, task_states
 from tests.dag_registry import register_dag
+from tests.e2e.scoring_dag import LOGICAL_DATE, scoring_dag
 
 pytestmark = pytest.mark.e2e
-
-LOGICAL_DATE = pendulum.datetime(2026, 11, 21, tz="UTC")
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +74,6 @@ def test_every_row_lands_once_and_a_rerun_replaces_its_partition(demo_dag, tmp_p
 
 
 def test_a_failing_infer_task_still_stops_the_server(airflow_db, tmp_path) -> None:
-    from airflow.sdk import DAG
-
-    from airflow_batch_infer.task_group import batch_inference
 
     write_transactions(tmp_path / "in", 9_000, files=1)
     table = pq.read_table(tmp_path / "in")
@@ -87,20 +82,14 @@ def test_a_failing_infer_task_still_stops_the_server(airflow_db, tmp_path) -> No
     (tmp_path / "broken").mkdir()
     pq.write_table(broken, tmp_path / "broken" / "part.parquet", row_group_size=3_000)
 
-    with DAG(dag_id="e2e_failing_infer", schedule=None, start_date=LOGICAL_DATE) as dag:
-        batch_inference(
-            source=str(tmp_path / "broken"),
-            model_name="risk_scorer",
-            model_repository=MODEL_REPOSITORY,
-            inputs={"features": FEATURES},
-            table="never_written",
-            chunk_rows=3_000,
-            infer_retries=0,
-            staging_root=str(tmp_path / "staging"),
-            runtime_options={"work_root": str(tmp_path / "servers")},
-            sink_options={"database": str(tmp_path / "w.duckdb")},
-        )
-    register_dag(dag)
+    dag = scoring_dag(
+        "e2e_failing_infer",
+        tmp_path,
+        source=str(tmp_path / "broken"),
+        table="never_written",
+        chunk_rows=3_000,
+        infer_retries=0,
+    )
 
     run = dag.test(logical_date=LOGICAL_DATE)
 
@@ -160,26 +149,18 @@ def test_a_model_that_will_not_load_fails_the_start_task_and_leaves_nothing_runn
 ) -> None:
     import shutil
 
-    from airflow.sdk import DAG
-
-    from airflow_batch_infer.task_group import batch_inference
-
     repository = tmp_path / "models"
     shutil.copytree(MODEL_REPOSITORY / "risk_scorer", repository / "risk_scorer")
     (repository / "risk_scorer" / "1" / "model.onnx").write_bytes(b"this is not an ONNX graph")
     write_transactions(tmp_path / "in", 1_000, files=1)
-    with DAG(dag_id="e2e_model_will_not_load", schedule=None, start_date=LOGICAL_DATE) as dag:
-        batch_inference(
-            source=str(tmp_path / "in"),
-            model_name="risk_scorer",
-            model_repository=repository,
-            inputs={"features": FEATURES},
-            table="never_written",
-            staging_root=str(tmp_path / "staging"),
-            runtime_options={"work_root": str(tmp_path / "servers"), "startup_timeout": 60},
-            sink_options={"database": str(tmp_path / "w.duckdb")},
-        )
-    register_dag(dag)
+    dag = scoring_dag(
+        "e2e_model_will_not_load",
+        tmp_path,
+        source=str(tmp_path / "in"),
+        model_repository=repository,
+        table="never_written",
+        runtime_options={"work_root": str(tmp_path / "servers"), "startup_timeout": 60},
+    )
 
     run = dag.test(logical_date=LOGICAL_DATE)
 
