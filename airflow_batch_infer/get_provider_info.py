@@ -8,12 +8,16 @@ from typing import Any
 from airflow_batch_infer import __version__
 from airflow_batch_infer.config import provider_config
 
-#: The ECS server's links, listed where the amazon provider (the ``amazon`` extra) is installed.
-AWS_LINKS = (
-    ["airflow_batch_infer.links_aws.EcsTaskLink", "airflow_batch_infer.links_aws.TritonCloudWatchLogLink"]
-    if importlib.util.find_spec("airflow.providers.amazon") is not None
-    else []
-)
+
+def aws_links() -> list[str]:
+    """The ECS server's links, listed where the amazon provider (the ``amazon`` extra) is installed.
+
+    Looked up when Airflow asks, not when this module is imported: ``find_spec`` of a submodule of
+    ``airflow`` imports Airflow, whose provider discovery would import this module while it is half made.
+    """
+    if importlib.util.find_spec("airflow.providers.amazon") is None:
+        return []
+    return [f"airflow_batch_infer.links_aws.{name}" for name in ("EcsTaskLink", "TritonCloudWatchLogLink")]
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -54,7 +58,7 @@ def get_provider_info() -> dict[str, Any]:
             "airflow_batch_infer.links.TritonMetricsLink",
             "airflow_batch_infer.links.TritonServerLogLink",
             "airflow_batch_infer.links.KubernetesPodLink",
-            *AWS_LINKS,
+            *aws_links(),
             "airflow_batch_infer.links.OutputTableLink",
             "airflow_batch_infer.links.RunReportLink",
         ],
