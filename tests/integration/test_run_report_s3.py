@@ -8,11 +8,10 @@ import json
 import duckdb
 
 from airflow_batch_infer import storage
-from airflow_batch_infer.operators.persist import PersistOutputsOperator
 from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.staging import Manifest
 from tests.aws_fixtures import aws_conn, bucket, moto_endpoint, write_run_parts
-from tests.integration.test_s3_paths import CONTEXT, stage_day_on_s3
+from tests.integration.test_s3_paths import CONTEXT, persist_into, stage_day_on_s3
 
 __all__ = ["aws_conn", "bucket", "moto_endpoint"]  # fixtures used by name
 
@@ -27,13 +26,7 @@ def test_a_filtered_run_on_s3_gets_its_report_beside_its_summary(bucket: str, tm
     assert [i for chunk in ids for i in chunk] == list(range(1500, 3500))
     write_run_parts(run_dir, ids, rejected=frozenset({1500, 2500, 3499}))
     database = tmp_path / "w.duckdb"
-    persist = PersistOutputsOperator(
-        task_id="persist",
-        chunks=chunks,
-        table="scores",
-        sink_options=json.dumps({"database": str(database)}),
-        partition="2026-11-21",
-    )
+    persist = persist_into(database, chunks)
     persist.execute(CONTEXT)
 
     with duckdb.connect(str(database), read_only=True) as con:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -46,6 +47,17 @@ def stage_day_on_s3(bucket: str, **options: Any) -> list[dict[str, Any]]:
         **options,
     )
     return stage.execute(CONTEXT)
+
+
+def persist_into(database: Path, chunks: list[dict[str, Any]]) -> PersistOutputsOperator:
+    """The persist task of a staged run, into table ``scores`` (partition 2026-11-21) of a DuckDB file."""
+    return PersistOutputsOperator(
+        task_id="persist",
+        chunks=chunks,
+        table="scores",
+        sink_options=json.dumps({"database": str(database)}),
+        partition="2026-11-21",
+    )
 
 
 def put_parquet(bucket: str, key: str, table: pa.Table, row_group_rows: int | None = None) -> int:
@@ -180,13 +192,7 @@ def test_a_run_staged_on_s3_is_persisted_once_however_often_it_is_persisted(buck
     ids = [open_parquet(c.path).read().column("transaction_id").to_pylist() for c in manifest.chunks]
     write_run_parts(run_dir, ids[:2])  # the third chunk's infer task has not run
     database = tmp_path / "w.duckdb"
-    persist = PersistOutputsOperator(
-        task_id="persist",
-        chunks=chunks,
-        table="scores",
-        sink_options=json.dumps({"database": str(database)}),
-        partition="2026-11-21",
-    )
+    persist = persist_into(database, chunks)
     with pytest.raises(IncompleteRunError, match="chunk 2 has no output part"):
         persist.execute(CONTEXT)
     assert not database.exists()

@@ -98,15 +98,12 @@ def test_airflow_config_list_shows_the_section(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "AIRFLOW__BATCH_INFER__DEFAULT_RUNTIME": "kubernetes",
     }
-    airflow = str(Path(sys.executable).parent / "airflow")
-    listed = subprocess.run(
-        [airflow, "config", "list", "--section", SECTION, "--include-descriptions", "--show-values"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=120,
-    )
+
+    def airflow(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [str(Path(sys.executable).parent / "airflow"), *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=120)
+
+    listed = airflow("config", "list", "--section", SECTION, "--include-descriptions", "--show-values")
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert f"[{SECTION}]" in listed.stdout
     assert "default_runtime = kubernetes" in listed.stdout
@@ -114,14 +111,7 @@ def test_airflow_config_list_shows_the_section(tmp_path: Path) -> None:
     assert "staging_retention_days" in listed.stdout
     assert "Root folder of the embedded defaults" in listed.stdout
 
-    got = subprocess.run(
-        [airflow, "providers", "get", "airflow-provider-batch-infer", "--full", "-o", "json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=120,
-    )
+    got = airflow("providers", "get", "airflow-provider-batch-infer", "--full", "-o", "json")
     assert got.returncode == 0, got.stderr[-2000:]
     provider = json.loads(got.stdout)
     provider = provider[0] if isinstance(provider, list) else provider
