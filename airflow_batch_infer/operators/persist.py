@@ -188,9 +188,9 @@ class PersistOutputsOperator(BaseOperator):
         }
         if self.results:
             # Index by length: iterating Airflow's lazy XCom sequence probes one item past its end.
-            seconds = sum(float(self.results[i]["seconds"]) for i in range(len(self.results)))
+            infer_seconds = sum(float(self.results[i]["seconds"]) for i in range(len(self.results)))
             summary["infer_rows_per_second_per_task"] = (
-                round(manifest.total_rows / seconds, 1) if seconds else None
+                round(manifest.total_rows / infer_seconds, 1) if infer_seconds else None
             )
             summary.update(rows_per_server(self.results))
             if summary["rows_per_server"]:
