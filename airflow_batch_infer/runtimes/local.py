@@ -29,11 +29,7 @@ from pathlib import Path
 from airflow_batch_infer.paths import batch_infer_home, triton_server_env
 from airflow_batch_infer.runtimes.base import ServerInfo, TritonRuntime
 from airflow_batch_infer.runtimes.labels import ServerOwner
-from airflow_batch_infer.runtimes.lease import (
-    DEFAULT_LEASE_TIMEOUT,
-    lease_path,
-    renew_local,
-)
+from airflow_batch_infer.runtimes.lease import DEFAULT_LEASE_TIMEOUT, renew_local
 from airflow_batch_infer.runtimes.local_command import READY_FILE, server_command, server_info
 from airflow_batch_infer.runtimes.local_env import (
     ServerEnv,
@@ -45,8 +41,8 @@ from airflow_batch_infer.runtimes.local_inventory import find_servers
 from airflow_batch_infer.runtimes.local_log import HANG_HINTS, PORT_CLASH_HINTS, read_tail, server_errors
 from airflow_batch_infer.runtimes.local_processes import (
     free_ports,
+    remove_leftovers,
     remove_orphaned_server_shm,
-    remove_shm,
     server_processes,
     terminate,
 )
@@ -71,8 +67,11 @@ class LocalTritonRuntime(TritonRuntime):
     :param work_root: where each server gets its folder (model repository copy, ``server.log``, ``lease``);
         default ``$BATCH_INFER_HOME/servers``.
     :param startup_timeout: seconds to wait for the server and its models to be ready.
-    :param stop_grace_period: seconds between SIGTERM and SIGKILL when stopping. Nothing a batch job still
-        wants is in flight at teardown, so the default is short.
+    :param stop_grace_period: seconds between SIGTERM and SIGKILL when stopping; 0 (the default) SIGKILLs
+        right after the SIGTERM. The teardown runs once every infer task of the run has ended, so none of
+        its requests is in flight, and the Python backend takes longer than Triton's exit timeout to unload
+        a model anyway: a grace period only waits. Give one (a few seconds) for a model whose ``finalize``
+        must run, or for a request of someone else's still in flight.
     :param log_verbose: Triton's ``--log-verbose`` level.
     :param onnx_intra_op_threads: onnxruntime intra-op threads per instance of a converted ONNX model.
     :param max_restarts: how often a server that dies after it was ready is started again, on the same
@@ -100,7 +99,7 @@ class LocalTritonRuntime(TritonRuntime):
         server_env: str | os.PathLike[str] | None = None,
         work_root: str | os.PathLike[str] | None = None,
         startup_timeout: float = 120,
-        stop_grace_period: float = 0.5,
+        stop_grace_period: float = 0,
         log_verbose: int = 0,
         onnx_intra_op_threads: int = 1,
         max_restarts: int = 5,
@@ -306,7 +305,7 @@ class LocalTritonRuntime(TritonRuntime):
         procs = server_processes(server_id, workdir)
         if not procs:
             log.info("Triton %s was already gone.", server_id)
-            self._clean_up(h)
+            remove_leftovers(h)
             return False
         started = time.monotonic()
         left = terminate(procs, server_id, workdir, self.stop_grace_period, self._reap_children)
@@ -320,20 +319,9 @@ class LocalTritonRuntime(TritonRuntime):
                 f"Triton server {server_id} still answers at {info.http_url} although none of its processes "
                 "is left on this host."
             )
-        self._clean_up(h)
+        remove_leftovers(h)
         log.info("Triton %s stopped in %.2f s.", server_id, time.monotonic() - started)
         return True
-
-    @staticmethod
-    def _clean_up(handle: dict) -> None:
-        """Remove what a stopped server leaves: shared memory, the model repository copy, the lease."""
-        if handle.get("shm_prefix"):
-            remove_shm(handle["shm_prefix"])
-        if handle.get("workdir"):
-            shutil.rmtree(Path(handle["workdir"]) / "models", ignore_errors=True)
-            path = lease_path(handle)
-            if path is not None:
-                path.unlink(missing_ok=True)
 
     def is_running(self, info: ServerInfo) -> bool:
         """Whether the server's supervisor or ``tritonserver`` is still there (found by the server id).

@@ -13,12 +13,16 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from airflow_batch_infer.runtimes.lease import lease_path
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +181,20 @@ def remove_shm(prefix: str) -> list[str]:
     return removed
 
 
+def remove_leftovers(handle: dict[str, Any]) -> None:
+    """Remove what a stopped server leaves: shared memory, the model repository copy, the lease.
+
+    :param handle: the server's handle (``shm_prefix``, ``workdir``).
+    """
+    if handle.get("shm_prefix"):
+        remove_shm(handle["shm_prefix"])
+    if handle.get("workdir"):
+        shutil.rmtree(Path(handle["workdir"]) / "models", ignore_errors=True)
+        path = lease_path(handle)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
 def remove_orphaned_server_shm() -> list[str]:
     """Remove the Python backend's regions of servers that are gone without a stop (SIGKILLed, say).
 
@@ -219,6 +237,6 @@ def terminate(
         if not left:
             break
         log.info("Triton %s: %d process(es) left %g s after SIGTERM; SIGKILL.", server_id, len(left), grace)
-        sigkill(left)
+        sigkill(sorted(left, key=lambda p: p.role != "supervisor"))  # the keeper first: no restart
         left = wait_gone(server_id, workdir, 5, reap)
     return left

@@ -130,7 +130,7 @@ class Supervisor:
         backoff: float = 1.0,
         lease_file: str = "",
         lease_timeout: float = 0,
-        stop_grace: float = 0.5,
+        stop_grace: float = 0.0,
         workdir: str = "",
         server_id: str = "",
     ) -> None:
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backoff", type=float, default=1.0)
     parser.add_argument("--lease-file", default="")
     parser.add_argument("--lease-timeout", type=float, default=0)
-    parser.add_argument("--stop-grace", type=float, default=0.5)
+    parser.add_argument("--stop-grace", type=float, default=0.0)
     parser.add_argument("--workdir", default="")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)

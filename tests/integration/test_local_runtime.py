@@ -328,6 +328,85 @@ def test_stop_finds_the_server_by_its_id_and_kills_a_keeper_that_does_not_answer
     assert not (Path(info.handle["workdir"]) / "models").exists()
 
 
+def test_a_grace_period_lets_a_request_in_flight_finish(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
+    """With ``stop_grace_period`` (10 s here), a request that the model's stub is running when the stop
+    comes is answered before the server goes."""
+    repo = tmp_path / "repo"
+    _write_model(
+        repo,
+        "slow",
+        """
+        name: "slow"
+        backend: "python"
+        max_batch_size: 8
+        input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+        output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+        """,
+        {
+            "1/model.py": """
+            import pathlib
+            import time
+
+            import triton_python_backend_utils as pb_utils
+
+            class TritonPythonModel:
+                def initialize(self, args):
+                    self.marker = pathlib.Path(args["model_repository"]) / "executing"
+
+                def execute(self, requests):
+                    self.marker.touch()
+                    time.sleep(2)
+                    return [
+                        pb_utils.InferenceResponse(
+                            [pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy() * 2)]
+                        )
+                        for r in requests
+                    ]
+            """
+        },
+    )
+    info = runtime.start(str(repo))
+    marker = Path(info.handle["workdir"]) / "models" / "slow" / "executing"
+    answers: dict[str, object] = {}
+
+    def infer() -> None:
+        client = grpcclient.InferenceServerClient(info.grpc_url)
+        tensor = grpcclient.InferInput("x", [1, 1], "FP32")
+        tensor.set_data_from_numpy(np.array([[1.5]], dtype=np.float32))
+        try:
+            answers["y"] = client.infer("slow", [tensor]).as_numpy("y")
+        except InferenceServerException as error:
+            answers["error"] = error
+
+    request = threading.Thread(target=infer)
+    request.start()
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the request never reached the model"
+    assert runtime.stop(info) is True
+    request.join(10)
+    assert "error" not in answers, answers
+    np.testing.assert_allclose(answers["y"], [[3.0]])
+    assert processes_mentioning(tmp_path) == []
+    assert _shm_regions(info.handle["shm_prefix"]) == []
+
+
+def test_by_default_the_sigkill_follows_the_sigterm(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """At teardown nothing of the run is in flight: the default stop does not wait out a grace period, and
+    leaves nothing behind."""
+    runtime = LocalTritonRuntime(work_root=str(tmp_path / "servers"), startup_timeout=60)
+    info = runtime.start(str(REPO), ["risk_scorer"])
+    with caplog.at_level("INFO", logger="airflow_batch_infer.runtimes.local_processes"):
+        assert runtime.stop(info) is True
+    kills = [r.getMessage() for r in caplog.records if "SIGKILL" in r.getMessage()]
+    assert len(kills) == 1, caplog.text
+    assert kills[0].endswith("process(es) left 0 s after SIGTERM; SIGKILL."), kills
+    assert processes_mentioning(tmp_path) == []
+    assert _shm_regions(info.handle["shm_prefix"]) == []
+    assert not (Path(info.handle["workdir"]) / "models").exists()
+
+
 def test_stop_fails_when_the_server_still_answers_on_its_port(
     runtime: LocalTritonRuntime, tmp_path: Path
 ) -> None:
