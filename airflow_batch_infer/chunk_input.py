@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_batch_infer import storage
+from airflow_batch_infer.arrow_types import numeric_array
 from airflow_batch_infer.errors import SourceChangedError, StagingError
 from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.row_filter import RowFilter
@@ -163,7 +164,7 @@ class PinnedChunk(ChunkInput):
                 arrays = []
                 for name in columns:
                     if name == self._id_column:
-                        arrays.append(pa.array(np.arange(next_id, next_id + rows, dtype=np.int64)))
+                        arrays.append(numeric_array(np.arange(next_id, next_id + rows, dtype=np.int64)))
                     elif name in partition:
                         arrays.append(pa.repeat(pa.scalar(partition[name], schema.field(name).type), rows))
                     else:

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from airflow_batch_infer.arrow_types import numeric_array
 from airflow_batch_infer.client.output_mapping import (
     LABEL_COLUMN,
     OutputTarget,
@@ -195,12 +196,12 @@ def _output_array(values: np.ndarray, binding: OutputBinding) -> pa.Array:
     if binding.datatype == "BYTES":
         items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat[:, 0]]
         return pa.array(items, type=pa.string())
-    array = _numeric_array(flat.ravel())
+    array = numeric_array(flat.ravel())
     if flat.shape[1] == 1 and (binding.width == 1 or binding.elements):
         return array
     if binding.width > 1:
         return pa.FixedSizeListArray.from_arrays(array, flat.shape[1])
-    offsets = _numeric_array(np.arange(rows + 1, dtype=np.int32) * flat.shape[1])
+    offsets = numeric_array(np.arange(rows + 1, dtype=np.int32) * flat.shape[1])
     return pa.ListArray.from_arrays(offsets, array)  # a variable-length output
 
 
@@ -213,12 +214,3 @@ def _label_arrays(values: np.ndarray, top_k: int) -> list[pa.Array]:
         scores.append(pc.list_element(parts, 0).cast(pa.float32()))
         labels.append(pc.list_element(parts, 2))
     return labels + scores
-
-
-def _numeric_array(values: np.ndarray) -> pa.Array:
-    """An Arrow array over a 1-D numeric numpy array's memory (``pa.array`` imports pandas first)."""
-    values = np.ascontiguousarray(values)
-    if values.dtype == np.bool_:  # Arrow packs booleans as bits
-        packed = np.packbits(values, bitorder="little")
-        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(packed)])
-    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
