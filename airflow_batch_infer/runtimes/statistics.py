@@ -16,24 +16,43 @@ def server_work(info: ServerInfo, timeout: float = 5.0) -> dict[str, int]:
     """Rows inferred (``inference_count``), successful ``requests`` and model ``executions`` (batches) of
     every model the server serves, summed; ``{}`` when the server cannot be asked (gone, unreachable).
 
+    Asked over HTTP where the server has an HTTP endpoint (the stop task then imports no gRPC client and
+    numpy: 0.1 s of its 0.4), else over gRPC.
+
     :param info: the server.
     :param timeout: seconds for the statistics call.
     """
-    import tritonclient.grpc as grpcclient
-
-    if not info.grpc_url:
-        return {}
     try:
-        client = grpcclient.InferenceServerClient(info.grpc_url)
-        try:
-            stats: dict[str, Any] = client.get_inference_statistics(as_json=True, client_timeout=timeout)
-        finally:
-            client.close()
+        stats = (
+            _statistics_over_http(info, timeout) if info.http_url else _statistics_over_grpc(info, timeout)
+        )
     except Exception as error:
         log.info("Could not read the statistics of Triton server %s: %s", info.handle.get("server_id"), error)
         return {}
+    if stats is None:
+        return {}
     counters = totals(stats)
     return {key: counters[key] for key in ("inference_count", "requests", "executions")}
+
+
+def _statistics_over_http(info: ServerInfo, timeout: float) -> dict[str, Any]:
+    import httpx
+
+    response = httpx.get(f"{info.http_url.rstrip('/')}/v2/models/stats", timeout=timeout)
+    response.raise_for_status()
+    return response.json()
+
+
+def _statistics_over_grpc(info: ServerInfo, timeout: float) -> dict[str, Any] | None:
+    import tritonclient.grpc as grpcclient
+
+    if not info.grpc_url:
+        return None
+    client = grpcclient.InferenceServerClient(info.grpc_url)
+    try:
+        return client.get_inference_statistics(as_json=True, client_timeout=timeout)
+    finally:
+        client.close()
 
 
 def model_snapshot(

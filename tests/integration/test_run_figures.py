@@ -10,7 +10,8 @@ import tritonclient.grpc as grpcclient
 
 from airflow_batch_infer.hooks.triton import TritonHook
 from airflow_batch_infer.report import server_figures
-from airflow_batch_infer.runtimes.statistics import gpu_utilization, model_snapshot, size_bin
+from airflow_batch_infer.runtimes.base import ServerInfo
+from airflow_batch_infer.runtimes.statistics import gpu_utilization, model_snapshot, server_work, size_bin
 
 
 def send(url: str, rows: int) -> None:
@@ -46,3 +47,15 @@ def test_a_cpu_server_reports_no_gpu_utilisation(triton_server) -> None:
         assert b"nv_inference_count" in response.read()  # the endpoint answers, with no GPU gauge
     assert gpu_utilization(triton_server.metrics_url) is None
     assert model_snapshot(TritonHook(url="127.0.0.1:1"), "risk_scorer") is None  # nobody there: not read
+
+
+def test_what_a_server_did_reads_the_same_over_http_and_grpc(triton_server) -> None:
+    """The stop task's figures: over HTTP where the server has it, over gRPC where it has only that."""
+    send(triton_server.grpc_url, 5)
+    over_http = server_work(triton_server)
+    grpc_only = ServerInfo.from_dict(dict(triton_server.to_dict(), http_url=None))
+    assert over_http == server_work(grpc_only)
+    assert over_http["inference_count"] >= 5
+    assert over_http["requests"] >= 1
+    gone = ServerInfo.from_dict(dict(triton_server.to_dict(), http_url="http://127.0.0.1:1", grpc_url=None))
+    assert server_work(gone) == {}  # nobody there: nothing, and the stop goes on
