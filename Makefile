@@ -55,9 +55,10 @@ docs: $(VENV)/.installed
 bench: setup
 	$(PY) benchmarks/throughput.py
 
-# The whole DAG (dags test and a LocalExecutor scheduler) beside Ray Data and a naive loop; BENCH_ROWS rows.
+# The whole DAG (dags test and a LocalExecutor scheduler) beside Ray Data and a naive loop; BENCH_ROWS rows,
+# BENCH_ARGS=--large for the large run (the DAG under the scheduler on 100 M rows too).
 bench-e2e: setup
-	$(PY) benchmarks/e2e.py
+	$(PY) benchmarks/e2e.py $(BENCH_ARGS)
 
 # The infer phase over 1 and 2 local servers, side by side (BENCH_ARGS: --rows, --servers, --model).
 bench-servers: setup

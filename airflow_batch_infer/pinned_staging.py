@@ -12,12 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from airflow_batch_infer import storage
-from airflow_batch_infer.errors import StagingError
 from airflow_batch_infer.row_filter import RowFilter
-from airflow_batch_infer.sources.parquet import ParquetSource
+from airflow_batch_infer.sources.parquet import ParquetSource, SourceFile
 from airflow_batch_infer.staging import ChunkDescriptor, Manifest
 from airflow_batch_infer.staging_request import StagingRequest
 
@@ -59,30 +57,28 @@ def pinned_files(source: ParquetSource, row_filter: RowFilter | None = None) -> 
     """Each file of ``source`` that holds rows, pinned: read from its footer, never its rows.
 
     With ``row_filter``, ``pruned`` lists the row groups whose statistics (or hive partition values) show
-    that the filter keeps none of their rows. The pin is taken before the footer is read, so a file
-    rewritten in between fails its chunk later rather than being read with a stale footer.
+    that the filter keeps none of their rows. A file found by listing is pinned before its footer is read,
+    so a file rewritten in between fails its chunk later rather than being read with a stale footer;
+    hive-partitioned files, whose footers the dataset's discovery reads, are pinned just after.
     """
     files = []
     first_row = 0
-    for location, fragment in source.files():
-        pinned = storage.pin(location)
-        try:
-            metadata = fragment.metadata
-        except (pa.ArrowInvalid, OSError) as err:
-            raise StagingError(f"Cannot read the footer of {location}: {err}") from err
+    for found in source.files():
+        pinned = found.pin or storage.pin(found.location)
+        metadata = found.metadata
         if not metadata.num_rows:
             continue
         groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
         files.append(
             {
-                "path": location,
+                "path": found.location,
                 **pinned,
                 "rows": metadata.num_rows,
                 "row_groups": [g.num_rows for g in groups],
                 "row_group_bytes": [g.total_byte_size for g in groups],
                 "first_row": first_row,
-                "partition": _partition_values(fragment),
-                "pruned": _pruned_groups(fragment, row_filter, source) if row_filter else [],
+                "partition": found.partition,
+                "pruned": _pruned_groups(found, row_filter, source) if row_filter else [],
             }
         )
         first_row += metadata.num_rows
@@ -139,19 +135,11 @@ def _kept_rows(pinned: dict[str, Any]) -> int:
     return sum(rows for group, rows in enumerate(pinned["row_groups"]) if group not in pruned)
 
 
-def _pruned_groups(
-    fragment: ds.ParquetFileFragment, row_filter: RowFilter, source: ParquetSource
-) -> list[int]:
-    """The row groups of ``fragment`` that the filter provably keeps nothing of (by their statistics)."""
+def _pruned_groups(found: SourceFile, row_filter: RowFilter, source: ParquetSource) -> list[int]:
+    """The row groups of ``found`` that the filter provably keeps nothing of (by their statistics)."""
+    fragment = source.fragment(found.location)
     try:
         kept = {g.id for g in fragment.subset(filter=row_filter.named, schema=source.schema()).row_groups}
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return []  # no usable statistics: every row group is read and filtered
-    return [g for g in range(fragment.metadata.num_row_groups) if g not in kept]
-
-
-def _partition_values(fragment: ds.ParquetFileFragment) -> dict[str, Any]:
-    """Hive partition column → value, from the fragment's folder names (``country=DE/`` → ``DE``;
-    ``country=__HIVE_DEFAULT_PARTITION__/`` → ``None``)."""
-    expression = fragment.partition_expression
-    return {} if expression is None else dict(ds.get_partition_keys(expression))
+    return [g for g in range(found.metadata.num_row_groups) if g not in kept]

@@ -243,8 +243,8 @@ class StageInputsOperator(BaseOperator):
         self.partition = partition
 
     def _source(self) -> Source:
-        # Imported here: pyarrow.dataset costs every parse of a DAG file that uses this operator (every
-        # task process parses its DAG) about 0.2 s of CPU.
+        # Imported here: Arrow would cost every parse of a DAG file that uses this operator (every task
+        # process parses its DAG).
         from airflow_batch_infer.sources import ParquetSource, SQLQuerySource
 
         source, sql = _given(self.source), _given(self.sql)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +133,41 @@ def test_stage_reads_footers_only(tmp_path: Path) -> None:
     assert [c.rows for c in manifest.chunks] == [1000, 1000, 1000]
     with pytest.raises((OSError, pa.ArrowException)):
         read_chunk(manifest, 0)
+
+
+def test_markers_hidden_files_and_plain_subfolders_are_listed_as_a_dataset_would(tmp_path: Path) -> None:
+    """Spark's ``_SUCCESS`` and ``_temporary/``, checksum files, and plain (not ``key=value``) subfolders."""
+    write_files(tmp_path / "in", [1500], group_rows=1000)
+    write_files(tmp_path / "in" / "2026" / "11", [500], group_rows=1000)
+    (tmp_path / "in" / "_SUCCESS").write_text("")
+    (tmp_path / "in" / ".f0.parquet.crc").write_bytes(b"\x00crc")
+    write_files(tmp_path / "in" / "_temporary" / "0", [9], group_rows=1000)
+
+    manifest = stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=1000)
+
+    assert [Path(f["path"]).relative_to(tmp_path / "in").as_posix() for f in manifest.files] == [
+        "2026/11/f0.parquet",
+        "f0.parquet",
+    ]
+    assert all(f["partition"] == {} for f in manifest.files)
+    assert manifest.total_rows == 2000
+    table = pa.concat_tables(read_chunk(manifest, i) for i in range(len(manifest.chunks)))
+    assert sorted(table.column("key").to_pylist()) == sorted([*range(500), *range(1500)])
+    assert table.column("row_id").to_pylist() == list(range(2000))
+
+
+def test_a_flat_folder_is_staged_without_pyarrow_dataset(tmp_path: Path) -> None:
+    """Listing and footers are enough: the stage task does not pay ``pyarrow.dataset``'s import (0.3 s,
+    with pandas)."""
+    write_files(tmp_path / "in", [1500, 700], group_rows=1000)
+    script = (
+        "import sys\n"
+        "from airflow_batch_infer.staging import stage_parquet\n"
+        f"manifest = stage_parquet({str(tmp_path / 'in')!r}, {str(tmp_path / 'run')!r}, chunk_rows=1000)\n"
+        "print(manifest.total_rows, 'pyarrow.dataset' in sys.modules, 'pandas' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["2200", "False", "False"]
 
 
 def test_hive_partitions_by_reference_fill_their_columns_and_know_their_nulls(tmp_path: Path) -> None:
