@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -38,18 +40,53 @@ def with_null_features(folder: Path, every: int) -> None:
     pq.write_table(table, path, row_group_size=2_000)
 
 
+class StatsdListener(threading.Thread):
+    """A UDP socket on localhost, read as the packets come: every task of the run sends Airflow's own
+    metrics too, and a socket read only at the end overflowed its buffer and dropped the report's."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.settimeout(0.1)
+        self.port = self.socket.getsockname()[1]
+        self.lines: list[str] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.lines += self.socket.recv(65_536).decode().splitlines()
+            except TimeoutError:
+                continue
+
+    def received(self) -> dict[str, tuple[float, str]]:
+        """StatsD lines received so far: name → (value, type) for ``airflow.batch_infer.*``."""
+        time.sleep(0.3)  # what was sent last is read
+        found = {}
+        for line in list(self.lines):
+            match = re.fullmatch(r"airflow\.(batch_infer\.[a-z0-9_]+):([-0-9.e]+)\|(c|g|ms)", line)
+            if match:
+                found[match[1]] = (float(match[2]), match[3])
+        return found
+
+    def close(self) -> None:
+        self._done.set()
+        self.join()
+        self.socket.close()
+
+
 @pytest.fixture
 def statsd_listener(monkeypatch):
-    """A UDP socket on localhost, and Airflow's metrics pointed at it as ``[metrics] statsd_on`` would."""
+    """A StatsD listener, and Airflow's metrics pointed at it as ``[metrics] statsd_on`` would."""
     from airflow.sdk.observability import stats
     from airflow.sdk.observability.metrics import stats_utils
 
-    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.settimeout(0.2)
+    listener = StatsdListener()
+    listener.start()
     monkeypatch.setenv("AIRFLOW__METRICS__STATSD_ON", "True")
     monkeypatch.setenv("AIRFLOW__METRICS__STATSD_HOST", "127.0.0.1")
-    monkeypatch.setenv("AIRFLOW__METRICS__STATSD_PORT", str(listener.getsockname()[1]))
+    monkeypatch.setenv("AIRFLOW__METRICS__STATSD_PORT", str(listener.port))
     monkeypatch.setenv("AIRFLOW__METRICS__STATSD_PREFIX", "airflow")
     # What the task runner does at start (dag.test() runs the tasks in this process).
     stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=False)
@@ -59,22 +96,6 @@ def statsd_listener(monkeypatch):
         monkeypatch.delenv("AIRFLOW__METRICS__STATSD_ON")
         stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=False)
         listener.close()
-
-
-def received(listener: socket.socket) -> dict[str, tuple[float, str]]:
-    """StatsD lines received: name → (value, type) for ``airflow.batch_infer.*``."""
-    lines = []
-    while True:
-        try:
-            lines += listener.recv(65_536).decode().splitlines()
-        except TimeoutError:
-            break
-    found = {}
-    for line in lines:
-        match = re.fullmatch(r"airflow\.(batch_infer\.[a-z0-9_]+):([-0-9.e]+)\|(c|g|ms)", line)
-        if match:
-            found[match[1]] = (float(match[2]), match[3])
-    return found
 
 
 def test_the_report_of_a_filtered_demo_run_matches_the_warehouse(airflow_db, tmp_path, statsd_listener):
@@ -158,7 +179,7 @@ def test_the_report_of_a_filtered_demo_run_matches_the_warehouse(airflow_db, tmp
     assert f"{scored[0]:,}" in page
     assert "not reported" in page
 
-    metrics = received(statsd_listener)
+    metrics = statsd_listener.received()
     assert metrics["batch_infer.rows_scored"] == (scored[0], "c")
     assert metrics["batch_infer.rows_filtered"] == (rows - kept.num_rows, "c")
     assert metrics["batch_infer.rows_set_aside"] == (expected_rejected, "c")
