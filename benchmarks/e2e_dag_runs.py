@@ -40,7 +40,11 @@ def base_env(home: Path, airflow_home: Path, tree: Path) -> dict[str, str]:
             "AIRFLOW_HOME": str(airflow_home),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "BATCH_INFER_HOME": str(home),
-            "BATCH_INFER_TRITON_ENV": os.environ["BATCH_INFER_TRITON_ENV"],
+            # A baseline builds its own server environment: an older revision may rebuild a shared one to
+            # its own requirements or marker, which this tree's runtime then refuses as out of date.
+            "BATCH_INFER_TRITON_ENV": os.environ["BATCH_INFER_TRITON_ENV"]
+            if tree == REPO
+            else str(tree.with_name(f"{tree.name}-server-env")),
         }
     )
     return env
