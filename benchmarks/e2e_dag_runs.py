@@ -28,25 +28,28 @@ from e2e_common import (
 
 
 def tree_env(tree: Path) -> dict[str, str]:
-    """Settings that make Airflow run ``tree``'s DAGs and package (this checkout, or a baseline worktree)."""
-    return {"AIRFLOW__CORE__DAGS_FOLDER": str(tree / "dags"), "PYTHONPATH": str(tree)}
+    """Settings that make Airflow run ``tree``'s DAGs and package (this checkout, or a baseline worktree).
+
+    A baseline gets a server environment of its own: an older revision may rebuild a shared one to its own
+    requirements or marker, which this tree's runtime then refuses as out of date.
+    """
+    env = {"AIRFLOW__CORE__DAGS_FOLDER": str(tree / "dags"), "PYTHONPATH": str(tree)}
+    if tree != REPO:
+        env["BATCH_INFER_TRITON_ENV"] = str(tree.with_name(f"{tree.name}-server-env"))
+    return env
 
 
 def base_env(home: Path, airflow_home: Path, tree: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(tree_env(tree))
     env.update(
         {
             "AIRFLOW_HOME": str(airflow_home),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "BATCH_INFER_HOME": str(home),
-            # A baseline builds its own server environment: an older revision may rebuild a shared one to
-            # its own requirements or marker, which this tree's runtime then refuses as out of date.
-            "BATCH_INFER_TRITON_ENV": os.environ["BATCH_INFER_TRITON_ENV"]
-            if tree == REPO
-            else str(tree.with_name(f"{tree.name}-server-env")),
+            "BATCH_INFER_TRITON_ENV": os.environ["BATCH_INFER_TRITON_ENV"],
         }
     )
+    env.update(tree_env(tree))
     return env
 
 
