@@ -27,6 +27,7 @@ from airflow_batch_infer.links import REPORT_FILE
 from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.sinks.base import PersistResult
 from airflow_batch_infer.staging import Manifest, RunPath, run_file, write_json_atomically
+from airflow_batch_infer.templated import all_items
 
 REPORT_JSON = "report.json"
 CHARTS = {"throughput": "report-throughput.png", "batch_sizes": "report-batch-sizes.png"}
@@ -49,7 +50,7 @@ def run_figures(
     :param persist_seconds: the sink's wall time.
     :param rejects: the rejects parts, read for the reasons.
     """
-    results = [results[i] for i in range(len(results))]  # by index: Airflow's lazy XCom sequence
+    results = all_items(results)
     filtered = manifest.filtered_rows + sum(int(r.get("filtered_rows") or 0) for r in results)
     starts = [float(r.get("started_at") or 0) for r in results]
     ends = [s + float(r["seconds"]) for s, r in zip(starts, results, strict=True)]

@@ -78,3 +78,15 @@ def as_optional_fraction(value: float | str | None, what: str) -> float | None:
     if not 0 <= fraction <= 1:
         raise ValueError(f"{what} must be between 0 and 1 (a share of the rows), got {fraction}.")
     return fraction
+
+
+def all_items(values: Sequence[Any] | None) -> list[Any]:
+    """Every item of a mapped task's results (``infer.output``), fetched at once.
+
+    Airflow hands them as a lazy XCom sequence: each item read by index is a request of its own, through
+    the task's supervisor to the API server, and iterating probes one item past the end; a slice is one
+    request.
+
+    :param values: the results, lazy or a plain list (``None``: none).
+    """
+    return list(values[:]) if values is not None else []

@@ -30,7 +30,7 @@ from airflow_batch_infer.staging import (
     run_file,
     write_json_atomically,
 )
-from airflow_batch_infer.templated import as_optional_fraction
+from airflow_batch_infer.templated import all_items, as_optional_fraction
 
 
 class IncompleteRunError(RuntimeError):
@@ -115,14 +115,16 @@ class PersistOutputsOperator(BaseOperator):
         self.output_alias = AssetAlias(name=output_alias_name(self.dag_id, self.task_id))
         self.outlets = [*self.outlets, self.output_alias]
 
-    def _collect_parts(self, manifest: Manifest) -> tuple[list[RunPath], list[RunPath], int]:
+    @staticmethod
+    def _collect_parts(
+        manifest: Manifest, results: list[dict[str, Any]]
+    ) -> tuple[list[RunPath], list[RunPath], int]:
         """Check every chunk's parts and return them with the number of rows set aside.
 
         A chunk's outputs, rows set aside and rows its infer task filtered out (``filter=`` on a snapshot
         by reference, from its result) must add up to the chunk's rows.
         """
-        results = self.results or []
-        indexes = [int(results[i]["index"]) for i in range(len(results))]  # by index: lazy XCom sequence
+        indexes = [int(r["index"]) for r in results]
         filtered = dict(zip(indexes, filtered_in_read(results), strict=True))
         outputs: list[RunPath] = []
         rejects: list[RunPath] = []
@@ -163,7 +165,8 @@ class PersistOutputsOperator(BaseOperator):
         run_dir = ChunkDescriptor.from_dict(self.chunks[0]).run_dir
         manifest = Manifest.load(run_dir)
         partition = resolve_partition(context, self.partition)
-        outputs, rejects, rejected = self._collect_parts(manifest)
+        results = all_items(self.results)
+        outputs, rejects, rejected = self._collect_parts(manifest, results)
         share = rejected / manifest.total_rows if manifest.total_rows else 0.0
         try:
             limit = as_optional_fraction(self.max_rejected_fraction, "max_rejected_fraction")
@@ -191,18 +194,17 @@ class PersistOutputsOperator(BaseOperator):
             "persist_seconds": round(seconds, 3),
             "persist_rows_per_second": round(manifest.total_rows / seconds, 1) if seconds else None,
         }
-        if self.results:
-            # Index by length: iterating Airflow's lazy XCom sequence probes one item past its end.
-            infer_seconds = sum(float(self.results[i]["seconds"]) for i in range(len(self.results)))
+        if results:
+            infer_seconds = sum(float(r["seconds"]) for r in results)
             summary["infer_rows_per_second_per_task"] = (
                 round(manifest.total_rows / infer_seconds, 1) if infer_seconds else None
             )
-            summary.update(rows_per_server(self.results))
+            summary.update(rows_per_server(results))
             if summary["rows_per_server"]:
                 self.log.info("Rows scored per Triton server: %s", summary["rows_per_server"])
             if summary["moved_chunks"]:
                 self.log.warning("Chunks that moved to another server: %s", summary["moved_chunks"])
-        summary["filtered_rows"] = manifest.filtered_rows + sum(filtered_in_read(self.results or []))
+        summary["filtered_rows"] = manifest.filtered_rows + sum(filtered_in_read(results))
         summary.update(
             self._emit_output_asset(context, location, result, seconds, manifest, outputs, rejects)
         )
@@ -211,9 +213,7 @@ class PersistOutputsOperator(BaseOperator):
             from airflow_batch_infer.report import publish_run_report
 
             tags = {"dag_id": self.dag_id, "table": result.table}
-            publish_run_report(
-                manifest, self.results or [], result, summary["persist_seconds"], rejects, tags, self.log
-            )
+            publish_run_report(manifest, results, result, summary["persist_seconds"], rejects, tags, self.log)
         self.log.info(
             "Persisted partition %s: %s rows in %s, %s set aside in %s (%s); it held %s rows before; "
             "%.2f s, %s rows/s",
@@ -278,8 +278,7 @@ def rows_per_server(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Rows each server scored, and the chunks that moved off a server, from the infer tasks' results."""
     rows: dict[str, int] = {}
     moved: dict[str, list[str]] = {}
-    for i in range(len(results)):  # by index: Airflow's lazy XCom sequence
-        result = results[i]
+    for result in results:
         if result.get("server"):
             rows[result["server"]] = rows.get(result["server"], 0) + int(result.get("rows_out") or 0)
         if result.get("moved_from"):
@@ -289,4 +288,4 @@ def rows_per_server(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def filtered_in_read(results: Sequence[dict[str, Any]]) -> list[int]:
     """Rows each infer task's read filtered out (``filter=`` on a snapshot by reference)."""
-    return [int(results[i].get("filtered_rows") or 0) for i in range(len(results))]
+    return [int(r.get("filtered_rows") or 0) for r in results]
