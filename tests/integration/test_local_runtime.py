@@ -58,6 +58,18 @@ def _write_model(repo: Path, name: str, config: str, files: dict[str, str] | Non
         (repo / name / rel).write_text(textwrap.dedent(text))
 
 
+def _python_model(repo: Path, name: str, model_py: str) -> None:
+    """A Python-backend model ``name`` taking ``x`` and giving ``y`` (FP32, one value a row)."""
+    config = f"""
+        name: "{name}"
+        backend: "python"
+        max_batch_size: 8
+        input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+        output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+        """
+    _write_model(repo, name, config, {"1/model.py": model_py})
+
+
 def _infer(client: grpcclient.InferenceServerClient, features: np.ndarray) -> np.ndarray:
     tensor = grpcclient.InferInput("features", list(features.shape), "FP32")
     tensor.set_data_from_numpy(features)
@@ -148,23 +160,14 @@ def test_start_infer_stop(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
 
 def test_model_that_fails_to_load(runtime: LocalTritonRuntime, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    _write_model(
+    _python_model(
         repo,
         "broken",
         """
-        name: "broken"
-        backend: "python"
-        max_batch_size: 8
-        input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
-        output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+        class TritonPythonModel:
+            def initialize(self, args):
+                raise RuntimeError("boom: deliberately broken model")
         """,
-        {
-            "1/model.py": """
-            class TritonPythonModel:
-                def initialize(self, args):
-                    raise RuntimeError("boom: deliberately broken model")
-            """
-        },
     )
     with pytest.raises(ServerStartError) as caught:
         runtime.start(str(repo))
@@ -332,38 +335,29 @@ def test_a_grace_period_lets_a_request_in_flight_finish(runtime: LocalTritonRunt
     """With ``stop_grace_period`` (10 s here), a request that the model's stub is running when the stop
     comes is answered before the server goes."""
     repo = tmp_path / "repo"
-    _write_model(
+    _python_model(
         repo,
         "slow",
         """
-        name: "slow"
-        backend: "python"
-        max_batch_size: 8
-        input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
-        output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+        import pathlib
+        import time
+
+        import triton_python_backend_utils as pb_utils
+
+        class TritonPythonModel:
+            def initialize(self, args):
+                self.marker = pathlib.Path(args["model_repository"]) / "executing"
+
+            def execute(self, requests):
+                self.marker.touch()
+                time.sleep(2)
+                return [
+                    pb_utils.InferenceResponse(
+                        [pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy() * 2)]
+                    )
+                    for r in requests
+                ]
         """,
-        {
-            "1/model.py": """
-            import pathlib
-            import time
-
-            import triton_python_backend_utils as pb_utils
-
-            class TritonPythonModel:
-                def initialize(self, args):
-                    self.marker = pathlib.Path(args["model_repository"]) / "executing"
-
-                def execute(self, requests):
-                    self.marker.touch()
-                    time.sleep(2)
-                    return [
-                        pb_utils.InferenceResponse(
-                            [pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy() * 2)]
-                        )
-                        for r in requests
-                    ]
-            """
-        },
     )
     info = runtime.start(str(repo))
     marker = Path(info.handle["workdir"]) / "models" / "slow" / "executing"
