@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_batch_infer import storage
-from airflow_batch_infer.arrow_types import numeric_array
+from airflow_batch_infer.arrow_types import constant_array, numeric_array
 from airflow_batch_infer.errors import SourceChangedError, StagingError
 from airflow_batch_infer.parquet_files import open_parquet
 from airflow_batch_infer.row_filter import RowFilter
@@ -166,7 +166,7 @@ class PinnedChunk(ChunkInput):
                     if name == self._id_column:
                         arrays.append(numeric_array(np.arange(next_id, next_id + rows, dtype=np.int64)))
                     elif name in partition:
-                        arrays.append(pa.repeat(pa.scalar(partition[name], schema.field(name).type), rows))
+                        arrays.append(constant_array(partition[name], schema.field(name).type, rows))
                     else:
                         arrays.append(batch.column(name))
                 next_id += rows

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_batch_infer.arrow_types import constant_array
 from airflow_batch_infer.chunk_input import PinnedChunk, open_chunk
 from airflow_batch_infer.chunk_sizing import AUTO_MAX_CHUNK_ROWS, AUTO_MIN_CHUNK_ROWS, plan_chunk_rows
 from airflow_batch_infer.errors import SourceChangedError
@@ -197,6 +198,41 @@ def test_hive_partitions_by_reference_fill_their_columns_and_know_their_nulls(tm
     assert table.column("country").to_pylist() == ["DE"] * 3 + ["FR"] * 4
     assert table.column("year").to_pylist() == [2025] * 3 + [2026] * 4
     assert table.column("x").to_pylist()[-2:] == [1.0, None]
+
+
+@pytest.mark.parametrize(
+    ("value", "arrow_type"),
+    [
+        ("DE", pa.string()),
+        ("DE", pa.large_string()),
+        (2026, pa.int32()),
+        (-7, pa.int64()),
+        (1.5, pa.float64()),
+        (None, pa.string()),
+        (None, pa.int32()),
+        (True, pa.bool_()),
+    ],
+)
+def test_a_partition_value_repeated_is_what_arrow_would_make(value: object, arrow_type: pa.DataType) -> None:
+    assert constant_array(value, arrow_type, 3).equals(pa.array([value] * 3, arrow_type))
+
+
+def test_reading_a_hive_chunk_imports_no_pandas(tmp_path: Path) -> None:
+    """The infer task fills partition columns from bytes: ``pa.scalar`` would import pandas (0.2 s)."""
+    folder = tmp_path / "in" / "country=DE" / "year=2026"
+    write_files(folder, [1200], group_rows=1000)
+    stage_parquet(tmp_path / "in", tmp_path / "run", chunk_rows=1000)
+    script = (
+        "import sys\n"
+        "from airflow_batch_infer.chunk_input import open_chunk\n"
+        "from airflow_batch_infer.staging import Manifest\n"
+        f"manifest = Manifest.load({str(tmp_path / 'run')!r})\n"
+        "chunk = open_chunk(manifest.chunks[0], manifest)\n"
+        "batch = next(chunk.iter_batches(500, list(manifest.schema)))\n"
+        "print(batch.column('country')[0], batch.column('year')[0], 'pandas' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["DE", "2026", "False"]
 
 
 @pytest.mark.parametrize(
