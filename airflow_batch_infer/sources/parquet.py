@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +19,9 @@ from airflow_batch_infer.sources.base import Source
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: What a dataset's discovery skips: files and folders whose names start so (``_SUCCESS``, ``.crc``).
 IGNORED_PREFIXES = (".", "_")
@@ -89,6 +92,8 @@ class ParquetSource(Source):
         for path in self.paths:
             if not storage.exists(path):
                 raise StagingError(f"Input {path} does not exist.")
+        if all(remote) and len({id(storage.filesystem(p)[0]) for p in self.paths}) > 1:
+            raise StagingError(f"Input {self._described} spans several stores or connections.")
 
     def _listed_files(self) -> list[str] | None:
         """Every file of the input, sorted, skipping :data:`IGNORED_PREFIXES`; ``None`` when a folder
@@ -113,25 +118,21 @@ class ParquetSource(Source):
         """The files as a ``pyarrow.dataset`` (hive partitions as columns), opened on first use."""
         import pyarrow.dataset as ds
 
-        if all(storage.is_remote(p) for p in self.paths):
+        if all(storage.is_remote(p) for p in self.paths):  # one store: _check_paths saw to it
             filesystems = [storage.filesystem(p) for p in self.paths]
-            fs = filesystems[0][0]
-            if any(other is not fs for other, _ in filesystems):
-                raise StagingError(f"Input {self._described} spans several stores or connections.")
             names = [name for _, name in filesystems]
-            target, filesystem = (names if len(names) > 1 else names[0]), storage.arrow_filesystem(fs)
+            target = names if len(names) > 1 else names[0]
+            filesystem = storage.arrow_filesystem(filesystems[0][0])
         else:
             target, filesystem = (self.paths if len(self.paths) > 1 else self.paths[0]), None
         try:
             dataset = ds.dataset(target, filesystem=filesystem, format="parquet", partitioning="hive")
             fragments = list(dataset.get_fragments())
-            if len(fragments) > 1:  # read the footers at once: parsing releases the GIL, reading waits on I/O
-                with ThreadPoolExecutor(min(16, len(fragments))) as pool:
-                    list(pool.map(lambda f: f.ensure_complete_metadata(), fragments))
+            _at_once(lambda f: f.ensure_complete_metadata(), fragments)
             _common_schema(
                 [(f.path, f.physical_schema) for f in fragments],
                 dataset.schema,
-                {f.path: _partition_keys(f) for f in fragments},
+                {f.path: list(_partition_values(f)) for f in fragments},
             )
         except (pa.ArrowInvalid, OSError) as err:
             raise StagingError(f"Cannot read {self._described} as Parquet: {err}") from err
@@ -208,8 +209,16 @@ def _is_file(location: str) -> bool:
     return bool(fs.isfile(fs_path))
 
 
+def _at_once(function: Callable[[T], R], items: list[T]) -> list[R]:
+    """``function`` of each item, in threads: reading a footer waits on I/O, parsing it releases the GIL."""
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(min(16, len(items))) as pool:
+        return list(pool.map(function, items))
+
+
 def _read_footers(locations: list[str]) -> list[SourceFile]:
-    """Each file pinned, then its footer read (at once: parsing releases the GIL, reading waits on I/O)."""
+    """Each file pinned, then its footer read, several files at once."""
 
     def read(location: str) -> SourceFile:
         pin = storage.pin(location)
@@ -223,10 +232,7 @@ def _read_footers(locations: list[str]) -> list[SourceFile]:
             raise StagingError(f"Cannot read {location} as Parquet: {err}") from err
         return SourceFile(location, metadata, pin=pin)
 
-    if len(locations) <= 1:
-        return [read(location) for location in locations]
-    with ThreadPoolExecutor(min(16, len(locations))) as pool:
-        return list(pool.map(read, locations))
+    return _at_once(read, locations)
 
 
 def _arrow_schema(source_file: SourceFile) -> pa.Schema:
@@ -273,11 +279,6 @@ def _common_schema(
                 "the input files' schemas disagree."
             )
     return expected
-
-
-def _partition_keys(fragment: ds.Fragment) -> list[str]:
-    """Names of the hive partition columns a fragment's path provides (``country=DE/`` → ``country``)."""
-    return list(_partition_values(fragment))
 
 
 def _partition_values(fragment: ds.Fragment) -> dict[str, Any]:
