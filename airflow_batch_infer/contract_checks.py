@@ -36,7 +36,8 @@ def repository_contract(
     :raises ModelLoadError: its ``config.pbtxt`` cannot be parsed.
     """
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+
+    from airflow_batch_infer.model_config import model_config_pb2, parse_model_config
 
     root = Path(model_repository)
     if "://" in str(model_repository) or not root.is_dir():
@@ -52,7 +53,7 @@ def repository_contract(
     if "${" in text:
         return None
     try:
-        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        config = parse_model_config(text)
     except text_format.ParseError as error:
         raise ModelLoadError(f"Cannot parse {path}: {error}") from error
     batching = config.max_batch_size > 0
@@ -61,7 +62,7 @@ def repository_contract(
         return [
             {
                 "name": t.name,
-                "datatype": _datatype(model_config_pb2.DataType.Name(t.data_type)),
+                "datatype": _datatype(model_config_pb2().DataType.Name(t.data_type)),
                 "shape": ([-1] if batching else []) + [int(d) for d in t.dims],
             }
             for t in declared

@@ -58,7 +58,8 @@ def materialize_repository(
     :returns: the names of the models copied.
     """
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+
+    from airflow_batch_infer.model_config import parse_model_config
 
     source = Path(model_repository)
     if not source.is_dir():
@@ -75,7 +76,7 @@ def materialize_repository(
     for name in names:
         config_path = source / name / "config.pbtxt"
         try:
-            config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+            config = parse_model_config(config_path.read_text())
         except text_format.ParseError as exc:
             raise ServerStartError(f"Cannot parse {config_path}: {exc}") from exc
         if not config.name:
@@ -114,7 +115,8 @@ def _needs_onnx_conversion(model_dir: Path, config: Any) -> bool:
 
 def _convert_onnx_model(model_dir: Path, config: Any, onnx_intra_op_threads: int) -> None:
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+
+    from airflow_batch_infer.model_config import model_config_pb2
 
     onnx_name = config.default_model_filename or "model.onnx"
     if not config.input or not config.output:
@@ -128,7 +130,7 @@ def _convert_onnx_model(model_dir: Path, config: Any, onnx_intra_op_threads: int
     config.default_model_filename = ""
     config.ClearField("optimization")
     for group in config.instance_group:
-        group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+        group.kind = model_config_pb2().ModelInstanceGroup.KIND_CPU
         group.ClearField("gpus")
     config.parameters["onnx_model_filename"].string_value = onnx_name
     config.parameters["onnx_intra_op_threads"].string_value = str(onnx_intra_op_threads)

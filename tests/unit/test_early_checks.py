@@ -3,6 +3,9 @@ fail a task without its retries."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import duckdb
 import pyarrow as pa
 import pytest
@@ -34,6 +37,30 @@ def test_the_mapping_is_checked_against_config_pbtxt() -> None:
         check_mapping(metadata, config, SCHEMA, {"features": FEATURES[:15]}, None)
     with pytest.raises(UnknownModelError, match=r"'fraud_v9' is not in the model repository .*'risk_scorer'"):
         repository_contract(MODEL_REPOSITORY, "fraud_v9")
+
+
+def test_config_pbtxt_is_read_without_the_grpc_client(tmp_path) -> None:
+    """The stage task's contract check and the local runtime's copy of the repository parse config.pbtxt
+    without ``tritonclient.grpc``'s package import (grpc, numpy, ml_dtypes: 0.11 s before the server could
+    start) or ``pyarrow.compute``; an infer task that imports the client later in the same process (``dags
+    test``) gets the same ``ModelConfig`` message."""
+    script = (
+        "import sys\n"
+        "from airflow_batch_infer.contract_checks import check_mapping, repository_contract\n"
+        "from airflow_batch_infer.runtimes.local_repository import materialize_repository\n"
+        "from tests.unit.test_early_checks import FEATURES, SCHEMA\n"
+        f"metadata, config = repository_contract({str(MODEL_REPOSITORY)!r}, 'risk_scorer')\n"
+        "check_mapping(metadata, config, SCHEMA, {'features': FEATURES}, {'probability': 'risk_score'})\n"
+        f"print(materialize_repository({str(MODEL_REPOSITORY)!r}, ['risk_scorer'], "
+        f"__import__('pathlib').Path({str(tmp_path / 'repo')!r})))\n"
+        "print([m for m in ('grpc', 'tritonclient.grpc', 'pyarrow.compute') if m in sys.modules])\n"
+        "import tritonclient.grpc\n"
+        "from airflow_batch_infer.model_config import model_config_pb2\n"
+        "print(tritonclient.grpc.model_config_pb2.ModelConfig is model_config_pb2().ModelConfig)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-3:] == ["['risk_scorer']", "[]", "True"]  # after the log line
+    assert 'backend: "python"' in (tmp_path / "repo" / "risk_scorer" / "config.pbtxt").read_text()
 
 
 def test_errors_a_retry_cannot_fix_fail_at_once() -> None:
