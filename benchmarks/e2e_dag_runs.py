@@ -205,7 +205,8 @@ def slot_holds(scheduler_log: Path, tis: list[dict[str, Any]]) -> dict[str, floa
 
 
 def baseline_tree(revision: str) -> Path:
-    """A worktree of ``revision`` under ``.bench/``, made once (its DAGs and package; this tree's venv)."""
+    """A worktree of ``revision`` under ``.bench/``, made once (its DAGs and package; this tree's venv), and
+    its own server environment, built (or checked) by that revision's runtime: a task never builds one."""
     sha = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", revision], capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -216,4 +217,9 @@ def baseline_tree(revision: str) -> Path:
         subprocess.run(
             [sys.executable, "-m", "compileall", "-q", str(tree / "airflow_batch_infer"), str(tree / "dags")]
         )
+    server_env = tree_env(tree)["BATCH_INFER_TRITON_ENV"]
+    prepare = [sys.executable, "-m", "airflow_batch_infer.runtimes.local", "prepare", "--server-env"]
+    subprocess.run(
+        [*prepare, server_env], env=os.environ | {"PYTHONPATH": str(tree)}, check=True, capture_output=True
+    )
     return tree
