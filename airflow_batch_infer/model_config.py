@@ -34,13 +34,10 @@ def model_config_pb2() -> ModuleType:
         if spec is None or spec.loader is None:
             raise ImportError(f"Cannot load {_MODULE} from {path}.")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[_MODULE] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[_MODULE]
-            raise
-        return module
+        spec.loader.exec_module(module)
+        # Registered once complete: a thread importing tritonclient.grpc meanwhile runs the file itself,
+        # and protobuf gives both copies the same message classes.
+        return sys.modules.setdefault(_MODULE, module)
 
 
 def parse_model_config(text: str) -> Any:
