@@ -33,8 +33,12 @@ directly. It ends with ratio lines (absolute times on a shared machine are noise
 ``--baseline REV`` also runs (1) and (2) on a worktree of git revision ``REV`` (its DAGs and package), one
 after the other with this tree's, and prints this tree's ratios to it.
 
+``--sink s3_parquet`` has the DAG runs commit to a Parquet dataset on local disk (the ``s3_parquet`` sink, a
+fresh one under each run's home: persist copies the parts into a new version and switches one pointer)
+instead of loading the DuckDB warehouse: what a run's serial part is when the commit writes no rows.
+
 Usage: ``python benchmarks/e2e.py [--rows N] [--large [N]] [--baseline REV] [--chunk-rows N] [--skip-ray]
-[--skip-naive] [--skip-scheduler] [--skip-dags-test]``.
+[--skip-naive] [--skip-scheduler] [--skip-dags-test] [--sink {duckdb,s3_parquet}]``.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--skip-dags-test", action="store_true")
     parser.add_argument("--baseline", help="git revision whose DAG runs are measured beside this tree's")
     parser.add_argument("--chunk-rows", type=int, help="the demo's chunk_rows Param (default: its own)")
+    parser.add_argument("--sink", choices=("duckdb", "s3_parquet"), default="duckdb", help="what runs load")
     args = parser.parse_args()
     rows = args.rows
     source = ensure_input(rows)
@@ -83,6 +88,9 @@ def main() -> None:
     conf: dict[str, Any] = {"input_path": str(source), "partition": LOGICAL_DATE, "table": "bench_scores"}
     if args.chunk_rows:
         conf["chunk_rows"] = args.chunk_rows
+    if args.sink != "duckdb":
+        conf["sink"] = args.sink  # its sink_options: a dataset under each run's home (with_sink_home)
+        report["sink"] = args.sink
     trees = {"": REPO}
     if args.baseline:
         trees["baseline_"] = baseline_tree(args.baseline)

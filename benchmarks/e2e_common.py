@@ -44,17 +44,39 @@ def ensure_input(rows: int) -> Path:
 
 def check_table(database: Path, table: str, partition: str, rows: int) -> dict[str, Any]:
     """Rows, distinct ids and a score sample of the run's partition, the sample checked against the model."""
+    where = f'"{table}" WHERE batch_partition = $p'
+    return _check_relation(database, where, {"p": partition}, rows)
+
+
+def check_output(home: Path, conf: dict[str, Any], rows: int) -> dict[str, Any]:
+    """:func:`check_table` wherever the run's sink committed the partition: the DuckDB warehouse under the
+    run's ``home``, or the files that an ``s3_parquet`` dataset's pointer names."""
+    if conf.get("sink", "duckdb") == "duckdb":
+        return check_table(home / "warehouse.duckdb", conf["table"], conf["partition"], rows)
+    from airflow_batch_infer.sinks.s3_versions import committed_files
+
+    files = committed_files(conf["sink_options"]["path"], conf["table"], conf["partition"])
+    return _check_relation(None, "read_parquet($files)", {"files": files}, rows)
+
+
+def with_sink_home(conf: dict[str, Any], home: Path) -> dict[str, Any]:
+    """``conf`` with an ``s3_parquet`` sink's dataset under the run's ``home`` (a fresh one each run)."""
+    if conf.get("sink", "duckdb") == "duckdb":
+        return conf
+    return conf | {"sink_options": {"path": str(home / "lake")}}
+
+
+def _check_relation(
+    database: Path | None, relation: str, params: dict[str, Any], rows: int
+) -> dict[str, Any]:
     import duckdb
 
-    with duckdb.connect(str(database), read_only=True) as con:
+    with duckdb.connect(str(database) if database else ":memory:", read_only=bool(database)) as con:
         count, distinct = con.execute(
-            f'SELECT count(*), count(DISTINCT transaction_id) FROM "{table}" WHERE batch_partition = $p',
-            {"p": partition},
+            f"SELECT count(*), count(DISTINCT transaction_id) FROM {relation}", params
         ).fetchone()
         sample = con.execute(
-            f'SELECT transaction_id, risk_score FROM "{table}" WHERE batch_partition = $p '
-            "ORDER BY transaction_id LIMIT 5",
-            {"p": partition},
+            f"SELECT transaction_id, risk_score FROM {relation} ORDER BY transaction_id LIMIT 5", params
         ).fetchall()
     return {"rows": count, "distinct_ids": distinct, "sample": sample, "complete": count == distinct == rows}
 

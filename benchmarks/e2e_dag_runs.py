@@ -21,9 +21,10 @@ from e2e_common import (
     LOGICAL_DATE,
     REPO,
     WARMUP_ROWS,
-    check_table,
+    check_output,
     ensure_input,
     sample_ok,
+    with_sink_home,
 )
 
 
@@ -81,6 +82,7 @@ def run_dags_test(source: Path, rows: int, tree: Path, conf: dict[str, Any]) -> 
     root = BENCH / f"dags-test-{tree.name}"
     home, airflow_home = root / "home", root / "airflow"
     shutil.rmtree(home, ignore_errors=True)
+    conf = with_sink_home(conf, home)
     env = base_env(home, airflow_home, tree)
     airflow = str(Path(sys.executable).with_name("airflow"))
     if not (airflow_home / "airflow.db").exists():
@@ -109,7 +111,7 @@ def run_dags_test(source: Path, rows: int, tree: Path, conf: dict[str, Any]) -> 
                 (DAG_ID, run_id),
             )
         ]
-    check = check_table(home / "warehouse.duckdb", "bench_scores", LOGICAL_DATE, rows)
+    check = check_output(home, conf, rows)
     check["sample_ok"] = sample_ok(source, check["sample"])
     return {"command_s": wall, "steps": steps_from_tis(tis), "check": check, "chunks": _chunks(tis)}
 
@@ -156,6 +158,7 @@ def run_scheduler(source: Path, rows: int, tree: Path, conf: dict[str, Any]) -> 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     cluster = CeleryCluster(root, executor="LocalExecutor", parallelism=2, extra_env=tree_env(tree))
+    conf = with_sink_home(conf, cluster.batch_infer_home)
     sampler = RssSampler()
     try:
         cluster.start()
@@ -177,7 +180,7 @@ def run_scheduler(source: Path, rows: int, tree: Path, conf: dict[str, Any]) -> 
             raise RuntimeError(
                 f"The scheduler run ended {state}: {[(t['task_id'], t['state']) for t in tis]}"
             )
-        check = check_table(cluster.batch_infer_home / "warehouse.duckdb", "bench_scores", LOGICAL_DATE, rows)
+        check = check_output(cluster.batch_infer_home, conf, rows)
         check["sample_ok"] = sample_ok(source, check["sample"])
         by_id = {t["id"]: f"{t['task_id'].split('.')[-1]}[{t.get('map_index', -1)}]" for t in tis}
         peaks = {by_id[ti_id]: round(mb) for ti_id, mb in sampler.peaks.items() if ti_id in by_id}

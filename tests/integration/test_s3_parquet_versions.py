@@ -8,6 +8,7 @@ replacing the sink's switch, or a deletion, with one that fails.
 from __future__ import annotations
 
 import json
+import os
 
 import duckdb
 import pyarrow as pa
@@ -87,6 +88,19 @@ def test_a_retry_with_the_same_parts_leaves_one_copy_of_the_rows(lake: str, tmp_
     assert row_ids(read_partition(lake, "scores_rejects", "2026-11-21")) == [3]
     # The pointer and one version.
     assert len({name.split("/")[0] for name in listing(storage.join(lake, "scores", DAY))}) == 2
+
+
+def test_a_local_dataset_links_the_parts_and_a_rewritten_part_leaves_it(tmp_path) -> None:
+    """On one local filesystem a version's files are hard links to the run's parts: persist copies no byte.
+    A retried infer task writes a new file over a part's name, which leaves the committed rows as they were.
+    """
+    lake = str(tmp_path / "lake")
+    outputs, rejects = write_run_parts(tmp_path / "run", [[1, 2], [3]])
+    sink(lake).replace_partition("2026-11-21", outputs, rejects)
+    files = committed_files(lake, "scores", "2026-11-21")
+    assert [os.path.samefile(f, p) for f, p in zip(files, outputs, strict=True)] == [True, True]
+    write_run_parts(tmp_path / "run", [[7, 8], [9]])  # the run's infer tasks again, other rows
+    assert row_ids(read_partition(lake, "scores", "2026-11-21")) == [1, 2, 3]
 
 
 def test_a_failed_switch_leaves_the_previous_version_whole_and_the_next_run_succeeds(
