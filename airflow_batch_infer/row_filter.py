@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from airflow_batch_infer.errors import StagingError
+
 if TYPE_CHECKING:
     import pyarrow.compute as pc  # imported where used: it costs a task without a filter 0.03-0.06 s
-
-from airflow_batch_infer.errors import StagingError
 
 _COMPARISONS = {
     "COMPARE_EQUAL": lambda a, b: a == b,
