@@ -33,12 +33,16 @@ directly. It ends with ratio lines (absolute times on a shared machine are noise
 ``--baseline REV`` also runs (1) and (2) on a worktree of git revision ``REV`` (its DAGs and package), one
 after the other with this tree's, and prints this tree's ratios to it.
 
+``--idle-sleep S`` sets the scheduler's ``scheduler_idle_sleep_time`` (Airflow's default: 1 s), which bounds
+how long it sleeps, with nothing to do, before it sees that a task has ended.
+
 ``--sink s3_parquet`` has the DAG runs commit to a Parquet dataset on local disk (the ``s3_parquet`` sink, a
 fresh one under each run's home: persist copies the parts into a new version and switches one pointer)
 instead of loading the DuckDB warehouse: what a run's serial part is when the commit writes no rows.
 
 Usage: ``python benchmarks/e2e.py [--rows N] [--large [N]] [--baseline REV] [--chunk-rows N] [--skip-ray]
-[--skip-naive] [--skip-scheduler] [--skip-dags-test] [--sink {duckdb,s3_parquet}]``.
+[--skip-naive] [--skip-scheduler] [--skip-dags-test] [--sink {duckdb,s3_parquet}]
+[--idle-sleep S]``.
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ def main() -> None:
     parser.add_argument("--baseline", help="git revision whose DAG runs are measured beside this tree's")
     parser.add_argument("--chunk-rows", type=int, help="the demo's chunk_rows Param (default: its own)")
     parser.add_argument("--sink", choices=("duckdb", "s3_parquet"), default="duckdb", help="what runs load")
+    parser.add_argument(
+        "--idle-sleep", type=float, help="the scheduler's scheduler_idle_sleep_time (default: Airflow's, 1 s)"
+    )
     args = parser.parse_args()
     rows = args.rows
     source = ensure_input(rows)
@@ -101,7 +108,7 @@ def main() -> None:
             print_steps(f"{prefix}dags test", report[f"{prefix}dags_test"]["steps"], rows)
         if not args.skip_scheduler:
             log(f"{prefix}scheduler (LocalExecutor, parallelism 2) ...")
-            report[f"{prefix}scheduler"] = run_scheduler(source, rows, tree, conf)
+            report[f"{prefix}scheduler"] = run_scheduler(source, rows, tree, conf, args.idle_sleep)
             print_steps(f"{prefix}scheduler", report[f"{prefix}scheduler"]["steps"], rows)
     if not (args.skip_ray and args.skip_naive):
         runtime, info, start_s = start_server()
@@ -117,7 +124,9 @@ def main() -> None:
     if args.large:
         large_conf = conf | {"input_path": str(ensure_input(args.large))}
         log(f"large run: scheduler on {args.large:,} rows ...")
-        report["large_scheduler"] = run_scheduler(ensure_input(args.large), args.large, REPO, large_conf)
+        report["large_scheduler"] = run_scheduler(
+            ensure_input(args.large), args.large, REPO, large_conf, args.idle_sleep
+        )
         print_steps("large scheduler", report["large_scheduler"]["steps"], args.large)
         report["stage"] = stage_scaling(rows, args.large)
 

@@ -146,9 +146,14 @@ class RssSampler(threading.Thread):
         self.join()
 
 
-def run_scheduler(source: Path, rows: int, tree: Path, conf: dict[str, Any]) -> dict[str, Any]:
+def run_scheduler(
+    source: Path, rows: int, tree: Path, conf: dict[str, Any], idle_sleep: float | None = None
+) -> dict[str, Any]:
     """``tree``'s demo DAG under a scheduler with the LocalExecutor (parallelism 2), triggered by the REST
-    API."""
+    API.
+
+    :param idle_sleep: the scheduler's ``scheduler_idle_sleep_time`` (default: Airflow's, 1 s).
+    """
     from tests.distributed.cluster import CeleryCluster, services_missing
 
     missing = services_missing()
@@ -157,7 +162,10 @@ def run_scheduler(source: Path, rows: int, tree: Path, conf: dict[str, Any]) -> 
     root = BENCH / f"scheduler-{tree.name}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    cluster = CeleryCluster(root, executor="LocalExecutor", parallelism=2, extra_env=tree_env(tree))
+    settings = tree_env(tree)
+    if idle_sleep is not None:
+        settings["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"] = str(idle_sleep)
+    cluster = CeleryCluster(root, executor="LocalExecutor", parallelism=2, extra_env=settings)
     conf = with_sink_home(conf, cluster.batch_infer_home)
     sampler = RssSampler()
     try:
