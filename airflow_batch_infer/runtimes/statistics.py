@@ -38,7 +38,10 @@ def server_work(info: ServerInfo, timeout: float = 5.0) -> dict[str, int]:
 def _statistics_over_http(info: ServerInfo, timeout: float) -> dict[str, Any]:
     import httpx
 
-    response = httpx.get(f"{info.http_url.rstrip('/')}/v2/models/stats", timeout=timeout)
+    from airflow_batch_infer.runtimes.probe import client_options
+
+    with httpx.Client(**client_options(info, timeout)) as client:
+        response = client.get(f"{info.http_url.rstrip('/')}/v2/models/stats")
     response.raise_for_status()
     return response.json()
 
