@@ -121,6 +121,13 @@ def exists(path: str | Path) -> bool:
     return fs.exists(fs_path)
 
 
+def is_file(path: str | Path) -> bool:
+    if not is_remote(path):
+        return Path(path).is_file()
+    fs, fs_path = filesystem(path)
+    return bool(fs.isfile(fs_path))
+
+
 def size(path: str | Path) -> int:
     if not is_remote(path):
         return Path(path).stat().st_size

@@ -100,7 +100,7 @@ class ParquetSource(Source):
         below an input path is a hive partition (``key=value``): the dataset's discovery reads those."""
         found = []
         for path in self.paths:
-            if _is_file(path):
+            if storage.is_file(path):
                 found.append(path)
                 continue
             base = str(path).rstrip("/")
@@ -200,13 +200,6 @@ class ParquetSource(Source):
             yield from scanner.to_batches()
         except (pa.ArrowInvalid, OSError) as err:
             raise StagingError(f"Cannot read the input: {err}") from err
-
-
-def _is_file(location: str) -> bool:
-    if not storage.is_remote(location):
-        return Path(location).is_file()
-    fs, fs_path = storage.filesystem(location)
-    return bool(fs.isfile(fs_path))
 
 
 def _at_once(function: Callable[[T], R], items: list[T]) -> list[R]:
